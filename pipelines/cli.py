@@ -1,0 +1,186 @@
+"""The ``vtrans`` command line.
+
+    vtrans inspect MODEL [--seq-len 128]
+    vtrans compress --model MODEL --scorer {magnitude,random} --budget params=0.5 --out DIR
+                    [--seq-len 128] [--scope blocks|total] [--task auto|base|seq-cls|causal-lm] [--overwrite]
+
+MODEL is a local Hugging Face directory or a built-in name (``minilm``, ``smollm2``). Errors are one line naming the
+argument and the value (``--debug`` shows the traceback); no output directory is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+PROG = "vtrans"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Compress Hugging Face transformers with VIB-guided structured "
+                                "pruning.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ins = sub.add_parser("inspect", help="structure counts, parameters and FLOPs of a model",
+                         description="Structure counts, parameters and FLOPs (blocks and total) of a model.",
+                         epilog="example: vtrans inspect minilm --seq-len 128")
+    ins.add_argument("model", help="local Hugging Face directory or built-in name (minilm, smollm2)")
+    ins.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs (default 128)")
+    ins.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
+
+    com = sub.add_parser("compress", help="prune a model to a budget with a training-free scorer and save it",
+                         description="Prune a model to a budget with a training-free scorer; save a smaller Hugging "
+                         "Face checkpoint that loads with trust_remote_code=True.",
+                         epilog="example: vtrans compress --model minilm --scorer magnitude --budget params=0.5 "
+                         "--out runs/minilm-p50")
+    com.add_argument("--model", required=True, help="local Hugging Face directory or built-in name (minilm, smollm2)")
+    com.add_argument("--scorer", default="magnitude", help="magnitude | random (default magnitude)")
+    com.add_argument("--budget", required=True, help="params=FRACTION|COUNT or flops=FRACTION|COUNT, e.g. params=0.5")
+    com.add_argument("--out", required=True, help="output directory (must not exist or be empty, or --overwrite)")
+    com.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs (default 128)")
+    com.add_argument("--scope", default="blocks", help="blocks (transformer layers, default) | total")
+    com.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
+    com.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default 0)")
+    com.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _load(name: str, task: str):
+    import vtrans
+    from vtrans.assets import resolve_model
+    from vtrans.checkpoint import load_pretrained, load_tokenizer, read_config
+
+    path = resolve_model(name)
+    vtrans.arch.for_config(read_config(path))  # an unsupported architecture fails before the weights load
+    model = load_pretrained(path, task=task, dtype=torch.float32).eval()
+    return model, load_tokenizer(path), path
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import vtrans
+    from vtrans.checkpoint import TASKS
+
+    if args.task not in TASKS:
+        raise vtrans.ConfigError(f"--task must be one of {list(TASKS)}, got {args.task!r}")
+    if args.seq_len < 1:
+        raise vtrans.ConfigError(f"--seq-len must be a positive integer, got {args.seq_len!r}")
+    model, _, path = _load(args.model, args.task)
+    adapter = vtrans.arch.for_model(model)
+    g, keep = adapter.geometry(model), adapter.keep(model)
+    c = vtrans.count(model, seq_len=args.seq_len)
+    print(f"model: {path}  ({type(model).__name__}, adapter {adapter.name})")
+    print(f"layers {g.n_layers}, hidden {keep.hidden}/{g.hidden}, heads {g.heads_per_layer} "
+          f"({g.n_groups} kv groups x {g.group_size}), head_dim {g.head_dim}, ffn {g.ffn}")
+    rows = [["layer", "attention", "heads", "kv heads", "ffn", "neurons"]]
+    for i in range(g.n_layers):
+        rows.append([str(i), "kept" if keep.mha[i] else "removed", str(keep.groups[i] * g.group_size),
+                     str(keep.groups[i]), "kept" if keep.ffn[i] else "removed", str(keep.neurons[i])])
+    print(_table(rows))
+    print(_table([["scope", "params", f"FLOPs@{args.seq_len}"],
+                  ["blocks", f"{c.params_blocks:,}", f"{c.flops_blocks:,}"],
+                  ["total", f"{c.params_total:,}", f"{c.flops_total:,}"]]))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import vtrans
+    from vtrans.checkpoint import TASKS, check_output_dir, write_atomically
+    from vtrans.scoring import SCORERS, score
+
+    # every argument is checked before anything is loaded
+    budget = vtrans.Budget.parse(args.budget, seq_len=args.seq_len, scope=args.scope)
+    if args.scorer not in SCORERS:
+        raise vtrans.ConfigError(f"--scorer must be one of {list(SCORERS)}, got {args.scorer!r}")
+    if args.task not in TASKS:
+        raise vtrans.ConfigError(f"--task must be one of {list(TASKS)}, got {args.task!r}")
+    check_output_dir(args.out, args.overwrite)
+
+    t0 = time.perf_counter()
+    model, tokenizer, path = _load(args.model, args.task)
+    t_load = time.perf_counter() - t0
+    dense = vtrans.count(model, seq_len=budget.seq_len)
+    # deterministic unit means: a training-free selection must not perturb the kept weights
+    vib = vtrans.attach(model, vtrans.VIBConfig(mu_init_std=0.0, logvar_init_std=0.0))
+    t1 = time.perf_counter()
+    vib.apply_budget(budget, scores=score(model, args.scorer, seed=args.seed), method=args.scorer)
+    small = vtrans.compress(vib, tokenizer=tokenizer)
+    t_compress = time.perf_counter() - t1
+
+    # the compressed model must compute what the masked model computes
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = model(input_ids=ids), small(input_ids=ids)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    a, b = getattr(ref, key), getattr(out, key)
+    if key == "last_hidden_state":
+        a = a[..., vib.selection().hidden]
+    err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-12)
+    vib.remove()
+
+    out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite)
+    comp = vtrans.count(small, seq_len=budget.seq_len)
+    rows = [["", "dense", "compressed", "ratio"]]
+    for metric in ("params", "flops"):
+        for scope in ("blocks", "total"):
+            d, k = dense.get(metric, scope), comp.get(metric, scope)
+            label = f"{metric} ({scope})" + (f" @{budget.seq_len}" if metric == "flops" else "")
+            rows.append([label, _fmt(d), _fmt(k), f"{k / d:.4f}"])
+    g, keep = vib.geometry, vtrans.arch.for_model(small).keep(small)
+    rows.append(["hidden size", str(g.hidden), str(keep.hidden), f"{keep.hidden / g.hidden:.4f}"])
+    heads = sum(keep.groups) * g.group_size
+    rows.append(["attention heads", str(g.heads_per_layer * g.n_layers), str(heads),
+                 f"{heads / (g.heads_per_layer * g.n_layers):.4f}"])
+    rows.append(["ffn neurons", str(g.ffn * g.n_layers), str(sum(keep.neurons)),
+                 f"{sum(keep.neurons) / (g.ffn * g.n_layers):.4f}"])
+    rows.append(["attention / ffn blocks", f"{g.n_layers} / {g.n_layers}", f"{sum(keep.mha)} / {sum(keep.ffn)}", ""])
+    print(f"model: {path}  ({type(model).__name__})")
+    print(f"budget: {budget.describe()}  scorer: {args.scorer}")
+    print(_table(rows))
+    print(f"max |masked - compressed| / max |masked| = {err:.2e}")
+    print(f"load {t_load:.1f}s, select + compress {t_compress:.1f}s")
+    print(f"saved: {out_dir}  (load with from_pretrained(dir, trust_remote_code=True))")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vtrans`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vtrans.errors import VtransError
+
+    handlers = {"inspect": cmd_inspect, "compress": cmd_compress}
+    try:
+        return handlers[args.command](args)
+    except VtransError as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

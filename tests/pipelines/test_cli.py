@@ -1,0 +1,136 @@
+"""The ``vtrans`` CLI: bad input is a one-line typed error naming the argument and the value, and leaves no output;
+the real MiniLM compresses and inspects end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import BertModel, DistilBertConfig, DistilBertModel
+
+from pipelines.cli import main
+from tests.tiny import tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tiny("bert", BertModel).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def distilbert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("distilbert")
+    DistilBertModel(DistilBertConfig(vocab_size=30, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(d)
+    return d
+
+
+def _bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("vtrans: error: "), err
+    return err
+
+
+def test_compress_tiny_model(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "small"
+    assert main(["compress", "--model", str(tiny_bert_dir), "--budget", "params=0.6", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "params (blocks)" in text and "max |masked - compressed|" in text
+    report = json.loads((out / "compression.json").read_text())
+    assert report["method"] == "magnitude" and report["budget"]["value"] == 0.6
+    assert report["compressed"]["params_blocks"] <= 0.6 * report["dense"]["params_blocks"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    assert main(["inspect", str(out)]) == 0
+    assert f"{report['compressed']['params_blocks']:,}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--model", "no-such-model"], ["'no-such-model'", "'minilm'"]),
+    (["--budget", "params=1.5"], ["budget.params", "1.5"]),
+    (["--budget", "params=0"], ["budget.params", "0"]),
+    (["--budget", "params=0.5,flops=0.4"], ["exactly one of params or flops", "0.4"]),
+    (["--budget", "size=0.5"], ["'size=0.5'"]),
+    (["--scope", "everything"], ["budget.scope", "'everything'"]),
+    (["--scorer", "fisher"], ["--scorer", "'fisher'"]),
+    (["--task", "translation"], ["--task", "'translation'"]),
+    (["--out", "/no/such/parent/out"], ["--out parent directory", "'/no/such/parent'"]),
+])
+def test_compress_bad_input(args, needles, tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = {"--model": str(tiny_bert_dir), "--budget": "params=0.5", "--out": str(out)}
+    extra = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in argv:
+            argv[flag] = value
+        else:
+            extra += [flag, value]
+    err = _bad(["compress", *[x for kv in argv.items() for x in kv], *extra], capsys)
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()
+
+
+def test_unsupported_architecture(distilbert_dir: Path, tmp_path: Path, capsys) -> None:
+    err = _bad(["compress", "--model", str(distilbert_dir), "--budget", "params=0.5", "--out",
+                str(tmp_path / "o")], capsys)
+    assert "'distilbert'" in err and "'bert'" in err
+
+
+def test_existing_output_is_kept_without_overwrite(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    err = _bad(["compress", "--model", str(tiny_bert_dir), "--budget", "params=0.5", "--out", str(out)], capsys)
+    assert "--overwrite" in err and str(out) in err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_failure_mid_write_leaves_nothing(tiny_bert_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from vtrans import modeling_vtrans
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(modeling_vtrans.VtransMixin, "save_pretrained", broken)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        main(["compress", "--model", str(tiny_bert_dir), "--budget", "params=0.5", "--out", str(out)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tampered_modeling_code_is_refused(tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "small"
+    assert main(["compress", "--model", str(tiny_bert_dir), "--budget", "params=0.6", "--out", str(out)]) == 0
+    capsys.readouterr()
+    with (out / "modeling_vtrans.py").open("a") as f:
+        f.write("\nimport os  # injected\n")
+    err = _bad(["inspect", str(out)], capsys)
+    assert "refusing to run modified remote code" in err
+
+
+def test_help_lists_commands_with_examples() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "compress", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "example: vtrans compress --model minilm" in proc.stdout
+
+
+@pytest.mark.integration
+def test_minilm_end_to_end(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "minilm-p50"
+    assert main(["compress", "--model", "minilm", "--scorer", "magnitude", "--budget", "params=0.5",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "params (blocks)" in text
+    report = json.loads((out / "compression.json").read_text())
+    assert report["dense"]["params_blocks"] == 10_646_784 and report["dense"]["params_total"] == 22_713_216
+    assert 0.995 * 0.5 <= report["compressed"]["params_blocks"] / report["dense"]["params_blocks"] <= 0.5
+    assert {"tokenizer.json", "model.safetensors", "modeling_vtrans.py"} <= {p.name for p in out.iterdir()}
+    assert main(["inspect", "minilm"]) == 0
+    assert "10,646,784" in capsys.readouterr().out

@@ -1,0 +1,77 @@
+"""Tiny models of every registered architecture and head class, built from configs (~10k params, no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
+
+VOCAB = 60
+
+
+def _config(arch: str, **kw):
+    if arch == "bert":
+        c = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=64)
+    elif arch == "roberta":
+        c = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, max_position_embeddings=64, pad_token_id=1)
+    elif arch == "gpt2":
+        c = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    elif arch == "llama":  # grouped-query attention (2 query heads per kv group) and tied embeddings, as SmolLM2
+        c = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+    else:
+        raise ValueError(arch)
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+#: (architecture, class) for every supported head class
+CASES: list[tuple[str, type[PreTrainedModel]]] = [
+    ("bert", BertModel), ("bert", BertForSequenceClassification),
+    ("roberta", RobertaModel), ("roberta", RobertaForSequenceClassification),
+    ("gpt2", GPT2Model), ("gpt2", GPT2LMHeadModel), ("gpt2", GPT2ForSequenceClassification),
+    ("llama", LlamaModel), ("llama", LlamaForCausalLM), ("llama", LlamaForSequenceClassification),
+]
+IDS = [cls.__name__ for _, cls in CASES]
+
+
+def tiny(arch: str, cls: type[PreTrainedModel], seed: int = 0, attn: str = "eager", **kw) -> PreTrainedModel:
+    """A tiny randomly initialised model in eval mode (eager attention so FlopCounterMode sees attention)."""
+    torch.manual_seed(seed)
+    config = _config(arch, **kw)
+    config._attn_implementation = attn
+    model = cls(config).eval()
+    # a random-init LayerNorm is the identity map; perturb so hidden-dimension folding is really exercised
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def main_output(out) -> torch.Tensor:
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def input_ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))

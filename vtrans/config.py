@@ -1,0 +1,154 @@
+"""Configuration dataclasses of the library: the VIB masks and the compression budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from vtrans.errors import ConfigError
+
+#: Structure types that carry a VIB mask, in the order the paper lists them.
+#: ``hidden``: the residual-stream (embedding) dimension, one mask shared by all layers;
+#: ``heads``: attention heads (one unit per key/value group for grouped-query attention);
+#: ``neurons``: FFN intermediate neurons; ``mha`` / ``ffn``: whole attention / FFN blocks of a layer.
+STRUCTURES: tuple[str, ...] = ("hidden", "heads", "neurons", "mha", "ffn")
+
+#: Budget scopes: ``blocks`` counts the transformer layers only (as CoFi does); ``total`` the whole model.
+SCOPES: tuple[str, ...] = ("blocks", "total")
+
+
+def _check_number(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class VIBConfig:
+    """How VIB masks are attached and regularised (METHOD.md, "VIB masks")."""
+
+    structures: tuple[str, ...] = STRUCTURES
+    """Which structure types get a mask; the others are always kept whole."""
+    mu_init: float = 1.0
+    """Mean of the initial mask means (everything starts kept)."""
+    mu_init_std: float = 0.01
+    """Standard deviation of the initial mask means."""
+    logvar_init: float = -9.0
+    """Mean of the initial log-variances."""
+    logvar_init_std: float = 0.01
+    """Standard deviation of the initial log-variances."""
+    threshold: float = 0.0
+    """A unit is kept in evaluation when ``log_alpha = logvar - log(mu^2)`` is below this threshold."""
+    keep_sharpness: float = 10.0
+    """``k`` of the soft keep probability ``sigmoid(-k * (log_alpha - threshold))`` used for budget accounting."""
+    kl_weight: float = 1.0
+    """Global KL weight (beta); each structure type's KL is scaled by it times its multiplier."""
+    kl_multipliers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STRUCTURES, 1.0))
+    """Per-structure-type KL multipliers; missing types default to 1."""
+    seed: int | None = 0
+    """Seed of the mask initialisation (None: from torch's global generator)."""
+
+    def __post_init__(self) -> None:
+        self.structures = tuple(self.structures)
+        for s in self.structures:
+            if s not in STRUCTURES:
+                raise ConfigError(f"vib.structures has unknown structure {s!r}; choose from {list(STRUCTURES)}")
+        if len(set(self.structures)) != len(self.structures):
+            raise ConfigError(f"vib.structures lists a structure twice: {list(self.structures)}")
+        for key in ("mu_init", "mu_init_std", "logvar_init", "logvar_init_std", "threshold", "keep_sharpness",
+                    "kl_weight"):
+            _check_number(f"vib.{key}", getattr(self, key))
+        for key in ("mu_init_std", "logvar_init_std", "kl_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"vib.{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.keep_sharpness <= 0:
+            raise ConfigError(f"vib.keep_sharpness must be > 0, got {self.keep_sharpness!r}")
+        if not isinstance(self.kl_multipliers, dict):
+            raise ConfigError(f"vib.kl_multipliers must map structure -> float, got {self.kl_multipliers!r}")
+        merged = dict.fromkeys(STRUCTURES, 1.0)
+        for s, v in self.kl_multipliers.items():
+            if s not in STRUCTURES:
+                raise ConfigError(f"vib.kl_multipliers has unknown structure {s!r}; choose from {list(STRUCTURES)}")
+            if _check_number(f"vib.kl_multipliers.{s}", v) < 0:
+                raise ConfigError(f"vib.kl_multipliers.{s} must be >= 0, got {v!r}")
+            merged[s] = float(v)
+        self.kl_multipliers = merged
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A size target: a fraction in (0, 1] of the dense model, or an absolute integer count (> 1).
+
+    Exactly one of ``params`` and ``flops`` is given. FLOPs are forward FLOPs of one sequence of ``seq_len`` tokens
+    (matrix multiplications, 2 per multiply-add, attention counted densely as ``FlopCounterMode`` does).
+    """
+
+    params: float | int | None = None
+    """Target parameter count: fraction of the dense model's (in ``scope``), or an absolute count."""
+    flops: float | int | None = None
+    """Target forward FLOPs at ``seq_len``: fraction of the dense model's, or an absolute count."""
+    seq_len: int = 128
+    """Sequence length at which FLOPs are counted."""
+    scope: str = "blocks"
+    """``blocks`` (transformer layers only, the default, as CoFi) or ``total`` (embeddings and heads too)."""
+    tolerance: float = 0.005
+    """The kept size must lie in ``[(1 - tolerance) * target, target]``."""
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("params", "flops") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"budget needs exactly one of params or flops, got params={self.params!r}, flops={self.flops!r}"
+            )
+        key = given[0]
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"budget.{key} must be a number, got {value!r}")
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ConfigError(
+                f"budget.{key} must be a fraction in (0, 1] (or an integer count > 1), got {value!r}"
+            )
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"budget.{key} must be a fraction in (0, 1] or an integer count > 1, got {value!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"budget.scope must be one of {list(SCOPES)}, got {self.scope!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise ConfigError(f"budget.seq_len must be a positive integer, got {self.seq_len!r}")
+        if not 0.0 < _check_number("budget.tolerance", self.tolerance) < 1.0:
+            raise ConfigError(f"budget.tolerance must be in (0, 1), got {self.tolerance!r}")
+
+    @property
+    def metric(self) -> str:
+        """``params`` or ``flops``."""
+        return "params" if self.params is not None else "flops"
+
+    @property
+    def value(self) -> float | int:
+        """The target as given (fraction or absolute count)."""
+        return self.params if self.params is not None else self.flops  # type: ignore[return-value]
+
+    def target(self, dense_size: int) -> float:
+        """The absolute target given the dense model's size in this budget's metric and scope."""
+        v = self.value
+        return float(v) * dense_size if isinstance(v, float) or v == 1 else float(v)
+
+    def describe(self) -> str:
+        """Short human form, e.g. ``params=0.5 (blocks)``."""
+        extra = f", seq_len={self.seq_len}" if self.metric == "flops" else ""
+        return f"{self.metric}={self.value} ({self.scope}{extra})"
+
+    @classmethod
+    def parse(cls, text: str, seq_len: int = 128, scope: str = "blocks") -> Budget:
+        """Parse ``params=0.5`` / ``flops=0.4`` / ``params=5000000`` as given on a command line."""
+        values: dict[str, float | int] = {}
+        for part in str(text).split(","):
+            key, sep, raw = part.partition("=")
+            key = key.strip()
+            if not sep or key not in ("params", "flops"):
+                raise ConfigError(f"budget must look like params=0.5 or flops=0.4, got {text!r}")
+            try:
+                value: float | int = int(raw) if raw.strip().isdigit() else float(raw)
+            except ValueError:
+                raise ConfigError(f"budget.{key} must be a number, got {raw.strip()!r}") from None
+            values[key] = 1.0 if value == 1 and isinstance(value, int) else value
+        return cls(**values, seq_len=seq_len, scope=scope)
