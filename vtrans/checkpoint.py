@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from safetensors.torch import load, save_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -132,3 +134,39 @@ def write_atomically(out: str | Path, write: Callable[[Path], None], overwrite: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+STATE_TENSORS = "state.safetensors"
+STATE_META = "state.json"
+
+
+class CheckpointError(ConfigError):
+    """A training-state checkpoint is missing, truncated or corrupted."""
+
+
+def save_state(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write a training state as ``state.safetensors`` + ``state.json`` (with the tensors' SHA-256)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(flat, str(directory / STATE_TENSORS))
+    meta = dict(meta, tensors_sha256=hashlib.sha256((directory / STATE_TENSORS).read_bytes()).hexdigest())
+    tmp = directory / (STATE_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    os.replace(tmp, directory / STATE_META)  # the JSON is written last: its presence marks a complete state
+    return directory
+
+
+def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a training state, verifying the tensors against the recorded SHA-256."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / STATE_META).read_text())
+        data = (directory / STATE_TENSORS).read_bytes()
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {str(directory)!r} is incomplete or unreadable: {e}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != meta.get("tensors_sha256"):
+        raise CheckpointError(f"checkpoint {str(directory)!r} is corrupted: {STATE_TENSORS} has sha256 "
+                              f"{actual[:12]}…, state.json records {str(meta.get('tensors_sha256'))[:12]}…")
+    return load(data), meta

@@ -41,7 +41,7 @@ class VIBConfig:
     """A unit is kept in evaluation when ``log_alpha = logvar - log(mu^2)`` is below this threshold."""
     keep_sharpness: float = 10.0
     """``k`` of the soft keep probability ``sigmoid(-k * (log_alpha - threshold))`` used for budget accounting."""
-    kl_weight: float = 1.0
+    kl_weight: float = 0.01
     """Global KL weight (beta); each structure type's KL is scaled by it times its multiplier."""
     kl_multipliers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STRUCTURES, 1.0))
     """Per-structure-type KL multipliers; missing types default to 1."""

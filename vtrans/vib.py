@@ -12,7 +12,9 @@ In evaluation this is exactly what the physically compressed model computes (see
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +52,8 @@ class VIB(nn.Module):
         self.budget: Budget | None = None
         self.method = "vtrans"
         self._cache: dict[str, torch.Tensor] = {}
+        self._noise_keys: list[int] | None = None
+        self._bypass = False
         self._handles: list = []
         self._patched_norms: list[nn.Module] = []
         param = next(model.parameters())
@@ -209,9 +213,26 @@ class VIB(nn.Module):
         """One training sample per forward pass and mask, shape (*lead, n); reused by every use in that pass."""
         z = self._cache.get(key)
         if z is None or (tuple(z.shape[:-1]) != lead and not _broadcasts(lead, tuple(z.shape[:-1]))):
-            z = mask.sample(lead)
+            keys = self._noise_keys
+            if keys is not None and lead and lead[0] == len(keys):
+                eps = _keyed_noise(keys, zlib.crc32(key.encode()), lead[1:], mask.n, mask.mu)  # (*lead, n)
+                z = mask.mu + torch.exp(0.5 * mask.logvar) * eps
+            else:
+                z = mask.sample(lead)
             self._cache[key] = z
         return z
+
+    def set_noise_keys(self, sample_ids: torch.Tensor | None, step: int = 0) -> None:
+        """Make the training noise a function of (seed, step, sample id) instead of the global RNG.
+
+        With it, a batch split over data-parallel workers draws exactly the noise one worker would draw for the whole
+        batch, and a resumed run draws the noise an uninterrupted run draws. ``None`` goes back to the global RNG.
+        """
+        if sample_ids is None:
+            self._noise_keys = None
+            return
+        seed = self.config.seed or 0
+        self._noise_keys = [(seed * 1_000_003 + step) * 1_000_033 + int(i) for i in sample_ids.flatten().tolist()]
 
     def _z_hidden(self, lead: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         if self.hidden is None:
@@ -253,7 +274,18 @@ class VIB(nn.Module):
                 mod.forward = functools.partial(self._norm_forward, mod, mod.forward)
                 self._patched_norms.append(mod)
 
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the model without its masks (the dense teacher when the weights are frozen, as in Faster-VTrans)."""
+        prev, self._bypass = self._bypass, True
+        try:
+            yield
+        finally:
+            self._bypass = prev
+
     def _heads_in(self, i: int, width: int, module: nn.Module, args: tuple) -> tuple | None:
+        if self._bypass:
+            return None
         x = args[0]  # (batch, seq, n_groups * group_size * head_dim), head-major
         z = self._z_units("heads", i, tuple(x.shape[:-1]), x.dtype)
         if z is None:
@@ -262,11 +294,15 @@ class VIB(nn.Module):
         return (x, *args[1:])
 
     def _neurons_in(self, i: int, module: nn.Module, args: tuple) -> tuple | None:
+        if self._bypass:
+            return None
         x = args[0]  # (batch, seq, ffn)
         z = self._z_units("neurons", i, tuple(x.shape[:-1]), x.dtype)
         return None if z is None else (x * z, *args[1:])
 
     def _block_out(self, kind: str, i: int, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if self._bypass:
+            return out
         lead = tuple(out.shape[:-1])
         gate = self._z_gate(kind, i, lead, out.dtype)
         if gate is not None:
@@ -275,9 +311,13 @@ class VIB(nn.Module):
         return out if zh is None else out * zh
 
     def _embedding_out(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if self._bypass:
+            return out
         return out * self._z_hidden(tuple(out.shape[:-1]), out.dtype)
 
     def _norm_forward(self, module: nn.Module, original, x: torch.Tensor) -> torch.Tensor:
+        if self._bypass:
+            return original(x)
         keep = self._hidden_keep()
         y = original(x) if bool(keep.all()) else _norm_over(module, x, keep)
         return y * self._z_hidden(tuple(x.shape[:-1]), y.dtype)
@@ -292,6 +332,15 @@ class VIB(nn.Module):
         self._patched_norms.clear()
         if getattr(self.model, "_vtrans_vib", None) is self:
             del self.model._vtrans_vib
+
+
+def _keyed_noise(keys: list[int], salt: int, rest: tuple[int, ...], n: int, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise of shape (len(keys), *rest, n), each row drawn from its own seeded generator."""
+    rows = []
+    for k in keys:
+        gen = torch.Generator().manual_seed((k * 2_654_435_761 + salt) % (2**63 - 1))
+        rows.append(torch.randn(*rest, n, generator=gen))
+    return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
 
 def _broadcasts(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

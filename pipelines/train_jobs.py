@@ -1,0 +1,296 @@
+"""VIB pruning and fine-tuning as data-parallel Ray Train jobs (Train V2).
+
+Each job is a ``TorchTrainer`` with N workers: every worker holds the model, its masks and the lambdas (one
+:class:`vtrans.train.Pruner` / :class:`~vtrans.train.Finetuner` wrapped by ``prepare_model``, so DDP all-reduces the
+gradients of weights and mask parameters alike) and takes its contiguous share of each global batch. Rank 0 writes
+checkpoints (weights, masks, lambdas, optimizer states, step, metric history) as safetensors + JSON every
+``checkpoint_every`` steps; a run started again with the same ``name`` and ``storage_path`` resumes from its last
+checkpoint, and ``FailureConfig(max_failures)`` restarts failed workers from it. Training noise is keyed by (seed,
+step, sample id) and every step re-seeds the RNG, so N workers compute what one worker computes on the whole batch
+and a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.ray_runtime import init_ray
+from vtrans.data import collate, global_order
+from vtrans.errors import ConfigError
+
+OUTPUT = "output"
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide a job runs."""
+
+    address: str | None = None
+    """Ray address (``auto``, ``ray://...``); None starts or joins a local Ray."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    """Worker-group restarts from the last checkpoint before the job fails."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ConfigError(f"ray.num_workers must be an integer >= 1, got {self.num_workers!r}")
+        if not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigError(f"ray.max_failures must be an integer >= 0, got {self.max_failures!r}")
+        if not isinstance(self.cpus_per_worker, (int, float)) or self.cpus_per_worker <= 0:
+            raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+
+
+@dataclass
+class JobSpec:
+    """What the workers train on: a local model directory, its task and the (tokenized) training dataset."""
+
+    model_dir: str
+    task: str
+    dataset: Any
+    """A map-style dataset of dicts with ``input_ids``, ``labels`` and ``sample_id`` (see :mod:`vtrans.data`)."""
+    pad_token_id: int
+    num_labels: int | None = None
+    teacher_dir: str | None = None
+    """Dense teacher for distillation (default: ``model_dir`` for pruning; none for fine-tuning)."""
+    tokenizer_dir: str | None = None
+
+
+@dataclass
+class JobResult:
+    """Where a finished job left its outputs."""
+
+    name: str
+    path: str
+    """The run's folder under the storage path."""
+    output: str
+    """``output/`` with the job's products (``compressed/`` or ``model/``, ``masks.safetensors``, history)."""
+    history: list[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def check_resources(ray_cfg: RayConfig) -> None:
+    """Fail before any worker starts when the cluster cannot host the job."""
+    import ray
+
+    res = ray.cluster_resources()
+    need_cpu = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    if ray_cfg.use_gpu:
+        gpus = res.get("GPU", 0)
+        if gpus < ray_cfg.num_workers:
+            raise ConfigError(f"ray.use_gpu=true needs {ray_cfg.num_workers} GPU(s) for ray.num_workers="
+                              f"{ray_cfg.num_workers}, the cluster has {gpus:g}")
+    elif res.get("CPU", 0) < need_cpu:
+        raise ConfigError(f"ray.num_workers={ray_cfg.num_workers} x {ray_cfg.cpus_per_worker:g} CPU needs "
+                          f"{need_cpu:g} CPUs, the cluster has {res.get('CPU', 0):g}")
+
+
+def _check_batch(batch_size: int, ray_cfg: RayConfig, key: str) -> None:
+    if batch_size % ray_cfg.num_workers:
+        raise ConfigError(f"{key}={batch_size} must be divisible by ray.num_workers={ray_cfg.num_workers}")
+
+
+def check_budget_reachable(model_dir: str, task: str, budget, num_labels: int | None = None) -> None:
+    """Raise :class:`vtrans.BudgetError` when no selection of this architecture meets the budget."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import vtrans
+    from vtrans.budget import Scores, select
+    from vtrans.checkpoint import read_config
+
+    config = read_config(model_dir)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    auto = {"seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}.get(task, AutoModel)
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    g = vtrans.arch.for_model(model).geometry(model)
+    gen = torch.Generator().manual_seed(0)
+    select(g, Scores(torch.rand(g.hidden, generator=gen), [torch.rand(g.n_groups, generator=gen)] * g.n_layers,
+                     [torch.rand(g.ffn, generator=gen)] * g.n_layers, torch.rand(g.n_layers, generator=gen),
+                     torch.rand(g.n_layers, generator=gen)), budget)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the worker loop (runs inside Ray Train workers)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _global_batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Sample indices of global batch ``step``: the epoch's shared order (``vtrans.data.global_order``) cut into full
+    batches (the incomplete last batch of an epoch is dropped)."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"batch_size={batch_size} is larger than the dataset ({n} samples)")
+    epoch, k = divmod(step, per_epoch)
+    return global_order(n, shuffle=True, seed=seed, epoch=epoch)[k * batch_size : (k + 1) * batch_size]
+
+
+def worker_batch(dataset, batch_size: int, seed: int, step: int, rank: int, world: int,
+                 pad_token_id: int) -> dict[str, torch.Tensor]:
+    """This worker's contiguous share of global batch ``step`` (so N workers x B/N = 1 worker x B)."""
+    idx = _global_batch_indices(len(dataset), batch_size, seed, step)
+    share = batch_size // world
+    return collate([dataset[i] for i in idx[rank * share : (rank + 1) * share]], pad_token_id)
+
+
+def _load_model(model_dir: str, task: str, num_labels: int | None):
+    from vtrans.checkpoint import load_pretrained
+
+    kwargs = {"num_labels": num_labels} if num_labels is not None and task == "seq-cls" else {}
+    return load_pretrained(model_dir, task=task, dtype=torch.float32, **kwargs)
+
+
+def _train_loop(loop_config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from vtrans import compress
+    from vtrans.checkpoint import load_state, load_tokenizer, save_state
+    from vtrans.train import Finetuner, Pruner, step_seed
+
+    kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    model = _load_model(spec.model_dir, spec.task, spec.num_labels)
+    teacher_dir = spec.teacher_dir or (spec.model_dir if kind == "prune" else None)
+    teacher = None
+    if teacher_dir is not None and (kind == "finetune" or cfg.method != "faster"):
+        teacher = _load_model(teacher_dir, spec.task, spec.num_labels)
+    module = Pruner(model, cfg, teacher) if kind == "prune" else Finetuner(model, cfg, teacher)
+
+    start, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            tensors, meta = load_state(d)
+        module.load_state_tensors(tensors, meta)
+        start, history = meta["step"] + 1, meta.get("history", [])
+    device = ray.train.torch.get_device()
+    ddp = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+    total = cfg.total_steps
+    every, report_every = loop_config["checkpoint_every"], loop_config["report_every"]
+    fault = loop_config.get("fault")
+    for step in range(start, total):
+        if fault and step == fault["step"] and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).touch()  # fail once: the restarted worker group finds the marker
+            if fault.get("kill"):
+                os.kill(os.getpid(), 9)
+            raise RuntimeError(f"injected failure at step {step}")
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        module.begin_step(step)
+        batch = {k: v.to(device) for k, v in worker_batch(spec.dataset, cfg.batch_size, cfg.seed, step, rank, world,
+                                                          spec.pad_token_id).items()}
+        loss, metrics = ddp(batch, step)
+        module.optimize(loss, step)
+        metrics["step"] = step
+        history.append(metrics)
+        last = step == total - 1
+        if (step + 1) % every == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    tensors, meta = module.state_tensors()
+                    save_state(tmp, tensors, dict(meta, step=step, history=history, kind=kind))
+                    checkpoint = Checkpoint.from_directory(tmp)
+                ray.train.report(dict(metrics), checkpoint=checkpoint)
+        elif (step + 1) % report_every == 0:
+            ray.train.report(dict(metrics))
+
+    if rank == 0:
+        out = Path(loop_config["output_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = load_tokenizer(spec.tokenizer_dir or spec.model_dir)
+        if kind == "prune":
+            module.finish()
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in module.vib.state_dict().items()}, str(out / "masks.safetensors"))
+            compress(module.vib, tokenizer=tokenizer).save_pretrained(out / "compressed")
+        else:
+            model.eval()
+            if tokenizer is not None:
+                model.vtrans_tokenizer = tokenizer
+            model.save_pretrained(out / "model")
+        (out / "history.json").write_text(json.dumps(history))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the driver side
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
+         checkpoint_every: int, report_every: int, threads_per_worker: int | None, fault: dict | None) -> JobResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = Path(storage_path).expanduser().absolute()
+    _check_batch(config.batch_size, ray_cfg, f"{kind}.batch_size")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"{kind}.checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    init_ray(ray_cfg.address)
+    check_resources(ray_cfg)
+    out = storage / name / OUTPUT
+    threads = threads_per_worker or max(1, int(ray_cfg.cpus_per_worker))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"kind": kind, "spec": spec, "config": config, "output_dir": str(out),
+                           "checkpoint_every": checkpoint_every, "report_every": report_every, "threads": threads,
+                           "fault": fault},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    history = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else []
+    return JobResult(name=name, path=str(result.path), output=str(out), history=history, wall_time_s=wall)
+
+
+def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
+                  checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
+                  fault: dict | None = None) -> JobResult:
+    """Train VIB masks (and, except for ``faster``, the weights) to ``config.budget``; output the exact-budget masks
+    and the compressed model. Validates everything, then starts the workers.
+
+    ``fault`` injects one failure for fault-tolerance tests: ``{"step": k, "marker": path, "rank": 0, "kill": False}``
+    raises (or SIGKILLs the worker with ``kill``) at step k once."""
+    from vtrans.train import PruneConfig
+
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
+    check_budget_reachable(spec.model_dir, spec.task, config.budget, spec.num_labels)
+    return _run("prune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
+                threads_per_worker, fault)
+
+
+def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
+                     checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
+                     fault: dict | None = None) -> JobResult:
+    """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``."""
+    from vtrans.train import FinetuneConfig
+
+    if not isinstance(config, FinetuneConfig):
+        raise ConfigError(f"finetune config must be a vtrans.train.FinetuneConfig, got {type(config).__name__}")
+    if config.steps == 0:
+        raise ConfigError("finetune.steps is 0: nothing to run")
+    return _run("finetune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
+                threads_per_worker, fault)
+
+
+__all__ = ["JobResult", "JobSpec", "RayConfig", "check_resources", "run_finetune_job", "run_prune_job", "worker_batch"]

@@ -1,0 +1,141 @@
+"""Ray Train jobs on a real local Ray: data-parallel correctness, resume and recovery, bad input before any worker."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertForSequenceClassification
+
+import vtrans
+from pipelines.train_jobs import JobSpec, RayConfig, run_finetune_job, run_prune_job, worker_batch
+from tests.tiny import tiny
+from vtrans.train import FinetuneConfig, PruneConfig
+
+N = 64
+
+
+def _dataset() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 60, (N, 10), generator=g)
+    return [{"input_ids": x[i], "labels": (x[i, 0] > 31).long(), "sample_id": torch.tensor(i)} for i in range(N)]
+
+
+def test_worker_shares_partition_the_global_batch() -> None:
+    ds = _dataset()
+    for step in (0, 3, 7, 8, 20):  # 8 batches of 8 per epoch: steps 8 and 20 are later epochs
+        whole = worker_batch(ds, 8, seed=1, step=step, rank=0, world=1, pad_token_id=0)["sample_id"]
+        parts = [worker_batch(ds, 8, seed=1, step=step, rank=r, world=2, pad_token_id=0)["sample_id"] for r in (0, 1)]
+        assert torch.equal(torch.cat(parts), whole)
+    epoch0 = torch.cat([worker_batch(ds, 8, 1, s, 0, 1, 0)["sample_id"] for s in range(8)])
+    assert sorted(epoch0.tolist()) == list(range(N))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("tinybert")
+    tiny("bert", BertForSequenceClassification, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) \
+        .save_pretrained(d)
+    return str(d)
+
+
+def _cfg(**kw) -> PruneConfig:
+    base = dict(budget=vtrans.Budget(params=0.5, tolerance=0.05), steps=16, batch_size=8, lr_masks=5e-2)
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def _masks(out: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out) / "masks.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol), (k, (a[k].float() - b[k].float()).abs().max())
+
+
+@pytest.mark.integration
+def test_bad_input_fails_before_any_worker(ray_local, tiny_dir: str, tmp_path: Path) -> None:
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    t0 = time.perf_counter()
+    with pytest.raises(vtrans.ConfigError, match=r"ray.num_workers=3 x 1 CPU needs 3 CPUs, the cluster has 2"):
+        run_prune_job(spec, _cfg(batch_size=9), RayConfig(num_workers=3), "bad", tmp_path)
+    with pytest.raises(vtrans.ConfigError, match=r"ray.use_gpu=true needs 1 GPU"):
+        run_prune_job(spec, _cfg(), RayConfig(use_gpu=True), "bad", tmp_path)
+    with pytest.raises(vtrans.ConfigError, match=r"prune.batch_size=9 must be divisible by ray.num_workers=2"):
+        run_prune_job(spec, _cfg(batch_size=9), RayConfig(num_workers=2), "bad", tmp_path)
+    with pytest.raises(vtrans.ConfigError, match=r"ray.num_workers must be an integer >= 1, got 0"):
+        RayConfig(num_workers=0)
+    with pytest.raises(vtrans.BudgetError, match="params=1e-05"):
+        run_prune_job(spec, _cfg(budget=vtrans.Budget(params=0.00001)), RayConfig(), "bad", tmp_path)
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.integration
+def test_two_workers_equal_one_worker_with_the_whole_batch(ray_local, tiny_dir: str, tmp_path: Path) -> None:
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    one = run_prune_job(spec, _cfg(), RayConfig(num_workers=1), "one", tmp_path, checkpoint_every=8)
+    two = run_prune_job(spec, _cfg(), RayConfig(num_workers=2), "two", tmp_path, checkpoint_every=8)
+    # same masks after K=16 steps, up to float summation order in the all-reduce
+    _assert_same(_masks(one.output), _masks(two.output), atol=1e-5)
+    first = _masks(one.output)["hidden.mu"]
+    assert not torch.allclose(first, torch.ones_like(first), atol=1e-3)  # the masks really moved
+    assert (Path(one.output) / "compressed" / "model.safetensors").is_file()
+    assert len(one.history) == 16 and one.history[-1]["step"] == 15
+
+
+@pytest.mark.integration
+def test_failure_recovery_and_resume_end_with_the_uninterrupted_masks(ray_local, tiny_dir: str,
+                                                                      tmp_path: Path) -> None:
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    cfg = _cfg(steps=12, rounds=2, finetune_steps=4)
+    ref = run_prune_job(spec, cfg, RayConfig(num_workers=2), "ref", tmp_path, checkpoint_every=5)
+    # a worker fails at step 13; FailureConfig restarts the group from the step-9 checkpoint
+    rec = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1), "recover", tmp_path,
+                        checkpoint_every=5, fault={"step": 13, "marker": str(tmp_path / "f1"), "rank": 1})
+    assert (tmp_path / "f1").exists()
+    _assert_same(_masks(ref.output), _masks(rec.output), atol=1e-6)
+    assert [m["step"] for m in rec.history] == list(range(cfg.total_steps))  # history continues, no restart
+    # the driver gives up (no retries); running the same name again resumes from the last checkpoint
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
+        run_prune_job(spec, cfg, RayConfig(num_workers=2), "resume", tmp_path, checkpoint_every=5,
+                      fault={"step": 17, "marker": str(tmp_path / "f2")})
+    assert len(list((tmp_path / "resume").glob("checkpoint_*"))) >= 1
+    res = run_prune_job(spec, cfg, RayConfig(num_workers=2), "resume", tmp_path, checkpoint_every=5)
+    _assert_same(_masks(ref.output), _masks(res.output), atol=1e-6)
+
+
+@pytest.mark.integration
+def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path: Path) -> None:
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    pruned = run_prune_job(spec, _cfg(method="faster"), RayConfig(num_workers=2), "p", tmp_path)
+    comp = str(Path(pruned.output) / "compressed")
+    ft = run_finetune_job(JobSpec(comp, "seq-cls", _dataset(), pad_token_id=0, teacher_dir=tiny_dir),
+                          FinetuneConfig(steps=12, batch_size=8, lr=1e-3), RayConfig(num_workers=2), "ft", tmp_path,
+                          checkpoint_every=6)
+    out = Path(ft.output) / "model"
+    assert (out / "modeling_vtrans.py").is_file()
+    from vtrans.checkpoint import load_pretrained
+
+    model = load_pretrained(out)
+    assert type(model).__name__ == "VtransBertForSequenceClassification"
+    assert vtrans.count(model) == vtrans.count(load_pretrained(comp))
+    assert ft.history[-1]["task_loss"] < ft.history[0]["task_loss"] + 0.05

@@ -1,0 +1,176 @@
+"""The pruning objective, its schedule, and training state that resumes exactly (one process; the data-parallel Ray
+Train jobs are tested in tests/pipelines/test_train_jobs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+import vtrans
+from tests.tiny import tiny
+from vtrans.checkpoint import CheckpointError, load_state, save_state
+from vtrans.train import DistillConfig, FinetuneConfig, Finetuner, PruneConfig, Pruner, fit
+
+N = 96
+
+
+def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(3, 60, (N, 10), generator=g)
+    return x, (x[:, 0] > 31).long()  # learnable: the label is a function of the first token
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, bs: int = 16):
+    def get(step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randperm(N, generator=torch.Generator().manual_seed(step))[:bs]
+        return {"input_ids": x[idx], "attention_mask": torch.ones_like(x[idx]), "labels": y[idx], "sample_id": idx}
+    return get
+
+
+def _bert() -> BertForSequenceClassification:
+    return tiny("bert", BertForSequenceClassification, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"method": "slow"}, "prune.method must be one of ['vtrans', 'fast', 'faster'], got 'slow'"),
+    ({"rounds": 0}, "prune.rounds must be an integer > 0, got 0"),
+    ({"steps": 2.5}, "prune.steps"),
+    ({"calibration_fraction": 1.5}, "prune.calibration_fraction must be in (0, 1], got 1.5"),
+    ({"calibration_fraction": 0.0}, "prune.calibration_fraction"),
+    ({"budget": vtrans.Budget(params=1000)}, "prune.budget must be a fraction"),
+    ({"lr_masks": -1.0}, "prune.lr_masks"),
+    ({"task": "qa"}, "prune.task"),
+])
+def test_bad_prune_configs(kwargs, needle) -> None:
+    with pytest.raises(vtrans.ConfigError) as info:
+        PruneConfig(**kwargs)
+    assert needle in str(info.value)
+
+
+def test_bad_distill_config_is_caught_at_construction() -> None:
+    with pytest.raises(vtrans.ConfigError, match="distill.temperature"):
+        DistillConfig(temperature=0.0)
+    with pytest.raises(vtrans.ConfigError, match="finetune.distill.hidden_weight"):
+        FinetuneConfig(distill=DistillConfig(hidden_weight=1.0))
+
+
+def test_schedule() -> None:
+    c = PruneConfig(budget=vtrans.Budget(params=0.4), steps=10, rounds=3, finetune_steps=4, warmup=0.5)
+    assert [c.round_target(r) for r in range(3)] == pytest.approx([0.8, 0.6, 0.4])
+    assert c.total_steps == 3 * 10 + 2 * 4
+    assert c.phase(0) == (0, "prune", 0) and c.phase(10) == (0, "finetune", 0) and c.phase(14) == (1, "prune", 0)
+    assert c.phase(c.total_steps - 1) == (2, "prune", 9)
+    assert c.target_at(0) == pytest.approx(1 - 0.2 / 5) and c.target_at(4) == pytest.approx(0.8)
+    assert c.target_at(14) == pytest.approx(0.8 - 0.2 / 5) and c.target_at(20) == pytest.approx(0.6)
+    faster = PruneConfig(method="faster", steps=10, rounds=2, finetune_steps=4)
+    assert faster.total_steps == 20  # no weight fine-tuning between rounds when the weights are frozen
+
+
+def test_pruning_learns_the_task_meets_the_budget_and_shrinks_kl() -> None:
+    x, y = _data()
+    model = _bert()
+    cfg = PruneConfig(budget=vtrans.Budget(params=0.5, tolerance=0.05), steps=240, lr_weights=1e-3, lr_masks=2e-2,
+                      finetune_steps=0, distill=DistillConfig(logit_weight=0.0))
+    pruner = Pruner(model, cfg)
+    hist = fit(pruner, _batches(x, y))
+    first, last = hist[:20], hist[-20:]
+    mean = lambda h, k: sum(m[k] for m in h) / len(h)  # noqa: E731
+    assert mean(last, "task_loss") < 0.7 * mean(first, "task_loss")
+    assert mean(last, "kl") < mean(first, "kl")
+    assert abs(hist[-1]["expected_size"] - 0.5) < 0.1
+    pruner.finish()
+    small = vtrans.compress(pruner.vib)
+    dense = vtrans.count(model).params_blocks
+    assert 0.95 * 0.5 * dense <= vtrans.count(small).params_blocks <= 0.5 * dense
+    assert small.config.vtrans["report"]["method"] == "vtrans"
+
+
+def test_faster_trains_only_masks_and_lambdas() -> None:
+    x, y = _data()
+    model = _bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = Pruner(model, PruneConfig(method="faster", budget=vtrans.Budget(params=0.6, tolerance=0.05), steps=30))
+    assert "weights" not in pruner.optimizers
+    mu0 = pruner.vib.hidden.mu.detach().clone()
+    fit(pruner, _batches(x, y))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(mu0, pruner.vib.hidden.mu.detach())
+    assert pruner.lagrangian.lambda1.item() != 0.0
+
+
+def test_rounds_fix_each_round_budget_before_fine_tuning() -> None:
+    x, y = _data()
+    pruner = Pruner(_bert(), PruneConfig(budget=vtrans.Budget(params=0.5, tolerance=0.05), steps=40, rounds=2,
+                                         finetune_steps=5, lr_masks=5e-2))
+    seen = {}
+
+    def on_step(step: int, metrics: dict) -> None:
+        if step == 40:  # first fine-tune step: masks fixed at the first round's target (0.75)
+            seen["fixed"] = bool(pruner.vib.hidden.fixed)
+            seen["budget"] = pruner.vib.budget.value
+        if step == 45:
+            seen["released"] = not bool(pruner.vib.hidden.fixed)
+
+    fit(pruner, _batches(x, y), on_step=on_step)
+    assert seen == {"fixed": True, "budget": pytest.approx(0.75), "released": True}
+
+
+def test_resume_from_a_saved_state_is_exact(tmp_path: Path) -> None:
+    x, y = _data()
+    cfg = PruneConfig(budget=vtrans.Budget(params=0.5, tolerance=0.05), steps=16, rounds=2, finetune_steps=4,
+                      distill=DistillConfig(hidden_weight=0.5))
+    full = Pruner(_bert(), cfg)
+    fit(full, _batches(x, y))
+
+    part = Pruner(_bert(), cfg)
+    fit(part, _batches(x, y), end_step=18)  # stop inside the first fine-tune
+    tensors, meta = part.state_tensors()
+    save_state(tmp_path, tensors, dict(meta, step=17))
+    resumed = Pruner(_bert(), cfg)
+    tensors, meta = load_state(tmp_path)
+    resumed.load_state_tensors(tensors, meta)
+    fit(resumed, _batches(x, y), start_step=meta["step"] + 1)
+    for (name, a), (_, b) in zip(full.vib.state_dict().items(), resumed.vib.state_dict().items()):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-7), name
+
+
+def test_corrupted_state_is_detected(tmp_path: Path) -> None:
+    save_state(tmp_path, {"a": torch.arange(10.0)}, {"step": 3})
+    assert load_state(tmp_path)[1]["step"] == 3
+    data = (tmp_path / "state.safetensors").read_bytes()
+    (tmp_path / "state.safetensors").write_bytes(data[:-8] + b"\x00" * 8)
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_state(tmp_path)
+    (tmp_path / "state.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_state(tmp_path)
+    (tmp_path / "state.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_state(tmp_path)
+
+
+def test_causal_lm_pruning_and_distilled_fine_tune() -> None:
+    model = tiny("llama", LlamaForCausalLM)
+    x = torch.randint(3, 60, (N, 12), generator=torch.Generator().manual_seed(1))
+
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randperm(N, generator=torch.Generator().manual_seed(step))[:8]
+        return {"input_ids": x[idx], "attention_mask": torch.ones_like(x[idx]), "labels": x[idx], "sample_id": idx}
+
+    cfg = PruneConfig(method="faster", task="causal-lm", budget=vtrans.Budget(params=0.7, tolerance=0.05), steps=20,
+                      distill=DistillConfig(cache_teacher=False))
+    pruner = Pruner(model, cfg)
+    hist = fit(pruner, batches)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in hist)
+    pruner.finish()
+    small = vtrans.compress(pruner.vib)
+    teacher = tiny("llama", LlamaForCausalLM)
+    ft = Finetuner(small, FinetuneConfig(task="causal-lm", steps=10, lr=1e-3), teacher=teacher)
+    hist = fit(ft, batches)
+    assert hist[-1]["task_loss"] < hist[0]["task_loss"]
+    assert "kd_loss" in hist[0]

@@ -1,0 +1,490 @@
+"""VIB pruning and fine-tuning: the objective, the schedule and one training step (framework-agnostic).
+
+The :class:`Pruner` is an ``nn.Module`` holding the model, its VIB masks and the Lagrange multipliers, so a
+data-parallel wrapper (DDP, Ray Train's ``prepare_model``) all-reduces the gradients of weights, masks and lambdas
+alike. A step is ``loss, metrics = module(batch, step)`` (through the wrapper) then ``pruner.optimize(loss, step)``.
+
+Objective (METHOD.md): ``task_weight * task + logit_weight * KD(T) + hidden_weight * layer_distill + vib.kl()
++ lambda1 * (s - t) + lambda2 * (s - t)^2`` where ``s`` is the expected kept fraction of the budget's metric and
+``t`` moves linearly from the previous round's target to this round's over the warm-up; the lambdas are trained by
+gradient ascent. After each round the masks are fixed to the round's budget exactly and the kept weights are
+fine-tuned (masks frozen) with distillation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from vtrans.budget import size
+from vtrans.config import Budget, VIBConfig
+from vtrans.errors import ConfigError
+from vtrans.vib import VIB, attach
+
+METHODS = ("vtrans", "fast", "faster")
+TASKS = ("seq-cls", "causal-lm")
+
+
+def _positive(key: str, value: object, integer: bool = False, zero_ok: bool = False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (value < 0 if zero_ok else value <= 0) or (
+            not integer and not math.isfinite(value)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {kind} {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from the dense teacher (CoFi style: logits plus layer hidden states)."""
+
+    task_weight: float = 1.0
+    """Weight of the task loss (cross-entropy / next-token loss)."""
+    logit_weight: float = 1.0
+    """Weight of the logit KD term ``T^2 * KL(teacher_T || student_T)``."""
+    temperature: float = 2.0
+    """KD temperature T."""
+    hidden_weight: float = 0.0
+    """Weight of the layer distillation: MSE between student and teacher hidden states over the kept hidden
+    dimensions, relative to the teacher's mean square, averaged over layers."""
+    cache_teacher: bool = True
+    """Cache the teacher's outputs per sample id (useful for small calibration sets; costs memory for LMs)."""
+
+    def __post_init__(self) -> None:
+        for key in ("task_weight", "logit_weight", "hidden_weight"):
+            _positive(f"distill.{key}", getattr(self, key), zero_ok=True)
+        _positive("distill.temperature", self.temperature)
+
+
+@dataclass
+class PruneConfig:
+    """One VTrans pruning run: method, budget, schedule and learning rates."""
+
+    method: str = "vtrans"
+    """``vtrans`` (masks and weights jointly, then fine-tune), ``fast`` (the same on a stratified calibration subset)
+    or ``faster`` (weights frozen: only masks and lambdas train; optional short fine-tune)."""
+    budget: Budget = field(default_factory=lambda: Budget(params=0.5))
+    vib: VIBConfig = field(default_factory=VIBConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    task: str = "seq-cls"
+    """``seq-cls`` or ``causal-lm``."""
+    steps: int = 200
+    """Pruning steps per round."""
+    rounds: int = 1
+    """Rounds to reach the target (each: prune to an intermediate target, fix the masks, fine-tune)."""
+    warmup: float = 0.5
+    """Fraction of a round's pruning steps over which the size target moves to the round's target."""
+    finetune_steps: int = 100
+    """Fine-tuning steps between rounds (masks fixed to the round's budget; not for ``faster``). The fine-tune after
+    the last round runs on the compressed model (:class:`Finetuner`)."""
+    batch_size: int = 16
+    """Per-step batch size over all workers (each of N workers takes batch_size / N)."""
+    lr_weights: float = 3e-5
+    lr_masks: float = 1e-2
+    lr_lambdas: float = 5e-2
+    finetune_lr: float = 3e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping of the weights (0 disables)."""
+    calibration_fraction: float = 0.03
+    """Share of the training set used by ``fast`` (stratified for classification)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"prune.method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"prune.task must be one of {list(TASKS)}, got {self.task!r}")
+        if not isinstance(self.budget, Budget):
+            raise ConfigError(f"prune.budget must be a vtrans.Budget, got {self.budget!r}")
+        if not isinstance(self.budget.value, float):
+            raise ConfigError(f"prune.budget must be a fraction for training, got {self.budget.value!r}")
+        for key in ("steps", "rounds", "batch_size"):
+            _positive(f"prune.{key}", getattr(self, key), integer=True)
+        _positive("prune.finetune_steps", self.finetune_steps, integer=True, zero_ok=True)
+        for key in ("lr_weights", "lr_masks", "lr_lambdas", "finetune_lr"):
+            _positive(f"prune.{key}", getattr(self, key))
+        for key in ("weight_decay", "max_grad_norm"):
+            _positive(f"prune.{key}", getattr(self, key), zero_ok=True)
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ConfigError(f"prune.warmup must be in [0, 1], got {self.warmup!r}")
+        if not 0.0 < self.calibration_fraction <= 1.0:
+            raise ConfigError(f"prune.calibration_fraction must be in (0, 1], got {self.calibration_fraction!r}")
+
+    @property
+    def between_rounds_steps(self) -> int:
+        return 0 if self.method == "faster" else self.finetune_steps
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.steps + self.between_rounds_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Pruning steps of all rounds plus the fine-tunes between them."""
+        return self.rounds * self.steps + (self.rounds - 1) * self.between_rounds_steps
+
+    def round_target(self, r: int) -> float:
+        """Kept fraction targeted by round ``r`` (0-based): equal steps in sparsity from dense to the budget."""
+        final = float(self.budget.value)
+        return 1.0 - (1.0 - final) * (r + 1) / self.rounds
+
+    def phase(self, step: int) -> tuple[int, str, int]:
+        """``(round, "prune" | "finetune", step within the phase)`` of a global step."""
+        r, k = divmod(step, self.steps_per_round)
+        return (r, "prune", k) if k < self.steps else (r, "finetune", k - self.steps)
+
+    def target_at(self, step: int) -> float:
+        """The size target t of a pruning step (linear warm-up from the previous round's target)."""
+        r, _, k = self.phase(step)
+        start = 1.0 if r == 0 else self.round_target(r - 1)
+        end = self.round_target(r)
+        warm = max(1, round(self.warmup * self.steps))
+        return start + (end - start) * min(1.0, (k + 1) / warm)
+
+
+class Lagrangian(nn.Module):
+    """``lambda1 * (s - t) + lambda2 * (s - t)^2`` with the lambdas trained by gradient ascent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.zeros(()))
+        self.lambda2 = nn.Parameter(torch.zeros(()))
+
+    def forward(self, expected: torch.Tensor, target: float) -> torch.Tensor:
+        gap = expected - target
+        return self.lambda1 * gap + self.lambda2 * gap * gap
+
+
+class _Distiller(nn.Module):
+    """Teacher outputs (cached per sample id when asked) and the logit KD loss."""
+
+    config: PruneConfig | FinetuneConfig
+    _teacher: list[PreTrainedModel]
+    _teacher_cache: dict[int, dict[str, torch.Tensor]]
+
+    @torch.no_grad()
+    def _teacher_outputs(self, inputs: dict, sample_ids: torch.Tensor | None, hidden: bool) -> dict:
+        d = self.config.distill
+        cached = None
+        if d.cache_teacher and sample_ids is not None:
+            ids = sample_ids.tolist()
+            if all(i in self._teacher_cache for i in ids):
+                cached = [self._teacher_cache[i] for i in ids]
+        if cached is not None:
+            return {k: torch.stack([c[k] for c in cached]).to(inputs["input_ids"].device) for k in cached[0]}
+        if self._teacher:
+            out = self._teacher[0](**inputs, output_hidden_states=hidden)
+        else:  # Faster-VTrans: frozen weights, so the student without its masks is the dense teacher
+            with self.vib.disabled():
+                out = self.model(**inputs, output_hidden_states=hidden)
+        res = {"logits": out.logits.detach()}
+        if hidden:
+            res["hidden"] = torch.stack(out.hidden_states).transpose(0, 1).detach()  # (batch, layers+1, seq, d)
+        if d.cache_teacher and sample_ids is not None:
+            for j, i in enumerate(sample_ids.tolist()):
+                self._teacher_cache[i] = {k: v[j].cpu() for k, v in res.items()}
+        return res
+
+    def _kd(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        t = self.config.distill.temperature
+        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                      reduction="none").sum(-1)  # (batch,) or (batch, seq)
+        if mask is not None and kl.dim() == 2:
+            return (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
+        return kl.mean() * t * t
+
+
+class Pruner(_Distiller):
+    """Model + masks + lambdas + teacher, with the optimizers of every phase."""
+
+    def __init__(self, model: PreTrainedModel, config: PruneConfig, teacher: PreTrainedModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if config.method == "faster":
+            for p in model.parameters():
+                p.requires_grad_(False)
+        # the dense teacher: with frozen weights the student without masks is the teacher (no copy)
+        needs_teacher = config.distill.logit_weight > 0 or config.distill.hidden_weight > 0
+        if teacher is None and needs_teacher and config.method != "faster":
+            teacher = copy.deepcopy(model)
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self.model = model
+        self.vib: VIB = attach(model, config.vib)
+        self.lagrangian = Lagrangian().to(next(model.parameters()).device)
+        b = config.budget
+        self.dense_size = float(size(self.vib.geometry, self.vib.geometry.dense_keep(), b.metric, b.scope, b.seq_len))
+        self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizers = self._make_optimizers()
+        self._phase: tuple[int, str] | None = None
+
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        c = self.config
+        opts: dict[str, torch.optim.Optimizer] = {
+            "masks": torch.optim.Adam(self.vib.mask_parameters(), lr=c.lr_masks),
+            "lambdas": torch.optim.Adam(self.lagrangian.parameters(), lr=c.lr_lambdas, maximize=True),
+        }
+        weights = [p for p in self.model.parameters() if p.requires_grad]
+        if c.method != "faster":
+            opts["weights"] = torch.optim.AdamW(weights, lr=c.lr_weights, weight_decay=c.weight_decay)
+        if c.rounds > 1 and c.between_rounds_steps > 0:
+            opts["finetune"] = torch.optim.AdamW(weights, lr=c.finetune_lr, weight_decay=c.weight_decay)
+        return opts
+
+    # --- schedule ------------------------------------------------------------------------------------------------
+    def begin_step(self, step: int) -> tuple[int, str, int]:
+        """Enter the phase of a global step: fix the round's budget before fine-tuning, release it after."""
+        r, phase, k = self.config.phase(step)
+        self.model.train()
+        if self._phase != (r, phase):
+            if phase == "finetune":
+                self.fix_round_budget(r)
+                self.vib.eval()
+            else:
+                if self.vib.budget is not None:
+                    self.vib.release_budget()
+                self.vib.train()
+            self._phase = (r, phase)
+        return r, phase, k
+
+    def fix_round_budget(self, r: int) -> None:
+        b = self.config.budget
+        self.vib.apply_budget(Budget(**{b.metric: self.config.round_target(r)}, scope=b.scope, seq_len=b.seq_len,
+                                     tolerance=b.tolerance))
+
+    def finish(self) -> None:
+        """Fix the final budget exactly (the state compression uses)."""
+        self.vib.apply_budget(self.config.budget, method=self.config.method)
+        self.vib.method = self.config.method
+
+    # --- the objective ----------------------------------------------------------------------------------------------
+    def expected_fraction(self) -> torch.Tensor:
+        b = self.config.budget
+        return self.vib.expected_size(b.metric, b.scope, b.seq_len) / self.dense_size
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one batch at a global step (call :meth:`begin_step` first)."""
+        c, d = self.config, self.config.distill
+        _, phase, _ = c.phase(step)
+        sample_ids = batch.get("sample_id")
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = d.hidden_weight > 0
+        self.vib.set_noise_keys(sample_ids, step)
+        out = self.model(**inputs, labels=batch["labels"], output_hidden_states=hidden)
+        self.vib.set_noise_keys(None)
+        metrics: dict[str, float] = {"task_loss": float(out.loss.detach())}
+        loss = d.task_weight * out.loss
+        if d.logit_weight > 0 or hidden:
+            teacher = self._teacher_outputs(inputs, sample_ids, hidden)
+            if d.logit_weight > 0:
+                lm_mask = inputs.get("attention_mask") if c.task == "causal-lm" else None
+                kd = self._kd(out.logits, teacher["logits"], lm_mask)
+                loss = loss + d.logit_weight * kd
+                metrics["kd_loss"] = float(kd.detach())
+            if hidden:
+                keep = self.vib.selection().hidden.to(out.logits.device)
+                s_h = torch.stack(out.hidden_states).transpose(0, 1)[..., keep]  # (batch, layers+1, seq, kept)
+                t_h = teacher["hidden"][..., keep]
+                hl = ((s_h - t_h).pow(2).mean((0, 2, 3)) / t_h.pow(2).mean((0, 2, 3)).clamp_min(1e-12)).mean()
+                loss = loss + d.hidden_weight * hl
+                metrics["hidden_loss"] = float(hl.detach())
+        if phase == "prune":
+            kl = self.vib.kl()
+            s = self.expected_fraction()
+            t = c.target_at(step)
+            penalty = self.lagrangian(s, t)
+            loss = loss + kl + penalty
+            metrics.update(kl=float(kl.detach()), expected_size=float(s.detach()), target=t,
+                           lagrangian=float(penalty.detach()), lambda1=float(self.lagrangian.lambda1.detach()),
+                           lambda2=float(self.lagrangian.lambda2.detach()))
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    def optimize(self, loss: torch.Tensor, step: int) -> None:
+        """Backward and one step of the optimizers of this step's phase."""
+        _, phase, _ = self.config.phase(step)
+        names = ["finetune"] if phase == "finetune" else ["masks", "lambdas"] + (
+            ["weights"] if "weights" in self.optimizers else [])
+        opts = [self.optimizers[n] for n in names]
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0 and {"weights", "finetune"} & set(names):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        for o in opts:
+            o.step()
+
+    # --- checkpointing ----------------------------------------------------------------------------------------------
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every tensor of the training state (weights, masks, lambdas, optimizer states, RNG) and its JSON part."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {"optimizers": {}}
+        if self.config.method != "faster":  # faster never changes the weights
+            tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+        tensors.update({f"vib.{k}": v for k, v in self.vib.state_dict().items()})
+        tensors.update({f"lagrangian.{k}": v for k, v in self.lagrangian.state_dict().items()})
+        for name, opt in self.optimizers.items():
+            sd = opt.state_dict()
+            scalars: dict = {}
+            for idx, st in sd["state"].items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        tensors[f"opt.{name}.{idx}.{k}"] = v
+                    else:
+                        scalars[f"{idx}.{k}"] = v
+            meta["optimizers"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta["phase"] = list(self._phase) if self._phase else None
+        return tensors, meta
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        if model_sd:
+            self.model.load_state_dict(model_sd, strict=False)
+        self.vib.load_state_dict({k[len("vib."):]: v for k, v in tensors.items() if k.startswith("vib.")})
+        self.lagrangian.load_state_dict({k[len("lagrangian."):]: v for k, v in tensors.items()
+                                         if k.startswith("lagrangian.")})
+        _load_optimizers(self.optimizers, tensors, meta)
+        torch.set_rng_state(tensors["rng.torch"])
+        self._phase = tuple(meta["phase"]) if meta.get("phase") else None
+        if self._phase is not None:
+            r, phase = self._phase
+            self._phase = None
+            self.begin_step(r * self.config.steps_per_round + (self.config.steps if phase == "finetune" else 0))
+            # begin_step re-fixed the round budget from the masks; the restored buffers hold the same selection
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning of a compressed model (its structure fixed), with logit distillation from the dense teacher."""
+
+    steps: int = 200
+    lr: float = 3e-5
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    task: str = "seq-cls"
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(hidden_weight=0.0))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("finetune.steps", self.steps, integer=True, zero_ok=True)
+        _positive("finetune.batch_size", self.batch_size, integer=True)
+        _positive("finetune.lr", self.lr)
+        for key in ("weight_decay", "max_grad_norm"):
+            _positive(f"finetune.{key}", getattr(self, key), zero_ok=True)
+        if self.task not in TASKS:
+            raise ConfigError(f"finetune.task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.distill.hidden_weight > 0:
+            raise ConfigError("finetune.distill.hidden_weight must be 0: a compressed model's hidden size differs "
+                              f"from the teacher's, got {self.distill.hidden_weight!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps
+
+
+class Finetuner(_Distiller):
+    """A compressed model trained on the task with logit distillation from the dense teacher."""
+
+    def __init__(self, model: PreTrainedModel, config: FinetuneConfig, teacher: PreTrainedModel | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = model
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizers = {"finetune": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                         lr=config.lr, weight_decay=config.weight_decay)}
+
+    def begin_step(self, step: int) -> tuple[int, str, int]:
+        self.model.train()
+        return 0, "finetune", step
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        c, d = self.config, self.config.distill
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = self.model(**inputs, labels=batch["labels"])
+        loss = d.task_weight * out.loss
+        metrics = {"task_loss": float(out.loss.detach())}
+        if self._teacher and d.logit_weight > 0:
+            teacher = self._teacher_outputs(inputs, batch.get("sample_id"), hidden=False)
+            lm_mask = inputs.get("attention_mask") if c.task == "causal-lm" else None
+            kd = self._kd(out.logits, teacher["logits"], lm_mask)
+            loss = loss + d.logit_weight * kd
+            metrics["kd_loss"] = float(kd.detach())
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    def optimize(self, loss: torch.Tensor, step: int) -> None:
+        opt = self.optimizers["finetune"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.config.max_grad_norm)
+        opt.step()
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        sd = self.optimizers["finetune"].state_dict()
+        scalars = {}
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.finetune.{idx}.{k}"] = v
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        return tensors, {"optimizers": {"finetune": {"param_groups": sd["param_groups"], "scalars": scalars}}}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                                   strict=False)
+        _load_optimizers(self.optimizers, tensors, meta)
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+def _load_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
+                     meta: dict) -> None:
+    for name, opt in optimizers.items():
+        m = meta["optimizers"][name]
+        state: dict[int, dict] = {}
+        prefix = f"opt.{name}."
+        for k, v in tensors.items():
+            if k.startswith(prefix):
+                idx, key = k[len(prefix):].split(".", 1)
+                state.setdefault(int(idx), {})[key] = v
+        for k, v in m["scalars"].items():
+            idx, key = k.split(".", 1)
+            state.setdefault(int(idx), {})[key] = v
+        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The RNG seed of a training step (dropout etc.): a function of (seed, step, rank), so resuming is exact."""
+    return seed * 1_000_003 + step * 101 + rank
+
+
+def fit(module: Pruner | Finetuner, batches, start_step: int = 0, end_step: int | None = None,
+        on_step=None) -> list[dict[str, float]]:
+    """Run steps ``[start_step, end_step)`` in one process. ``batches(step)`` returns the batch of a global step;
+    ``on_step(step, metrics)`` is called after each. Returns the metrics of every step."""
+    end = module.config.total_steps if end_step is None else end_step
+    history = []
+    for step in range(start_step, end):
+        torch.manual_seed(step_seed(module.config.seed, step))
+        module.begin_step(step)
+        loss, metrics = module(batches(step), step)
+        module.optimize(loss, step)
+        metrics["step"] = step
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step, metrics)
+    return history
