@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -178,7 +179,9 @@ def _train_loop(loop_config: dict) -> None:
         module.load_state_tensors(tensors, meta)
         start, history = meta["step"] + 1, meta.get("history", [])
     device = ray.train.torch.get_device()
-    ddp = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+    # masks and lambdas sit idle during the fine-tunes between rounds
+    unused = kind == "prune" and "finetune" in module.optimizers
+    ddp = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": unused})
     total = cfg.total_steps
     every, report_every = loop_config["checkpoint_every"], loop_config["report_every"]
     fault = loop_config.get("fault")
@@ -224,6 +227,8 @@ def _train_loop(loop_config: dict) -> None:
                 model.vtrans_tokenizer = tokenizer
             model.save_pretrained(out / "model")
         (out / "history.json").write_text(json.dumps(history))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        (out / "resources.json").write_text(json.dumps({"peak_rss_mb": peak, "rank": rank, "world_size": world}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

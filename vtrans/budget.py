@@ -216,8 +216,9 @@ def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
     """Pick hard masks over all structures jointly so the kept size is <= target and within tolerance of it.
 
     First the lowest global score threshold whose kept set fits (the size is monotone in the threshold), then a
-    greedy fill in decreasing score order with every unit that still fits. The hidden dimension keeps at least its
-    best unit. Raises :class:`BudgetError` when no selection lands within ``budget.tolerance`` below the target.
+    greedy fill in decreasing score order with every unit that still fits (a unit of a removed block reopens it,
+    paying the block's fixed cost). The hidden dimension keeps at least its best unit. Raises :class:`BudgetError`
+    when no selection lands within ``budget.tolerance`` below the target.
     """
     metric, scope, s = budget.metric, budget.scope, budget.seq_len
     dense = int(size(g, g.dense_keep(), metric, scope, s))
@@ -280,9 +281,10 @@ def _fill(g: Geometry, sc: Scores, sel: Selection, tau: float, metric: str, scop
     ng = [int(x.sum()) for x in groups]
     nn_ = [int(x.sum()) for x in neurons]
 
-    def layer(i: int, d_: int, g_: int, n_: int) -> float:
-        return float(layer_size(g, metric, d_, g_, n_, int(mha_gate[i] and g_ > 0), int(ffn_gate[i] and n_ > 0),
-                                seq_len))
+    def layer(i: int, d_: int, g_: int, n_: int, open_mha: bool | None = None, open_ffn: bool | None = None) -> float:
+        a = mha_gate[i] if open_mha is None else open_mha
+        f = ffn_gate[i] if open_ffn is None else open_ffn
+        return float(layer_size(g, metric, d_, g_, n_, int(bool(a) and g_ > 0), int(bool(f) and n_ > 0), seq_len))
 
     def total(d_: int) -> float:
         t = sum(layer(i, d_, ng[i], nn_[i]) for i in range(g.n_layers))
@@ -309,24 +311,22 @@ def _fill(g: Geometry, sc: Scores, sel: Selection, tau: float, metric: str, scop
             if new <= target:
                 hidden[j] = True
                 d, current = d + 1, new
-        elif kind == 1:
-            if not mha_gate[i]:
-                continue
-            delta = layer(i, d, ng[i] + 1, nn_[i]) - layer(i, d, ng[i], nn_[i])
+        elif kind == 1:  # a unit of a removed block may reopen it, paying the block's fixed cost
+            delta = layer(i, d, ng[i] + 1, nn_[i], open_mha=True) - layer(i, d, ng[i], nn_[i])
             if current + delta <= target:
                 groups[i][j] = True
+                mha_gate[i] = True
                 ng[i] += 1
                 current += delta
         elif kind == 2:
-            if not ffn_gate[i]:
-                continue
-            delta = layer(i, d, ng[i], nn_[i] + 1) - layer(i, d, ng[i], nn_[i])
+            delta = layer(i, d, ng[i], nn_[i] + 1, open_ffn=True) - layer(i, d, ng[i], nn_[i])
             if current + delta <= target:
                 neurons[i][j] = True
+                ffn_gate[i] = True
                 nn_[i] += 1
                 current += delta
         elif kind == 3:
-            mha_gate[i] = True  # opens the gate; costs nothing until one of its (lower-scored) units is added
+            mha_gate[i] = True  # opens the gate; costs nothing until one of its units is added
         else:
             ffn_gate[i] = True
     return Selection.normalised(hidden, groups, neurons, mha_gate, ffn_gate)

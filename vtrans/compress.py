@@ -107,7 +107,7 @@ def report(vib: VIB, sel: Selection, seq_len: int | None = None) -> dict:
     if vib.budget is not None:
         b = vib.budget
         budget = {"metric": b.metric, "value": b.value, "scope": b.scope, "seq_len": b.seq_len,
-                  "target": sel.achieved.get("target"), "achieved_fraction": sel.achieved.get("fraction")}
+                  "target": vib.achieved.get("target"), "achieved_fraction": vib.achieved.get("fraction")}
     from vtrans import __version__
 
     return {

@@ -170,25 +170,32 @@ class _Distiller(nn.Module):
 
     @torch.no_grad()
     def _teacher_outputs(self, inputs: dict, sample_ids: torch.Tensor | None, hidden: bool) -> dict:
+        """Teacher logits (and hidden states) of a batch; per-sample cache entries are stored unpadded and re-padded
+        to the batch's length (padded positions are masked out of every distillation loss)."""
         d = self.config.distill
-        cached = None
+        ids = inputs["input_ids"]
+        seq = ids.shape[1]
+        mask = inputs.get("attention_mask")
+        lengths = (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), seq)).tolist()
+        keys = ["logits", "hidden"] if hidden else ["logits"]
         if d.cache_teacher and sample_ids is not None:
-            ids = sample_ids.tolist()
-            if all(i in self._teacher_cache for i in ids):
-                cached = [self._teacher_cache[i] for i in ids]
-        if cached is not None:
-            return {k: torch.stack([c[k] for c in cached]).to(inputs["input_ids"].device) for k in cached[0]}
+            entries = [self._teacher_cache.get(int(i)) for i in sample_ids.tolist()]
+            if all(e is not None and all(k in e for k in keys) for e in entries):
+                return {k: torch.stack([_pad_seq(e[k], seq, k) for e in entries]).to(ids.device) for k in keys}
         if self._teacher:
             out = self._teacher[0](**inputs, output_hidden_states=hidden)
-        else:  # Faster-VTrans: frozen weights, so the student without its masks is the dense teacher
+        else:  # Faster-VTrans: frozen weights, so the student without its masks (and dropout) is the dense teacher
+            was_training = self.model.training
+            self.model.eval()
             with self.vib.disabled():
                 out = self.model(**inputs, output_hidden_states=hidden)
-        res = {"logits": out.logits.detach()}
+            self.model.train(was_training)
+        res = {"logits": out.logits.detach()}  # (batch, labels) or (batch, seq, vocab)
         if hidden:
             res["hidden"] = torch.stack(out.hidden_states).transpose(0, 1).detach()  # (batch, layers+1, seq, d)
         if d.cache_teacher and sample_ids is not None:
             for j, i in enumerate(sample_ids.tolist()):
-                self._teacher_cache[i] = {k: v[j].cpu() for k, v in res.items()}
+                self._teacher_cache[int(i)] = {k: _trim_seq(v[j], lengths[j], k).cpu() for k, v in res.items()}
         return res
 
     def _kd(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -290,7 +297,11 @@ class Pruner(_Distiller):
                 keep = self.vib.selection().hidden.to(out.logits.device)
                 s_h = torch.stack(out.hidden_states).transpose(0, 1)[..., keep]  # (batch, layers+1, seq, kept)
                 t_h = teacher["hidden"][..., keep]
-                hl = ((s_h - t_h).pow(2).mean((0, 2, 3)) / t_h.pow(2).mean((0, 2, 3)).clamp_min(1e-12)).mean()
+                m = inputs.get("attention_mask", torch.ones(s_h.shape[0], s_h.shape[2], device=s_h.device))
+                m = m[:, None, :, None].to(s_h.dtype)  # (batch, 1, seq, 1): real tokens only
+                err = ((s_h - t_h).pow(2) * m).sum((0, 2, 3))  # (layers+1,)
+                ref = (t_h.pow(2) * m).sum((0, 2, 3)).clamp_min(1e-12)
+                hl = (err / ref).mean()
                 loss = loss + d.hidden_weight * hl
                 metrics["hidden_loss"] = float(hl.detach())
         if phase == "prune":
@@ -300,6 +311,7 @@ class Pruner(_Distiller):
             penalty = self.lagrangian(s, t)
             loss = loss + kl + penalty
             metrics.update(kl=float(kl.detach()), expected_size=float(s.detach()), target=t,
+                           objective=float((loss - penalty).detach()),
                            lagrangian=float(penalty.detach()), lambda1=float(self.lagrangian.lambda1.detach()),
                            lambda2=float(self.lagrangian.lambda2.detach()))
         metrics["loss"] = float(loss.detach())
@@ -465,6 +477,25 @@ def _load_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict
             idx, key = k.split(".", 1)
             state.setdefault(int(idx), {})[key] = v
         opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+
+
+def _trim_seq(t: torch.Tensor, length: int, key: str) -> torch.Tensor:
+    """One sample's teacher output without its padding: sequence axis 0 of LM logits, 1 of hidden states."""
+    if key == "hidden":
+        return t[:, :length]  # (layers+1, length, d)
+    return t[:length] if t.dim() == 2 else t  # LM logits (length, vocab); classifier logits (labels,)
+
+
+def _pad_seq(t: torch.Tensor, seq: int, key: str) -> torch.Tensor:
+    axis = 1 if key == "hidden" else 0
+    if key != "hidden" and t.dim() == 1:
+        return t
+    pad = seq - t.shape[axis]
+    if pad <= 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = pad
+    return torch.cat([t, t.new_zeros(shape)], dim=axis)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:

@@ -50,6 +50,8 @@ class VIB(nn.Module):
         self.mha = mask(g.n_layers) if "mha" in s else None
         self.ffn = mask(g.n_layers) if "ffn" in s else None
         self.budget: Budget | None = None
+        self.achieved: dict[str, float] = {}
+        """Target, achieved size and fraction of the last :meth:`apply_budget`."""
         self.method = "vtrans"
         self._cache: dict[str, torch.Tensor] = {}
         self._noise_keys: list[int] | None = None
@@ -157,6 +159,7 @@ class VIB(nn.Module):
         if self.ffn is not None:
             self.ffn.fix(sel.ffn)
         self.budget = budget
+        self.achieved = dict(sel.achieved)
         self.method = method or ("vtrans" if scores is None else "custom")
         self._cache.clear()
         return sel
@@ -167,6 +170,7 @@ class VIB(nn.Module):
         for _, m in self.masks():
             m.fix(None)
         self.budget = None
+        self.achieved = {}
         self._cache.clear()
 
     @torch.no_grad()

@@ -124,3 +124,16 @@ def test_counts_both_scopes() -> None:
     c = counts(BERT_BASE_LIKE, BERT_BASE_LIKE.dense_keep(), seq_len=10)
     assert c.params_total - c.params_blocks == 807
     assert c.as_dict()["seq_len"] == 10
+
+
+def test_low_scored_gates_do_not_strand_the_budget() -> None:
+    """Gates ranked below every unit: the threshold removes whole blocks; the fill must reopen them unit by unit."""
+    g = _geometry("minilm")
+    sc = _random_scores(g, 3)
+    sc.mha[:] = -1.0
+    sc.ffn[:] = -1.0
+    for target in (0.9, 0.5, 0.2):
+        sel = select(g, sc, vtrans.Budget(params=target))
+        kept = size(g, sel.keep(), "params", "blocks")
+        dense = size(g, g.dense_keep(), "params", "blocks")
+        assert (1 - 0.005) * target * dense <= kept <= target * dense

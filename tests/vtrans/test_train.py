@@ -133,10 +133,11 @@ def test_resume_from_a_saved_state_is_exact(tmp_path: Path) -> None:
     tensors, meta = load_state(tmp_path)
     resumed.load_state_tensors(tensors, meta)
     fit(resumed, _batches(x, y), start_step=meta["step"] + 1)
+    # equal up to float noise: a cached teacher output was computed in another batch than a fresh one
     for (name, a), (_, b) in zip(full.vib.state_dict().items(), resumed.vib.state_dict().items()):
-        assert torch.equal(a, b), name
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
     for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.allclose(a, b, atol=1e-7), name
+        assert torch.allclose(a, b, atol=1e-5), name
 
 
 def test_corrupted_state_is_detected(tmp_path: Path) -> None:
@@ -174,3 +175,27 @@ def test_causal_lm_pruning_and_distilled_fine_tune() -> None:
     hist = fit(ft, batches)
     assert hist[-1]["task_loss"] < hist[0]["task_loss"]
     assert "kd_loss" in hist[0]
+
+
+def test_teacher_cache_handles_batches_of_different_lengths() -> None:
+    from vtrans.data import collate
+
+    pruner = Pruner(_bert(), PruneConfig(distill=DistillConfig(hidden_weight=1.0)))
+    items = [{"input_ids": torch.randint(3, 60, (n,), generator=torch.Generator().manual_seed(n)),
+              "labels": torch.tensor(n % 2), "sample_id": torch.tensor(i)} for i, n in enumerate([5, 9, 7, 3])]
+    pruner.begin_step(0)
+
+    def run(batch):
+        return pruner._teacher_outputs({k: batch[k] for k in ("input_ids", "attention_mask")}, batch["sample_id"],
+                                       hidden=True)
+
+    run(collate(items[:3], 0))  # cached padded to 9 tokens
+    batch = collate([items[0], items[3]], 0)  # 5 tokens: sample 0 from the cache, sample 3 fresh
+    mixed, cached = run(batch), run(batch)
+    assert mixed["hidden"].shape == cached["hidden"].shape == (2, 3, 5, 32)
+    real = batch["attention_mask"].bool()
+    for j in range(2):
+        assert torch.allclose(mixed["hidden"][j][:, real[j]], cached["hidden"][j][:, real[j]], atol=1e-6)
+    assert torch.allclose(mixed["logits"], cached["logits"], atol=1e-6)
+    loss, metrics = pruner(batch, 0)
+    assert torch.isfinite(loss) and metrics["hidden_loss"] < 1e-2

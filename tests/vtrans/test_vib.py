@@ -112,6 +112,8 @@ def test_one_posterior_serves_several_budgets() -> None:
         assert (1 - 0.05) * target * dense <= kept <= target * dense
         sizes.append(kept)
         assert small.config.vtrans["report"]["budget"]["value"] == target
+        achieved = small.config.vtrans["report"]["budget"]["achieved_fraction"]
+        assert achieved == pytest.approx(kept / dense, abs=1e-9)
     assert sizes[0] > sizes[1] > sizes[2]
     vib.release_budget()
     assert not any(bool(m.fixed) for _, m in vib.masks())

@@ -1,0 +1,76 @@
+"""Integration: each method on the real all-MiniLM-L6-v2 with 2 Ray Train workers, a short run each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import vtrans
+from pipelines.train_jobs import JobSpec, RayConfig, run_prune_job
+from vtrans.assets import resolve_model
+from vtrans.checkpoint import load_pretrained, load_state, load_tokenizer
+from vtrans.data import ClassificationDataset, pad_token_id_of, rotten_tomatoes, stratified_subset
+from vtrans.train import PruneConfig
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def setup():
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    init_ray(num_cpus=2)
+    path = str(resolve_model("minilm"))
+    tok = load_tokenizer(path)
+    data = rotten_tomatoes()
+    train = ClassificationDataset(data, tok, max_length=32, indices=list(range(320)))
+    yield path, tok, data, train
+    ray.shutdown()
+
+
+def _mean(hist: list[dict], key: str) -> float:
+    return sum(m[key] for m in hist) / len(hist)
+
+
+@pytest.mark.parametrize("method", ["vtrans", "fast", "faster"])
+def test_method_on_minilm(method: str, setup, tmp_path: Path) -> None:
+    path, tok, data, train = setup
+    ds = train
+    if method == "fast":  # the stratified 3% calibration subset (10 of 320 samples)
+        idx = stratified_subset(train.labels, fraction=0.03, seed=0)
+        ds = ClassificationDataset(data, tok, max_length=32, indices=idx)
+        assert len(ds) == 10
+    cfg = PruneConfig(method=method, budget=vtrans.Budget(params=0.5), steps=24, batch_size=8, lr_masks=5e-2,
+                      warmup=0.5)
+    res = run_prune_job(JobSpec(path, "seq-cls", ds, pad_token_id_of(tok), num_labels=2), cfg,
+                        RayConfig(num_workers=2), f"minilm-{method}", tmp_path, checkpoint_every=8)
+    hist = res.history
+    assert [m["step"] for m in hist] == list(range(24))
+    assert _mean(hist[-4:], "objective") < _mean(hist[:4], "objective")
+    assert _mean(hist[-4:], "kl") < _mean(hist[:4], "kl")
+    # the budget is met exactly by the compressed model
+    dense = vtrans.count(load_pretrained(path, task="seq-cls", num_labels=2)).params_blocks
+    small = load_pretrained(Path(res.output) / "compressed")
+    kept = vtrans.count(small).params_blocks
+    assert 0.995 * 0.5 * dense <= kept <= 0.5 * dense
+    assert sum(p.numel() for p in small.parameters()) == vtrans.count(small).params_total
+    # checkpoints: the last two kept, each a complete, verified state
+    ckpts = sorted(p for p in (tmp_path / f"minilm-{method}").glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 2
+    tensors, meta = load_state(ckpts[-1])
+    assert meta["step"] == 23 and any(k.startswith("vib.") for k in tensors)
+    assert any(k.startswith("model.") for k in tensors) == (method != "faster")
+
+
+def test_resume_after_a_killed_worker(setup, tmp_path: Path) -> None:
+    path, tok, _, train = setup
+    cfg = PruneConfig(method="faster", budget=vtrans.Budget(params=0.5), steps=16, batch_size=8)
+    res = run_prune_job(JobSpec(path, "seq-cls", train, pad_token_id_of(tok), num_labels=2), cfg,
+                        RayConfig(num_workers=2, max_failures=1), "killed", tmp_path, checkpoint_every=5,
+                        fault={"step": 12, "marker": str(tmp_path / "killed.marker"), "rank": 1, "kill": True})
+    assert (tmp_path / "killed.marker").exists()
+    assert [m["step"] for m in res.history] == list(range(16))
+    assert (Path(res.output) / "compressed" / "model.safetensors").is_file()
