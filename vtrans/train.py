@@ -337,21 +337,12 @@ class Pruner(_Distiller):
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every tensor of the training state (weights, masks, lambdas, optimizer states, RNG) and its JSON part."""
         tensors: dict[str, torch.Tensor] = {}
-        meta: dict = {"optimizers": {}}
+        meta: dict = {}
         if self.config.method != "faster":  # faster never changes the weights
             tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         tensors.update({f"vib.{k}": v for k, v in self.vib.state_dict().items()})
         tensors.update({f"lagrangian.{k}": v for k, v in self.lagrangian.state_dict().items()})
-        for name, opt in self.optimizers.items():
-            sd = opt.state_dict()
-            scalars: dict = {}
-            for idx, st in sd["state"].items():
-                for k, v in st.items():
-                    if torch.is_tensor(v):
-                        tensors[f"opt.{name}.{idx}.{k}"] = v
-                    else:
-                        scalars[f"{idx}.{k}"] = v
-            meta["optimizers"][name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+        meta["optimizers"] = _save_optimizers(self.optimizers, tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         meta["phase"] = list(self._phase) if self._phase else None
         return tensors, meta
@@ -445,22 +436,31 @@ class Finetuner(_Distiller):
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        sd = self.optimizers["finetune"].state_dict()
-        scalars = {}
-        for idx, st in sd["state"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"opt.finetune.{idx}.{k}"] = v
-                else:
-                    scalars[f"{idx}.{k}"] = v
+        meta = {"optimizers": _save_optimizers(self.optimizers, tensors)}
         tensors["rng.torch"] = torch.get_rng_state()
-        return tensors, {"optimizers": {"finetune": {"param_groups": sd["param_groups"], "scalars": scalars}}}
+        return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
                                    strict=False)
         _load_optimizers(self.optimizers, tensors, meta)
         torch.set_rng_state(tensors["rng.torch"])
+
+
+def _save_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor]) -> dict:
+    """Put every optimizer's tensor state into ``tensors`` (``opt.<name>.<param>.<key>``); return the JSON part."""
+    meta = {}
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        scalars: dict = {}
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{name}.{idx}.{k}"] = v
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        meta[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return meta
 
 
 def _load_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor],

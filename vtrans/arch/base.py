@@ -114,6 +114,11 @@ class Adapter:
         return f"{base}." if hasattr(model, base) and getattr(model, base) is not model else ""
 
 
+def tied_lm_head(model: PreTrainedModel) -> bool:
+    """Whether the model has an LM head sharing the token embedding matrix."""
+    return hasattr(model, "lm_head") and bool(model.config.tie_word_embeddings)
+
+
 def compressed_config_from(model: PreTrainedModel, arch: str, hidden: int, dense: dict, layers: list[dict],
                            extra: dict | None = None, **overrides) -> PretrainedConfig:
     """Build the compressed config of ``model``: its config with the kept hidden size and a ``vtrans`` record."""

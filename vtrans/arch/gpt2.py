@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from vtrans.arch import register
-from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, compressed_config_from
+from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, compressed_config_from, tied_lm_head
 from vtrans.budget import Geometry
 
 
@@ -15,10 +15,6 @@ def _dense(model: PreTrainedModel) -> dict:
         return c.vtrans["dense"]
     return {"hidden_size": c.n_embd, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head,
             "head_dim": c.n_embd // c.n_head, "intermediate_size": c.n_inner or 4 * c.n_embd}
-
-
-def _tied_lm(model: PreTrainedModel) -> bool:
-    return hasattr(model, "lm_head") and bool(model.config.tie_word_embeddings)
 
 
 @register
@@ -32,7 +28,7 @@ class GPT2Adapter(Adapter):
         c, dense = model.config, _dense(model)
         lm = hasattr(model, "lm_head")
         labels = c.num_labels if hasattr(model, "score") else 0
-        per_hidden = c.vocab_size + c.n_positions + 2 + (c.vocab_size if lm and not _tied_lm(model) else 0) + labels
+        per_hidden = c.vocab_size + c.n_positions + 2 + (c.vocab_size if lm and not tied_lm_head(model) else 0) + labels
         return Geometry(
             n_layers=c.n_layer, hidden=dense["hidden_size"], n_groups=dense["num_attention_heads"], group_size=1,
             head_dim=dense["head_dim"], ffn=dense["intermediate_size"], ffn_in_mats=1, q_bias=True, kv_bias=True,
@@ -46,7 +42,7 @@ class GPT2Adapter(Adapter):
         g = self.geometry(model)
         p = self.prefix_of(model)
         D, hd = g.hidden, g.head_dim
-        tied = _tied_lm(model)
+        tied = tied_lm_head(model)
         hidden = [Slot(f"{p}wte.weight", 1, fold=True, feeds=True), Slot(f"{p}wpe.weight", 1, fold=True, feeds=True)]
         groups, neurons, mha_keys, ffn_keys, mha_fold, ffn_fold = [], [], [], [], [], []
         for i in range(g.n_layers):

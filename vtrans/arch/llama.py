@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from vtrans.arch import register
-from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, compressed_config_from
+from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, compressed_config_from, tied_lm_head
 from vtrans.budget import Geometry
 
 
@@ -19,10 +19,6 @@ def _dense(model: PreTrainedModel) -> dict:
             "intermediate_size": c.intermediate_size}
 
 
-def _tied_lm(model: PreTrainedModel) -> bool:
-    return hasattr(model, "lm_head") and bool(model.config.tie_word_embeddings)
-
-
 @register
 class LlamaAdapter(Adapter):
     name = "llama"
@@ -34,7 +30,7 @@ class LlamaAdapter(Adapter):
         c, dense = model.config, _dense(model)
         lm = hasattr(model, "lm_head")
         labels = c.num_labels if hasattr(model, "score") else 0
-        per_hidden = c.vocab_size + 1 + (c.vocab_size if lm and not _tied_lm(model) else 0) + labels
+        per_hidden = c.vocab_size + 1 + (c.vocab_size if lm and not tied_lm_head(model) else 0) + labels
         bias, mlp_bias = bool(c.attention_bias), bool(c.mlp_bias)
         return Geometry(
             n_layers=c.num_hidden_layers, hidden=dense["hidden_size"], n_groups=dense["num_key_value_heads"],
@@ -52,7 +48,7 @@ class LlamaAdapter(Adapter):
         p = self.prefix_of(model)
         hd, r = g.head_dim, g.group_size
         bias, mlp_bias = bool(c.attention_bias), bool(c.mlp_bias)
-        tied = _tied_lm(model)
+        tied = tied_lm_head(model)
         hidden = [Slot(f"{p}embed_tokens.weight", 1, fold=True, feeds=True)]
         groups, neurons, mha_keys, ffn_keys, mha_fold, ffn_fold = [], [], [], [], [], []
         for i in range(g.n_layers):
