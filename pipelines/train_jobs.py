@@ -156,7 +156,7 @@ def _train_loop(loop_config: dict) -> None:
     from ray.train import Checkpoint
 
     from vtrans import compress
-    from vtrans.checkpoint import load_state, load_tokenizer, save_state
+    from vtrans.checkpoint import load_state, load_tokenizer, save_state, write_atomically
     from vtrans.train import Finetuner, Pruner, step_seed
 
     kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
@@ -215,17 +215,23 @@ def _train_loop(loop_config: dict) -> None:
         out = Path(loop_config["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(spec.tokenizer_dir or spec.model_dir)
+
+        def save_with_tokenizer(product):
+            def write(directory: Path) -> None:
+                product.save_pretrained(directory)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(directory)
+            return write
+
         if kind == "prune":
             module.finish()
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in module.vib.state_dict().items()}, str(out / "masks.safetensors"))
-            compress(module.vib, tokenizer=tokenizer).save_pretrained(out / "compressed")
+            write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
         else:
             model.eval()
-            if tokenizer is not None:
-                model.vtrans_tokenizer = tokenizer
-            model.save_pretrained(out / "model")
+            write_atomically(out / "model", save_with_tokenizer(model), overwrite=True)
         (out / "history.json").write_text(json.dumps(history))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         (out / "resources.json").write_text(json.dumps({"peak_rss_mb": peak, "rank": rank, "world_size": world}))

@@ -50,6 +50,10 @@ def tiny_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("tinybert")
     tiny("bert", BertForSequenceClassification, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) \
         .save_pretrained(d)
+    from vtrans.assets import resolve_model
+    from vtrans.checkpoint import load_tokenizer
+
+    load_tokenizer(resolve_model("minilm")).save_pretrained(d)  # the jobs carry the tokenizer to their outputs
     return str(d)
 
 
@@ -133,9 +137,11 @@ def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path
                           checkpoint_every=6)
     out = Path(ft.output) / "model"
     assert (out / "modeling_vtrans.py").is_file()
+    assert (out / "tokenizer.json").is_file() and (Path(comp) / "tokenizer.json").is_file()
     from vtrans.checkpoint import load_pretrained
 
     model = load_pretrained(out)
     assert type(model).__name__ == "VtransBertForSequenceClassification"
     assert vtrans.count(model) == vtrans.count(load_pretrained(comp))
     assert ft.history[-1]["task_loss"] < ft.history[0]["task_loss"] + 0.05
+    assert not [p for p in Path(ft.output).iterdir() if p.name.startswith(".")]  # no temporary directory left
