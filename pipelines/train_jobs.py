@@ -37,8 +37,11 @@ class RayConfig:
     address: str | None = None
     """Ray address (``auto``, ``ray://...``); None starts or joins a local Ray."""
     num_workers: int = 1
+    """Data-parallel Ray Train workers (each gets batch_size / num_workers samples per step)."""
     use_gpu: bool = False
+    """One GPU per worker (NCCL); the cluster must have num_workers GPUs."""
     cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (also its torch thread count)."""
     max_failures: int = 0
     """Worker-group restarts from the last checkpoint before the job fails."""
 

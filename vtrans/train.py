@@ -369,13 +369,20 @@ class FinetuneConfig:
     """Fine-tuning of a compressed model (its structure fixed), with logit distillation from the dense teacher."""
 
     steps: int = 200
+    """Fine-tuning steps (0: none)."""
     lr: float = 3e-5
+    """AdamW learning rate of the weights."""
     batch_size: int = 16
+    """Per-step batch size over all workers."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
     task: str = "seq-cls"
+    """``seq-cls`` or ``causal-lm``."""
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(hidden_weight=0.0))
+    """Logit distillation from the teacher (hidden-state distillation is not possible across widths)."""
     seed: int = 0
+    """Seed of the data order and of the per-step RNG."""
 
     def __post_init__(self) -> None:
         _positive("finetune.steps", self.steps, integer=True, zero_ok=True)
