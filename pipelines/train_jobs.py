@@ -105,18 +105,15 @@ def _check_batch(batch_size: int, ray_cfg: RayConfig, key: str) -> None:
 
 def check_budget_reachable(model_dir: str, task: str, budget, num_labels: int | None = None) -> None:
     """Raise :class:`vtrans.BudgetError` when no selection of this architecture meets the budget."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     import vtrans
     from vtrans.budget import Scores, select
-    from vtrans.checkpoint import read_config
+    from vtrans.checkpoint import AUTO_CLASSES, read_config
 
     config = read_config(model_dir)
     if num_labels is not None:
         config.num_labels = num_labels
-    auto = {"seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}.get(task, AutoModel)
     with torch.device("meta"):
-        model = auto.from_config(config)
+        model = AUTO_CLASSES.get(task, AUTO_CLASSES["base"]).from_config(config)
     g = vtrans.arch.for_model(model).geometry(model)
     gen = torch.Generator().manual_seed(0)
     select(g, Scores(torch.rand(g.hidden, generator=gen), [torch.rand(g.n_groups, generator=gen)] * g.n_layers,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save_file
+from safetensors.torch import load, save
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -29,7 +29,7 @@ from vtrans.errors import ConfigError, OutputError, UnknownModelError
 from vtrans.modeling_vtrans import COMPRESSION_FILE, MODELING_FILE
 
 TASKS = ("auto", "base", "seq-cls", "causal-lm")
-_AUTO = {"base": AutoModel, "seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
+AUTO_CLASSES = {"base": AutoModel, "seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
 
 
 def infer_task(config) -> str:
@@ -83,7 +83,7 @@ def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None
     task = infer_task(config) if task == "auto" else task
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    return _AUTO[task].from_pretrained(path, trust_remote_code=remote, use_safetensors=True, **kwargs)
+    return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=remote, use_safetensors=True, **kwargs)
 
 
 def load_tokenizer(path: str | Path):
@@ -148,9 +148,9 @@ def save_state(directory: str | Path, tensors: dict[str, torch.Tensor], meta: di
     """Write a training state as ``state.safetensors`` + ``state.json`` (with the tensors' SHA-256)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(flat, str(directory / STATE_TENSORS))
-    meta = dict(meta, tensors_sha256=hashlib.sha256((directory / STATE_TENSORS).read_bytes()).hexdigest())
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})  # serialised once: written and hashed
+    (directory / STATE_TENSORS).write_bytes(data)
+    meta = dict(meta, tensors_sha256=hashlib.sha256(data).hexdigest())
     tmp = directory / (STATE_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, default=str))
     os.replace(tmp, directory / STATE_META)  # the JSON is written last: its presence marks a complete state

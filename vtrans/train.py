@@ -267,7 +267,6 @@ class Pruner(_Distiller):
     def finish(self) -> None:
         """Fix the final budget exactly (the state compression uses)."""
         self.vib.apply_budget(self.config.budget, method=self.config.method)
-        self.vib.method = self.config.method
 
     # --- the objective ----------------------------------------------------------------------------------------------
     def expected_fraction(self) -> torch.Tensor:
@@ -282,8 +281,10 @@ class Pruner(_Distiller):
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         hidden = d.hidden_weight > 0
         self.vib.set_noise_keys(sample_ids, step)
-        out = self.model(**inputs, labels=batch["labels"], output_hidden_states=hidden)
-        self.vib.set_noise_keys(None)
+        try:
+            out = self.model(**inputs, labels=batch["labels"], output_hidden_states=hidden)
+        finally:
+            self.vib.set_noise_keys(None)
         metrics: dict[str, float] = {"task_loss": float(out.loss.detach())}
         loss = d.task_weight * out.loss
         if d.logit_weight > 0 or hidden:
