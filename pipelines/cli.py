@@ -1,9 +1,12 @@
 """The ``vtrans`` command line.
 
+    vtrans run CONFIG [key=value ...] [--force | --from STAGE]
+    vtrans validate CONFIG [key=value ...]
     vtrans inspect MODEL [--seq-len 128]
     vtrans compress --model MODEL --scorer {magnitude,random} --budget params=0.5 --out DIR
                     [--seq-len 128] [--scope blocks|total] [--task auto|base|seq-cls|causal-lm] [--overwrite]
 
+CONFIG is a pipeline YAML (``pipelines/configs/``); ``key=value`` overrides any field (``prune.budget.params=0.3``).
 MODEL is a local Hugging Face directory or a built-in name (``minilm``, ``smollm2``). Errors are one line naming the
 argument and the value (``--debug`` shows the traceback); no output directory is left half-written.
 """
@@ -25,6 +28,25 @@ def _parser() -> argparse.ArgumentParser:
                                 "pruning.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a pipeline config end to end on Ray, tracked in MLflow",
+                         description="Run a pipeline (calibrate -> teacher -> prune -> finetune -> evaluate) on Ray "
+                         "with MLflow tracking. Finished stages with the same inputs are reused.",
+                         epilog="example: vtrans run pipelines/configs/minilm-rotten-tomatoes.yaml "
+                         "prune.budget.params=0.3 ray.num_workers=1")
+    run.add_argument("config", help="pipeline YAML")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (torchtune style)")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--force", action="store_true", help="re-run every stage, even finished ones")
+    again.add_argument("--from", dest="from_stage", metavar="STAGE",
+                       help="re-run this stage and the ones after it (calibrate|teacher|prune|finetune|evaluate)")
+
+    val = sub.add_parser("validate", help="check a pipeline config without running it",
+                         description="Load and check a pipeline config (keys, types, model, budget) without Ray; "
+                         "print the resolved config and which stages are already finished.")
+    val.add_argument("config", help="pipeline YAML")
+    val.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    val.add_argument("--quiet", action="store_true", help="print only problems (exit 0 when valid)")
 
     ins = sub.add_parser("inspect", help="structure counts, parameters and FLOPs of a model",
                          description="Structure counts, parameters and FLOPs (blocks and total) of a model.",
@@ -161,6 +183,79 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(args: argparse.Namespace):
+    from pipelines.config import load_config
+
+    for item in args.overrides:
+        if "=" not in item:
+            from vtrans.errors import ConfigError
+
+            raise ConfigError(f"override {item!r} must be key=value (e.g. prune.budget.params=0.3)")
+    return load_config(args.config, args.overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipelines.config import to_dict
+    from pipelines.validate import finished, preflight
+
+    cfg = _load_config(args)
+    checked = preflight(cfg)
+    if args.quiet:
+        return 0
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print(f"\nmodel: {checked.model_path}")
+    done = finished(cfg, checked.keys)
+    rows = [["stage", "key", "output"]]
+    rows += [[n, k, "finished (will be reused)" if done[n] else "to run"] for n, k in checked.keys.items()]
+    print(_table(rows))
+    print(f"{args.config}: valid")
+    return 0
+
+
+def _highlights(name: str, r) -> str:
+    m = r.metrics
+    if name == "calibrate":
+        return ", ".join(f"{s} {int(m[f'{s}_samples'])}" for s in ("train", "test", "calibration")
+                         if f"{s}_samples" in m)
+    if name == "prune" and "params_blocks_ratio" in m:
+        return (f"params blocks {m['params_blocks_ratio']:.4f}, FLOPs blocks {m['flops_blocks_ratio']:.4f} of dense"
+                + (f", E[size] {m['final_expected_size']:.4f}" if "final_expected_size" in m else ""))
+    if name in ("teacher", "finetune") and "final_loss" in m:
+        return f"final loss {m['final_loss']:.4f}"
+    if name == "evaluate":
+        q = [k for k in ("accuracy", "perplexity") if k in m]
+        return ", ".join(f"{k} {m[k]:.4f} (dense {m['dense_' + k]:.4f})" for k in q)
+    return ""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipelines.dag import rerun_set, run_pipeline
+
+    cfg = _load_config(args)
+    rerun_set(args.force, args.from_stage)  # a bad --from fails here too, before anything starts
+    run = run_pipeline(cfg, force=args.force, from_stage=args.from_stage)
+    rows = [["stage", "status", "key", "wall", "result"]]
+    for name, r in run.results.items():
+        rows.append([name, r.status, r.key, f"{r.wall_s:.0f}s", _highlights(name, r)])
+    print()
+    print(_table(rows))
+    report = run.results["evaluate"].outputs.get("report_md")
+    if report and Path(report).is_file():
+        print()
+        print(Path(report).read_text().rstrip())
+    print()
+    print(f"pipeline {run.name}: {run.wall_s:.0f}s; summary {run.summary_path}")
+    print(f"MLflow run {run.run_id}: {run.ui}")
+    if run.model_uri:
+        print(f"compressed model: {run.model_uri}  (mlflow.pyfunc.load_model; the HF checkpoint is its artifacts/"
+              f"checkpoint, from_pretrained(..., trust_remote_code=True))")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vtrans`` console script; returns the exit code."""
     parser = _parser()
@@ -168,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from vtrans.errors import VtransError
 
-    handlers = {"inspect": cmd_inspect, "compress": cmd_compress}
+    handlers = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect, "compress": cmd_compress}
     try:
         return handlers[args.command](args)
     except VtransError as e:

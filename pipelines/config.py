@@ -320,22 +320,28 @@ class TrackingConfig:
     """MLflow tracking."""
 
     uri: str | None = None
-    """Tracking URI (``http://host:5000``, ``sqlite:///...``); None: an embedded ``sqlite:///<cwd>/mlflow.db``."""
+    """Tracking URI (``http://host:5000``, ``sqlite:///...``; a relative SQLite path is taken from the working
+    directory); None: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<cwd>/mlflow.db``."""
     experiment: str = "vtrans"
     """Experiment name."""
     artifact_location: str | None = None
-    """Artifact root of a newly created experiment; None: the server's default."""
+    """Artifact root of a newly created experiment; None: ``mlartifacts/`` next to a local SQLite file, else the
+    server's default."""
 
     def __post_init__(self) -> None:
         if self.uri is not None:
             _text("tracking.uri", self.uri)
+            self.resolved_uri()  # the form is checked here; whether the store answers, before a run starts
         _text("tracking.experiment", self.experiment)
         if self.artifact_location is not None:
             _text("tracking.artifact_location", self.artifact_location)
 
     def resolved_uri(self) -> str:
-        """``uri``, or the embedded SQLite store in the current working directory (absolute path)."""
-        return self.uri if self.uri is not None else f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+        """The absolute tracking URI (:func:`pipelines.tracking.resolve_tracking_uri`): ``uri``, else
+        ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store in the current working directory."""
+        from pipelines.tracking import resolve_tracking_uri
+
+        return resolve_tracking_uri(self.uri)
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 from pipelines.ray_runtime import init_ray
 from vtrans.data import collate, global_order
 from vtrans.errors import ConfigError
+from vtrans.progress import Progress
 
 OUTPUT = "output"
 
@@ -103,10 +104,9 @@ def _check_batch(batch_size: int, ray_cfg: RayConfig, key: str) -> None:
         raise ConfigError(f"{key}={batch_size} must be divisible by ray.num_workers={ray_cfg.num_workers}")
 
 
-def check_budget_reachable(model_dir: str, task: str, budget, num_labels: int | None = None) -> None:
-    """Raise :class:`vtrans.BudgetError` when no selection of this architecture meets the budget."""
+def geometry_of(model_dir: str, task: str, num_labels: int | None = None):
+    """The :class:`vtrans.budget.Geometry` of a checkpoint, from its config alone (no weights are read)."""
     import vtrans
-    from vtrans.budget import Scores, select
     from vtrans.checkpoint import AUTO_CLASSES, read_config
 
     config = read_config(model_dir)
@@ -114,7 +114,14 @@ def check_budget_reachable(model_dir: str, task: str, budget, num_labels: int | 
         config.num_labels = num_labels
     with torch.device("meta"):
         model = AUTO_CLASSES.get(task, AUTO_CLASSES["base"]).from_config(config)
-    g = vtrans.arch.for_model(model).geometry(model)
+    return vtrans.arch.for_model(model).geometry(model)
+
+
+def check_budget_reachable(model_dir: str, task: str, budget, num_labels: int | None = None) -> None:
+    """Raise :class:`vtrans.BudgetError` when no selection of this architecture meets the budget."""
+    from vtrans.budget import Scores, select
+
+    g = geometry_of(model_dir, task, num_labels)
     gen = torch.Generator().manual_seed(0)
     select(g, Scores(torch.rand(g.hidden, generator=gen), [torch.rand(g.n_groups, generator=gen)] * g.n_layers,
                      [torch.rand(g.ffn, generator=gen)] * g.n_layers, torch.rand(g.n_layers, generator=gen),
@@ -151,6 +158,44 @@ def _load_model(model_dir: str, task: str, num_labels: int | None):
     return load_pretrained(model_dir, task=task, dtype=torch.float32, **kwargs)
 
 
+class _LiveCurves:
+    """Rank 0's training curves streamed to an MLflow run while the job runs (``{"uri", "run_id"}``); a tracking
+    failure is reported once and never stops training (the curves are also in ``history.json``)."""
+
+    def __init__(self, tracking: dict | None) -> None:
+        self.tracking, self.pending, self.failed = tracking, [], False
+
+    def add(self, metrics: dict) -> None:
+        if self.tracking is not None and not self.failed:
+            self.pending.append(dict(metrics))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        try:
+            from pipelines.tracking import Tracker
+
+            Tracker(self.tracking["uri"], "", "").log_history(self.tracking["run_id"], self.pending)
+        except Exception as e:  # noqa: BLE001
+            self.failed = True
+            print(f"warning: streaming curves to MLflow failed ({type(e).__name__}: {e}); they stay in history.json",
+                  flush=True)
+        self.pending = []
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report and checkpoint of every worker at INFO; keep the job's log about the job
+    (``VTRANS_VERBOSE=1`` keeps them)."""
+    import logging
+
+    if os.environ.get("VTRANS_VERBOSE") == "1":
+        return
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):  # Ray names the context module's logger by its file path
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _train_loop(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -160,6 +205,7 @@ def _train_loop(loop_config: dict) -> None:
     from vtrans.train import Finetuner, Pruner, step_seed
 
     kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
+    _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
@@ -185,6 +231,9 @@ def _train_loop(loop_config: dict) -> None:
     total = cfg.total_steps
     every, report_every = loop_config["checkpoint_every"], loop_config["report_every"]
     fault = loop_config.get("fault")
+    curves = _LiveCurves(loop_config.get("tracking")) if rank == 0 else None
+    bar = Progress(total=total - start, desc=f"{kind}" + (f" (resumed at step {start})" if start else ""),
+                   unit="step") if rank == 0 else None
     for step in range(start, total):
         if fault and step == fault["step"] and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).touch()  # fail once: the restarted worker group finds the marker
@@ -197,9 +246,15 @@ def _train_loop(loop_config: dict) -> None:
                                                           spec.pad_token_id).items()}
         loss, metrics = ddp(batch, step)
         module.optimize(loss, step)
+        metrics.update({f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in module.optimizers.items()})
         metrics["step"] = step
         history.append(metrics)
         last = step == total - 1
+        if rank == 0:
+            curves.add(metrics)
+            bar.update(1, loss=metrics["loss"])
+            if (step + 1) % report_every == 0 or last:
+                curves.flush()
         if (step + 1) % every == 0 or last:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
@@ -212,6 +267,7 @@ def _train_loop(loop_config: dict) -> None:
             ray.train.report(dict(metrics))
 
     if rank == 0:
+        bar.close()
         out = Path(loop_config["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
         tokenizer = load_tokenizer(spec.tokenizer_dir or spec.model_dir)
@@ -243,7 +299,8 @@ def _train_loop(loop_config: dict) -> None:
 
 
 def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
-         checkpoint_every: int, report_every: int, threads_per_worker: int | None, fault: dict | None) -> JobResult:
+         checkpoint_every: int, report_every: int, threads_per_worker: int | None, fault: dict | None,
+         tracking: dict | None = None) -> JobResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -259,7 +316,7 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
         _train_loop,
         train_loop_config={"kind": kind, "spec": spec, "config": config, "output_dir": str(out),
                            "checkpoint_every": checkpoint_every, "report_every": report_every, "threads": threads,
-                           "fault": fault},
+                           "fault": fault, "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -267,32 +324,52 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        own = _vtrans_error(e)
+        if own is not None:  # a worker found bad input (e.g. an unreachable budget): that is the error to show
+            raise own from None
+        raise
     wall = time.perf_counter() - t0
     history = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else []
     return JobResult(name=name, path=str(result.path), output=str(out), history=history, wall_time_s=wall)
 
 
+def _vtrans_error(e: BaseException, depth: int = 0) -> BaseException | None:
+    """The :class:`vtrans.errors.VtransError` behind a Ray Train failure, if a worker raised one."""
+    from vtrans.errors import VtransError
+
+    if isinstance(e, VtransError) or depth > 4:
+        return e if isinstance(e, VtransError) else None
+    inner = [getattr(e, "cause", None), *getattr(e, "worker_failures", {}).values()]
+    for x in inner:
+        if isinstance(x, BaseException) and (found := _vtrans_error(x, depth + 1)) is not None:
+            return found
+    return None
+
+
 def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                   checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                  fault: dict | None = None) -> JobResult:
+                  fault: dict | None = None, tracking: dict | None = None) -> JobResult:
     """Train VIB masks (and, except for ``faster``, the weights) to ``config.budget``; output the exact-budget masks
     and the compressed model. Validates everything, then starts the workers.
 
     ``fault`` injects one failure for fault-tolerance tests: ``{"step": k, "marker": path, "rank": 0, "kill": False}``
-    raises (or SIGKILLs the worker with ``kill``) at step k once."""
+    raises (or SIGKILLs the worker with ``kill``) at step k once. ``tracking`` (``{"uri": ..., "run_id": ...}``)
+    streams rank 0's training curves to that MLflow run as the job runs."""
     from vtrans.train import PruneConfig
 
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
     check_budget_reachable(spec.model_dir, spec.task, config.budget, spec.num_labels)
     return _run("prune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, fault)
+                threads_per_worker, fault, tracking)
 
 
 def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                      checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                     fault: dict | None = None) -> JobResult:
+                     fault: dict | None = None, tracking: dict | None = None) -> JobResult:
     """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``."""
     from vtrans.train import FinetuneConfig
 
@@ -301,7 +378,8 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
     return _run("finetune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, fault)
+                threads_per_worker, fault, tracking)
 
 
-__all__ = ["JobResult", "JobSpec", "RayConfig", "check_resources", "run_finetune_job", "run_prune_job", "worker_batch"]
+__all__ = ["JobResult", "JobSpec", "RayConfig", "check_budget_reachable", "check_resources", "geometry_of",
+           "run_finetune_job", "run_prune_job", "worker_batch"]

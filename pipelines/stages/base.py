@@ -1,0 +1,278 @@
+"""What every stage shares: the cache key, the output folder, the stage record and its MLflow child run.
+
+A stage is a module of :mod:`pipelines.stages` with
+
+- ``NAME`` and ``NEEDS`` (the stages whose results it reads),
+- ``OPTIONS``: the Ray task options of the stage (a stage that launches a TorchTrainer holds no CPU),
+- ``material(cfg) -> dict``: everything of the config that its output depends on (beyond its inputs' keys),
+- ``run(ctx, work, inputs, run_id) -> StageOutput``: the work itself, writing under ``work``.
+
+Its output lives in ``<output>/stages/<NAME>/<key>/``, where ``key`` hashes ``material``, the keys of its inputs and
+the stage's code ``VERSION``: a later pipeline (another run name, another budget in a sweep) with the same key reuses
+it. ``stage.json``, written last and atomically, marks the output complete; a Ray Train job inside the folder resumes
+from its own checkpoints when the stage is started again after a crash. A file lock serialises two pipelines that
+reach the same key at once (the second finds the output finished).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import PipelineConfig, config_hash, flatten
+from pipelines.tracking import TAG_KEY, TAG_MODEL_URI, TAG_SOURCE_RUN, TAG_STAGE, TAG_STATUS, Tracker
+
+RECORD = "stage.json"
+#: The pyfunc code file MLflow copies into every logged model (not imported here: it registers a model).
+MODEL_CODE = Path(__file__).resolve().parents[1] / "mlflow_model.py"
+STAGES_DIR = "stages"
+
+
+@dataclass
+class StageOutput:
+    """What a stage's ``run`` hands back."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    """Named products: absolute paths (model directories, parquet files, reports)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Summary figures, logged as metrics of the stage's run (and shown in the summary)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Anything else JSON-able the next stages or the summary read."""
+    history: list[dict] = field(default_factory=list)
+    """A training curve not yet logged live (entries with ``step``)."""
+    artifacts: list[tuple[str, str | None]] = field(default_factory=list)
+    """``(local path, artifact folder)`` logged to the stage's run."""
+    model_dir: str | None = None
+    """A compressed model directory logged as an MLflow pyfunc model of the stage's run."""
+    model_metrics: dict[str, float] = field(default_factory=dict)
+    """Metrics linked to the logged model."""
+
+
+@dataclass
+class StageResult:
+    """A finished stage, as recorded in its ``stage.json`` (``status`` is how this pipeline run got it)."""
+
+    stage: str
+    key: str
+    dir: str
+    status: str
+    """``ran`` (computed by this pipeline run) or ``cached`` (found finished)."""
+    outputs: dict[str, str]
+    metrics: dict[str, float]
+    info: dict[str, Any]
+    started_at: float
+    finished_at: float
+    wall_s: float
+    run_id: str | None = None
+    """The MLflow run that computed it."""
+    model_uri: str | None = None
+    """``models:/m-...`` of the logged model, if the stage logged one."""
+
+    def record(self) -> dict:
+        d = asdict(self)
+        d.pop("status")
+        return d
+
+
+@dataclass
+class StageContext:
+    """Everything a stage task needs; it is pickled into the Ray task."""
+
+    config: PipelineConfig
+    root: str
+    """Absolute output root."""
+    keys: dict[str, str]
+    """The cache key of every stage of this pipeline."""
+    rerun: frozenset[str] = frozenset()
+    """Stages to compute again even when finished (``--force`` / ``--from``)."""
+    tracker: Tracker | None = None
+    parent_run_id: str | None = None
+    model_path: str | None = None
+    """The dense model's resolved local directory."""
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.root) / STAGES_DIR / stage / self.keys[stage]
+
+
+def stage_key(stage, cfg: PipelineConfig, input_keys: Mapping[str, str]) -> str:
+    """The cache key of a stage module for a config, given its inputs' keys."""
+    return config_hash({"stage": stage.NAME, "version": stage.VERSION, "material": stage.material(cfg),
+                        "inputs": dict(sorted(input_keys.items()))})
+
+
+def read_record(work: Path) -> dict | None:
+    f = work / RECORD
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn record is an unfinished stage
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", flush=True)
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def execute(stage, ctx: StageContext, inputs: Mapping[str, StageResult]) -> StageResult:
+    """Run one stage (or find it finished), with its MLflow child run. Called inside the stage's Ray task."""
+    name, key = stage.NAME, ctx.keys[stage.NAME]
+    work = ctx.stage_dir(name)
+    with _locked(work.with_name(f"{key}.lock")):
+        record = read_record(work)
+        if record is not None and name not in ctx.rerun:
+            result = StageResult(status="cached", **record)
+            _log(name, f"cached: {work} (finished {_stamp(result.finished_at)}, {result.wall_s:.0f}s)")
+            _track_cached(stage, ctx, result)
+            return result
+        if name in ctx.rerun and work.exists():
+            _log(name, f"re-running: removing the previous output {work}")
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        return _compute(stage, ctx, inputs, work)
+
+
+def _stage_params(stage, ctx: StageContext) -> dict[str, str]:
+    params = {f"material.{k}": v for k, v in flatten(stage.material(ctx.config)).items()}
+    params.update({f"input.{n}": ctx.keys[n] for n in stage.NEEDS})
+    params["key"] = ctx.keys[stage.NAME]
+    return params
+
+
+def _tags(stage, ctx: StageContext, status: str) -> dict[str, str]:
+    return {TAG_STAGE: stage.NAME, TAG_STATUS: status, TAG_KEY: ctx.keys[stage.NAME]}
+
+
+def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: Path) -> StageResult:
+    name = stage.NAME
+    tracker = ctx.tracker
+    run_id = None
+    if tracker is not None:
+        run_id = tracker.start_run(name, ctx.parent_run_id, _stage_params(stage, ctx), _tags(stage, ctx, "ran"))
+    _log(name, f"running into {work}")
+    started = time.time()
+    try:
+        out = stage.run(ctx, work, dict(inputs), run_id)
+    except BaseException as e:
+        if tracker is not None:
+            with contextlib.suppress(Exception):
+                tracker.set_tags(run_id, {"vtrans.error": f"{type(e).__name__}: {e}"[:5000]})
+                tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+                tracker.end_run(run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
+        raise
+    finished = time.time()
+    result = StageResult(stage=name, key=ctx.keys[name], dir=str(work), status="ran", outputs=out.outputs,
+                         metrics={k: float(v) for k, v in out.metrics.items()}, info=out.info, started_at=started,
+                         finished_at=finished, wall_s=finished - started, run_id=run_id)
+    # the output is complete and recorded before anything is logged: a tracking failure never loses it
+    _write_json(work / RECORD, result.record())
+    _log(name, f"done in {result.wall_s:.0f}s")
+    if tracker is not None:
+        try:
+            tracker.log_metrics(run_id, dict(result.metrics, wall_s=result.wall_s))
+            if out.history:
+                tracker.log_history(run_id, out.history)
+            for path, artifact_path in out.artifacts:
+                tracker.log_artifacts(run_id, path, artifact_path)
+            if out.model_dir is not None:
+                result.model_uri = log_model(tracker, run_id, out.model_dir, out.model_metrics)
+                tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
+                _write_json(work / RECORD, result.record())
+            tracker.end_run(run_id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                tracker.end_run(run_id, "FAILED")
+            raise
+    return result
+
+
+def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
+    """A child run for a stage found finished: its summary metrics and a link to the run that computed it. The
+    model is logged again only when the store does not know the one logged then (another tracking URI)."""
+    tracker = ctx.tracker
+    if tracker is None:
+        return
+    tags = _tags(stage, ctx, "cached")
+    if result.run_id:
+        tags[TAG_SOURCE_RUN] = result.run_id
+    run_id = tracker.start_run(stage.NAME, ctx.parent_run_id, _stage_params(stage, ctx), tags)
+    try:
+        tracker.log_metrics(run_id, dict(result.metrics, wall_s=result.wall_s))
+        model_dir = result.outputs.get("logged_model_dir")
+        if model_dir and not tracker.model_exists(result.model_uri) and Path(model_dir).is_dir():
+            result.model_uri = log_model(tracker, run_id, model_dir, result.info.get("model_metrics", {}))
+            _write_json(Path(result.dir) / RECORD, result.record())
+        if result.model_uri:
+            tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
+        tracker.end_run(run_id)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            tracker.end_run(run_id, "FAILED")
+        raise
+
+
+#: pip requirements of the logged pyfunc (MLflow's inference would add torchvision, which has no CPU build here).
+def model_requirements() -> list[str]:
+    import importlib.metadata as md
+
+    reqs = []
+    for pkg in ("mlflow", "torch", "transformers", "safetensors", "pandas", "tokenizers"):
+        try:
+            reqs.append(f"{pkg}=={md.version(pkg)}")
+        except md.PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float]) -> str:
+    """Log a compressed model directory as an MLflow pyfunc of ``run_id`` (see :mod:`pipelines.mlflow_model`);
+    returns its ``models:/m-...`` URI."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                               params=ParamSchema([ParamSpec("batch_size", "long", 32),
+                                                   ParamSpec("max_length", "long", 128),
+                                                   ParamSpec("max_new_tokens", "long", 32)]))
+    mlflow.set_tracking_uri(tracker.uri)
+    with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+        # "add type hints to predict" / "no input example": the signature above is explicit
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
+                                       artifacts={"checkpoint": str(model_dir)},
+                                       pip_requirements=model_requirements(), signature=signature)
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
+    return info.model_uri

@@ -1,0 +1,157 @@
+"""Stage 5, evaluate: the compressed model against the dense teacher, on the same device.
+
+For each model, in a fresh Ray worker process of its own (so its peak memory is its own): the quality metric on the
+test split (accuracy or perplexity), parameters and FLOPs in both scopes at every configured sequence length, and the
+median forward latency and throughput at every (batch size, sequence length) of the ``evaluate`` grid. Then per grid
+point: speedup = dense latency / compressed latency, FLOPs reduction = dense / compressed total FLOPs, and their ratio
+(1.0: the wall clock gains all that the FLOPs promise). Peak memory: the measuring process's peak RSS on CPU, the
+peak CUDA allocation on GPU.
+
+Outputs: ``report.json`` and ``report.md``; the compressed model is logged to the stage's MLflow run as a pyfunc
+(:mod:`pipelines.mlflow_model`), its quality and size linked to the logged model.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+from pipelines.config import PipelineConfig, to_dict
+from pipelines.stages.base import StageContext, StageOutput, StageResult
+
+NAME = "evaluate"
+NEEDS = ("calibrate", "teacher", "finetune")
+VERSION = 1
+OPTIONS = {"num_cpus": 0}  # the measuring tasks reserve their own CPUs / GPU
+
+
+def material(cfg: PipelineConfig) -> dict:
+    return {"evaluate": to_dict(cfg.evaluate), "flops_seq_len": cfg.prune.budget.seq_len,
+            "device": "cuda" if cfg.ray.use_gpu else "cpu"}
+
+
+def grid(cfg: PipelineConfig) -> list[tuple[int, int]]:
+    e = cfg.evaluate
+    return [(b, s) for s in e.latency_seq_lens for b in e.latency_batch_sizes]
+
+
+def point(batch: int, seq: int) -> str:
+    return f"b{batch}_s{seq}"
+
+
+def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_token_id: int, label: str) -> dict:
+    """Quality, counts, latency and memory of one model (runs in its own process)."""
+    import torch
+
+    import vtrans
+    from pipelines.stages.calibrate import TokenizedDataset
+    from vtrans.checkpoint import load_pretrained
+    from vtrans.evaluate import accuracy, perplexity
+    from vtrans.latency import measure_peak_memory, model_bytes, time_forward
+
+    e = cfg.evaluate
+    torch.set_num_threads(e.threads or 1)
+    device = "cuda" if cfg.ray.use_gpu else "cpu"
+    model = load_pretrained(model_dir, task=task, dtype=torch.float32).to(device).eval()
+    data = TokenizedDataset(test_path, task)
+    out: dict = {"model_dir": model_dir, "device": device, "threads": torch.get_num_threads(),
+                 "model_mb": model_bytes(model) / 2**20}
+    for metric in e.metrics:
+        fn = accuracy if metric == "accuracy" else perplexity
+        out[metric] = fn(model, data, pad_token_id, batch_size=e.batch_size, desc=f"{label} {metric}")
+    seqs = sorted({cfg.prune.budget.seq_len, *e.latency_seq_lens})
+    out["counts"] = {str(s): vtrans.count(model, seq_len=s).as_dict() for s in seqs}
+    timings = {}
+    for b, s in grid(cfg):
+        t, peak = measure_peak_memory(lambda b=b, s=s: time_forward(model, b, s, repeats=e.latency_repeats,
+                                                                   warmup=e.warmup), device)
+        timings[point(b, s)] = {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "throughput": t.throughput,
+                                "tokens_per_s": t.tokens_per_s, "peak_gpu_mb": None if peak is None else peak / 2**20}
+        print(f"[{NAME}] {label} batch {b} seq {s}: {t.median_ms:.2f} ms, {t.throughput:.1f} seq/s", flush=True)
+    out["latency"] = timings
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return out
+
+
+def _measure_remote(cfg: PipelineConfig):
+    import ray
+
+    resources = {"num_cpus": cfg.evaluate.threads or 1, "max_calls": 1}  # max_calls=1: a fresh process each time
+    if cfg.ray.use_gpu:
+        resources["num_gpus"] = 1
+    return ray.remote(**resources)(measure)
+
+
+def compare(cfg: PipelineConfig, dense: dict, comp: dict) -> dict[str, float]:
+    """The flat metrics of the evaluation: the compressed model's figures, the dense ones as ``dense_*``, ratios."""
+    m: dict[str, float] = {}
+    for metric in cfg.evaluate.metrics:
+        m[metric], m[f"dense_{metric}"] = comp[metric], dense[metric]
+    s0 = str(cfg.prune.budget.seq_len)
+    for k in ("params_blocks", "params_total", "flops_blocks", "flops_total"):
+        m[k], m[f"dense_{k}"] = comp["counts"][s0][k], dense["counts"][s0][k]
+        m[f"{k}_ratio"] = comp["counts"][s0][k] / dense["counts"][s0][k]
+    for b, s in grid(cfg):
+        p = point(b, s)
+        c, d = comp["latency"][p], dense["latency"][p]
+        m[f"latency_ms_{p}"], m[f"dense_latency_ms_{p}"] = c["median_ms"], d["median_ms"]
+        m[f"throughput_{p}"], m[f"dense_throughput_{p}"] = c["throughput"], d["throughput"]
+        speedup = d["median_ms"] / c["median_ms"]
+        reduction = dense["counts"][str(s)]["flops_total"] / comp["counts"][str(s)]["flops_total"]
+        m[f"speedup_{p}"] = speedup
+        m[f"flops_reduction_s{s}"] = reduction
+        m[f"speedup_per_flops_reduction_{p}"] = speedup / reduction
+        if c["peak_gpu_mb"] is not None:
+            m[f"peak_gpu_mb_{p}"], m[f"dense_peak_gpu_mb_{p}"] = c["peak_gpu_mb"], d["peak_gpu_mb"]
+    m["peak_rss_mb"], m["dense_peak_rss_mb"] = comp["peak_rss_mb"], dense["peak_rss_mb"]
+    m["model_mb"], m["dense_model_mb"] = comp["model_mb"], dense["model_mb"]
+    return m
+
+
+def markdown(cfg: PipelineConfig, m: dict[str, float], device: str) -> str:
+    rows = ["| | dense | compressed | compressed / dense |", "|---|---|---|---|"]
+    for metric in cfg.evaluate.metrics:
+        rows.append(f"| {metric} | {m[f'dense_{metric}']:.4f} | {m[metric]:.4f} | |")
+    s0 = cfg.prune.budget.seq_len
+    for k in ("params_blocks", "params_total", "flops_blocks", "flops_total"):
+        label = k.replace("_", " ") + (f" @{s0}" if k.startswith("flops") else "")
+        rows.append(f"| {label} | {int(m[f'dense_{k}']):,} | {int(m[k]):,} | {m[f'{k}_ratio']:.4f} |")
+    for b, s in grid(cfg):
+        p = point(b, s)
+        rows.append(f"| latency ms, batch {b} x seq {s} | {m[f'dense_latency_ms_{p}']:.2f} | "
+                    f"{m[f'latency_ms_{p}']:.2f} | speedup {m[f'speedup_{p}']:.2f}x, "
+                    f"÷ FLOPs reduction {m[f'flops_reduction_s{s}']:.2f}x = "
+                    f"{m[f'speedup_per_flops_reduction_{p}']:.2f} |")
+    rows.append(f"| model MB | {m['dense_model_mb']:.1f} | {m['model_mb']:.1f} | "
+                f"{m['model_mb'] / m['dense_model_mb']:.4f} |")
+    rows.append(f"| peak RSS MB (measuring process) | {m['dense_peak_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | |")
+    return f"Evaluation of `{cfg.name}` on {device}:\n\n" + "\n".join(rows) + "\n"
+
+
+def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
+    import ray
+
+    cfg = ctx.config
+    data = inputs["calibrate"]
+    test, pad = data.outputs["test"], data.info["pad_token_id"]
+    compressed, dense_dir = inputs["finetune"].outputs["model"], inputs["teacher"].outputs["model"]
+    remote = _measure_remote(cfg)
+    # one after the other: timings taken side by side on shared cores would disturb each other
+    comp = ray.get(remote.remote(compressed, cfg.task, test, cfg, pad, "compressed"))
+    dense = ray.get(remote.remote(dense_dir, cfg.task, test, cfg, pad, "dense"))
+    metrics = compare(cfg, dense, comp)
+    report = {"metrics": metrics, "compressed": comp, "dense": dense, "device": comp["device"],
+              "threads": comp["threads"], "grid": grid(cfg)}
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    md = markdown(cfg, metrics, f"{comp['device']} ({comp['threads']} threads)")
+    (work / "report.md").write_text(md)
+    q = ", ".join(f"{k} {metrics[k]:.4f} (dense {metrics['dense_' + k]:.4f})" for k in cfg.evaluate.metrics)
+    print(f"[{NAME}] {q}; report {work / 'report.md'}", flush=True)
+    model_metrics = {k: metrics[k] for k in (*cfg.evaluate.metrics, "params_blocks_ratio", "params_total_ratio",
+                                             "flops_total_ratio")}
+    return StageOutput(outputs={"report": str(work / "report.json"), "report_md": str(work / "report.md"),
+                                "logged_model_dir": compressed},
+                       metrics=metrics, info={"model_metrics": model_metrics},
+                       artifacts=[(str(work / "report.json"), "evaluation"), (str(work / "report.md"), "evaluation")],
+                       model_dir=compressed, model_metrics=model_metrics)

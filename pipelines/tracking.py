@@ -1,0 +1,241 @@
+"""MLflow tracking of a pipeline run: one parent run, a nested child run per stage (RAY-MLFLOW.md).
+
+```python
+tracker = Tracker.connect(cfg.tracking)             # checks the store and the experiment; no Ray involved
+parent = tracker.start_run(cfg.name, params=flatten(cfg), tags={...})
+child = tracker.start_run("prune", parent_run_id=parent, params={...})
+tracker.log_history(child, history)                 # training curves: one metric per key, step = training step
+tracker.log_artifacts(child, "runs/.../output", "masks")
+tracker.end_run(child)                              # FINISHED, or end_run(child, "FAILED")
+```
+
+Everything goes through an explicit :class:`mlflow.MlflowClient` bound to an absolute tracking URI, never through
+MLflow's process-global "active run": stage tasks run in Ray worker processes whose working directory is a session
+folder, where MLflow's default relative ``sqlite:///mlflow.db`` would point somewhere else (and be deleted).
+
+The embedded default (no ``tracking.uri``, no ``MLFLOW_TRACKING_URI``) is ``sqlite:///<cwd>/mlflow.db`` with artifacts
+under ``<cwd>/mlartifacts``: browse it with ``mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vtrans.errors import ConfigError
+
+#: MLflow's per-request limits of ``log_batch``.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_LENGTH = 6000
+
+#: Tags set by vtrans on its runs.
+TAG_STAGE = "vtrans.stage"
+TAG_STATUS = "vtrans.status"  # ran | cached
+TAG_KEY = "vtrans.key"
+TAG_SOURCE_RUN = "vtrans.source_run_id"
+TAG_MODEL_URI = "vtrans.model_uri"
+TAG_PIPELINE = "vtrans.pipeline"
+
+# MLflow prints tqdm bars for artifact downloads; in log files they are noise.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
+    """The tracking URI to use: ``uri`` (the config), else ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store
+    ``sqlite:///<cwd>/mlflow.db``. A relative ``sqlite:///file.db`` is made absolute against ``cwd``; a bare path
+    (``runs/mlflow.db``) is read as an SQLite file. File stores (``./mlruns``, ``file:``) are refused."""
+    cwd = (cwd or Path.cwd()).resolve()
+    key = "tracking.uri"
+    if uri is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or None
+        key = "MLFLOW_TRACKING_URI"
+    if uri is None:
+        return f"sqlite:///{cwd / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path.startswith("/"):
+            return uri
+        if not path or path.startswith(":memory:"):
+            raise ConfigError(f"{key} must name an SQLite file, got {uri!r}")
+        return f"sqlite:///{(cwd / path).resolve()}"
+    if uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql")):
+        return uri
+    if uri.startswith("file:") or "://" not in uri and (uri.endswith("mlruns") or Path(uri).is_dir()):
+        raise ConfigError(f"{key}={uri!r} is an MLflow file store, which MLflow 3 refuses; use an SQLite file "
+                          f"(sqlite:///path/mlflow.db) or a server (http://host:5000)")
+    if "://" not in uri:
+        return f"sqlite:///{(cwd / uri).resolve()}"
+    raise ConfigError(f"{key} must be sqlite:///..., http(s)://... or a database URL, got {uri!r}")
+
+
+def default_artifact_location(tracking_uri: str, artifact_location: str | None) -> str | None:
+    """Artifact root of a new experiment: the config's, or ``<folder of the SQLite file>/mlartifacts`` for a local
+    SQLite store (a server chooses its own)."""
+    if artifact_location is not None:
+        if "://" in artifact_location:
+            return artifact_location
+        return Path(artifact_location).expanduser().resolve().as_uri()
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to look at a run: its URL on a server, or the ``mlflow ui`` command for a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  (then open experiment {experiment_id}, run {run_id})"
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= MAX_PARAM_LENGTH else value[: MAX_PARAM_LENGTH - 3] + "..."
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass
+class Tracker:
+    """An MLflow client bound to one tracking URI and experiment; picklable (it travels into Ray stage tasks)."""
+
+    uri: str
+    experiment_id: str
+    experiment: str
+
+    @classmethod
+    def connect(cls, uri: str | None, experiment: str, artifact_location: str | None = None) -> Tracker:
+        """Open the store (creating the SQLite file and the experiment if needed). An unreachable server or an
+        unusable store is a :class:`ConfigError` naming the URI."""
+        resolved = resolve_tracking_uri(uri)
+        if resolved.startswith(("http://", "https://")):
+            _check_server(resolved)
+        client = _client(resolved)
+        try:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                exp_id = client.create_experiment(experiment, default_artifact_location(resolved, artifact_location))
+            elif exp.lifecycle_stage == "deleted":
+                raise ConfigError(f"tracking.experiment={experiment!r} is deleted in {resolved}; restore it "
+                                  f"(mlflow experiments restore) or choose another name")
+            else:
+                exp_id = exp.experiment_id
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any store failure is a configuration problem for the user
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"tracking.uri={resolved!r} cannot be used: {first}") from None
+        return cls(uri=resolved, experiment_id=exp_id, experiment=experiment)
+
+    @property
+    def client(self):
+        return _client(self.uri)
+
+    def start_run(self, name: str, parent_run_id: str | None = None, params: Mapping[str, str] | None = None,
+                  tags: Mapping[str, str] | None = None) -> str:
+        """Create a run (nested under ``parent_run_id``) and log its params; returns the run id."""
+        all_tags = dict(tags or {})
+        if parent_run_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _clip(str(v))) for k, v in params.items()]
+        for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _clip(str(v))) for k, v in tags.items()]
+        for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=chunk)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Scalar metrics at one step (non-numbers are skipped)."""
+        self.log_history(run_id, [dict(metrics, step=step)])
+
+    def log_history(self, run_id: str, history: Iterable[Mapping[str, Any]], prefix: str = "") -> int:
+        """A training curve: every numeric key of every entry at the entry's ``step``; returns the metric count."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for i, entry in enumerate(history):
+            step = int(entry.get("step", i))
+            for k, v in entry.items():
+                if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                items.append(Metric(prefix + k, float(v), now, step))
+        for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+        return len(items)
+
+    def log_artifacts(self, run_id: str, local: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """A file or a directory (recursively) as run artifacts."""
+        local = Path(local)
+        if local.is_dir():
+            self.client.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(local), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def run_exists(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 - "not found" has several exception types across stores
+            return False
+
+    def model_exists(self, model_uri: str | None) -> bool:
+        """Whether a ``models:/m-...`` logged model exists in this store."""
+        if not model_uri or not model_uri.startswith("models:/m-"):
+            return False
+        try:
+            self.client.get_logged_model(model_uri[len("models:/"):])
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+def _check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast on a server that does not answer (MLflow's own client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            if r.status != 200:
+                raise ConfigError(f"tracking.uri={uri!r}: the MLflow server answered /health with HTTP {r.status}")
+    except urllib.error.HTTPError as e:
+        raise ConfigError(f"tracking.uri={uri!r}: the MLflow server answered /health with HTTP {e.code}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"tracking.uri={uri!r}: no MLflow server answers there ({reason})") from None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+__all__ = ["Tracker", "default_artifact_location", "resolve_tracking_uri", "ui_hint"]

@@ -1,0 +1,204 @@
+"""The whole pipeline on a real local Ray with the embedded MLflow store: every stage, MLflow queried back, the logged
+model reloaded, re-runs that skip finished stages.
+
+A tiny BERT (built from a config, with MiniLM's real tokenizer) on 300 real Rotten Tomatoes snippets written to a csv
+with string labels, so the local-file source, label mapping, stratified calibration, both Ray Train jobs, the
+evaluation processes and the pyfunc model all run for real in about two minutes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import BertForSequenceClassification
+
+from pipelines.config import flatten, load_config
+from pipelines.stages import NAMES
+from tests.tiny import tiny
+
+pytestmark = pytest.mark.integration
+
+STEPS = 4
+
+CONFIG = f"""
+model: {{name: tinybert, task: seq-cls}}
+data: {{files: [reviews.csv], text_column: review, label_column: verdict, test_fraction: 0.2, max_length: 32}}
+calibration: {{fraction: 0.25, stratified: true}}
+teacher: {{steps: {STEPS}, batch_size: 8, lr: 1.0e-3}}
+prune:
+  method: faster
+  budget: {{params: 0.5, seq_len: 32, tolerance: 0.05}}
+  steps: {STEPS}
+  batch_size: 8
+finetune: {{steps: {STEPS}, batch_size: 8}}
+evaluate: {{latency_batch_sizes: [1, 4], latency_seq_lens: [32], latency_repeats: 3, warmup: 1}}
+ray: {{num_workers: 2}}
+tracking: {{experiment: pipeline-test}}
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory holding the tiny model, the csv and the config; the embedded MLflow store lands here."""
+    import ray
+
+    from vtrans.assets import load_rotten_tomatoes, resolve_model
+    from vtrans.checkpoint import load_tokenizer
+
+    d = tmp_path_factory.mktemp("pipeline")
+    model = tiny("bert", BertForSequenceClassification, vocab_size=30522, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
+    model.save_pretrained(d / "tinybert")
+    load_tokenizer(resolve_model("minilm")).save_pretrained(d / "tinybert")
+    rows = load_rotten_tomatoes()
+    picked = [r for r in rows if r["label"] == 1][:180] + [r for r in rows if r["label"] == 0][:120]
+    with open(d / "reviews.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "verdict"])
+        w.writerows([(r["text"], "fresh" if r["label"] else "rotten") for r in picked])
+    (d / "tiny.yaml").write_text(CONFIG)
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        yield d
+    finally:
+        os.chdir(old)
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def first(workdir):
+    from pipelines.dag import run_pipeline
+
+    cfg = load_config("tiny.yaml")
+    return cfg, run_pipeline(cfg)
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+
+
+def _children(client, parent):
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    return {r.data.tags["vtrans.stage"]: r for r in runs}
+
+
+def test_every_stage_runs_and_meets_the_budget(first) -> None:
+    cfg, run = first
+    assert list(run.results) == list(NAMES)
+    assert {r.status for r in run.results.values()} == {"ran"}
+    cal = run.results["calibrate"]
+    # 300 rows, 20% stratified test (60: 36 fresh + 24 rotten), calibration 25% of the 240 training rows
+    assert (cal.metrics["train_samples"], cal.metrics["test_samples"], cal.metrics["calibration_samples"]) == \
+        (240, 60, 60)
+    assert cal.info["label_names"] == ["fresh", "rotten"] and cal.info["num_labels"] == 2
+    m = run.metrics
+    assert 0.45 <= m["params_blocks_ratio"] <= 0.5  # budget params=0.5 with tolerance 0.05
+    assert m["params_blocks"] < m["dense_params_blocks"] and m["flops_total"] < m["dense_flops_total"]
+    for key in ("latency_ms_b1_s32", "latency_ms_b4_s32", "speedup_b4_s32", "speedup_per_flops_reduction_b1_s32",
+                "peak_rss_mb", "dense_peak_rss_mb"):
+        assert m[key] > 0, key
+    assert m["speedup_per_flops_reduction_b1_s32"] == pytest.approx(
+        m["speedup_b1_s32"] / m["flops_reduction_s32"])
+    assert run.tracking_uri == f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    summary = json.loads(Path(run.summary_path).read_text())
+    assert summary["run_id"] == run.run_id and summary["stages"]["prune"]["status"] == "ran"
+
+
+def test_mlflow_holds_parent_children_curves_and_artifacts(first) -> None:
+    cfg, run = first
+    client = _client()
+    parent = client.get_run(run.run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny"
+    assert parent.data.params == flatten(cfg)  # the flattened config, every key
+    assert parent.data.metrics["accuracy"] == pytest.approx(run.metrics["accuracy"])
+    assert {a.path for a in client.list_artifacts(run.run_id)} >= {"config.yaml", "summary.json", "evaluation"}
+
+    children = _children(client, run.run_id)
+    assert set(children) == set(NAMES)
+    assert all(c.info.status == "FINISHED" and c.data.tags["vtrans.status"] == "ran" for c in children.values())
+    prune = children["prune"]
+    assert prune.data.params["key"] == run.results["prune"].key
+    assert prune.data.params["material.prune.budget.params"] == "0.5"
+    for curve in ("loss", "kl", "expected_size", "lambda1", "lambda2", "lr_masks"):
+        history = client.get_metric_history(prune.info.run_id, curve)
+        assert [h.step for h in sorted(history, key=lambda h: h.step)] == list(range(STEPS)), curve
+    assert len(client.get_metric_history(children["teacher"].info.run_id, "loss")) == STEPS
+    artifacts = {a.path for a in client.list_artifacts(prune.info.run_id, "layers")}
+    assert artifacts == {"layers/compression.json", "layers/layers.png"}
+    assert [a.path for a in client.list_artifacts(prune.info.run_id, "masks")] == ["masks/masks.safetensors"]
+    layers = json.loads(client.download_artifacts(prune.info.run_id, "layers/compression.json")
+                        and Path(client.download_artifacts(prune.info.run_id, "layers/compression.json")).read_text())
+    assert layers["compressed"]["params_blocks"] == run.metrics["params_blocks"]
+    ev = children["evaluate"]
+    assert ev.data.tags["vtrans.model_uri"] == run.model_uri
+    assert {a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")} == \
+        {"evaluation/report.json", "evaluation/report.md"}
+
+
+def test_logged_model_reloads_and_matches_the_evaluation(first) -> None:
+    import mlflow
+    from transformers import AutoModelForSequenceClassification
+
+    from pipelines.stages.calibrate import TokenizedDataset
+    from vtrans.checkpoint import load_pretrained
+    from vtrans.data import collate
+
+    cfg, run = first
+    mlflow.set_tracking_uri(run.tracking_uri)
+    model = mlflow.pyfunc.load_model(run.model_uri)
+    test = TokenizedDataset(run.results["calibrate"].outputs["test"], "seq-cls")
+    pred = model.predict(pd.DataFrame({"text": test.texts}), params={"max_length": cfg.data.max_length})
+    acc = sum(int(p == y) for p, y in zip(pred["label"].tolist(), test.labels.tolist())) / len(test)
+    assert acc == pytest.approx(run.metrics["accuracy"], abs=1e-9)
+
+    # the artifact is a Hugging Face checkpoint anyone loads with trust_remote_code, equal to the pipeline's output
+    checkpoint = model.unwrap_python_model().checkpoint
+    hf = AutoModelForSequenceClassification.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    ours = load_pretrained(run.results["finetune"].outputs["model"]).eval()
+    batch = collate([test[i] for i in range(8)], pad_token_id=0)
+    with torch.no_grad():
+        a = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b)
+    assert sum(p.numel() for p in hf.parameters()) == run.metrics["params_total"]
+
+
+def test_rerun_skips_every_stage(first) -> None:
+    from pipelines.dag import run_pipeline
+    from pipelines.stages.base import RECORD
+
+    cfg, run = first
+    records = {n: json.loads((Path(r.dir) / RECORD).read_text()) for n, r in run.results.items()}
+    again = run_pipeline(load_config("tiny.yaml"))
+    assert {n: r.status for n, r in again.results.items()} == dict.fromkeys(NAMES, "cached")
+    for name, r in again.results.items():  # nothing was written again: same records, same finish times
+        assert json.loads((Path(r.dir) / RECORD).read_text()) == records[name]
+        assert r.finished_at == run.results[name].finished_at
+    assert again.metrics == run.metrics and again.model_uri == run.model_uri
+    children = _children(_client(), again.run_id)
+    assert {n: c.data.tags["vtrans.status"] for n, c in children.items()} == dict.fromkeys(NAMES, "cached")
+    assert {n: c.data.tags["vtrans.source_run_id"] for n, c in children.items()} == \
+        {n: r.run_id for n, r in run.results.items()}
+
+
+def test_from_stage_reruns_that_stage_and_the_later_ones(first) -> None:
+    from pipelines.dag import run_pipeline
+
+    cfg, run = first
+    again = run_pipeline(load_config("tiny.yaml"), from_stage="finetune")
+    assert {n: r.status for n, r in again.results.items()} == {
+        "calibrate": "cached", "teacher": "cached", "prune": "cached", "finetune": "ran", "evaluate": "ran"}
+    assert again.results["finetune"].finished_at > run.results["finetune"].finished_at
+    # the same inputs and seeds train the same model again
+    assert again.metrics["accuracy"] == pytest.approx(run.metrics["accuracy"])
+    assert again.metrics["params_total"] == run.metrics["params_total"]
