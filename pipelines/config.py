@@ -193,6 +193,8 @@ class DataConfig:
     """causal-lm: the token stream is cut into chunks of this many tokens."""
     max_train_samples: int | None = None
     """Use at most this many training samples (texts or chunks; a stratified subset for seq-cls); None: all."""
+    max_test_samples: int | None = None
+    """Evaluate on at most this many test samples (a seeded, stratified for seq-cls, subset of the test split)."""
     seed: int = 0
     """Seed of the train/test split and of the training subset."""
 
@@ -227,6 +229,8 @@ class DataConfig:
         _int("data.seq_len", self.seq_len, 2)
         if self.max_train_samples is not None:
             _int("data.max_train_samples", self.max_train_samples, 1)
+        if self.max_test_samples is not None:
+            _int("data.max_test_samples", self.max_test_samples, 1)
         _int("data.seed", self.seed)
 
 

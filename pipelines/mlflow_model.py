@@ -6,15 +6,20 @@ is a Hugging Face directory with its own ``modeling_vtrans.py``.
 ```python
 model = mlflow.pyfunc.load_model("models:/vtrans-minilm@champion")
 model.predict(pd.DataFrame({"text": ["a gripping film", "dull"]}))      # seq-cls: label, score, probabilities
-model.predict(["Once upon a time"], params={"max_new_tokens": 20})     # causal-lm: generated text
+model.predict(pd.DataFrame({"text": ["Once upon a time"]}), params={"max_new_tokens": 20})  # causal-lm
 path = model.unwrap_python_model().checkpoint                          # the HF directory (from_pretrained)
 ```
 """
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 from mlflow.pyfunc import PythonModel
+
+# MLflow suggests type hints on predict when the class is defined; the signature is logged explicitly instead.
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
 CHECKPOINT = "checkpoint"
 

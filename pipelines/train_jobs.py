@@ -232,7 +232,8 @@ def _train_loop(loop_config: dict) -> None:
     every, report_every = loop_config["checkpoint_every"], loop_config["report_every"]
     fault = loop_config.get("fault")
     curves = _LiveCurves(loop_config.get("tracking")) if rank == 0 else None
-    bar = Progress(total=total - start, desc=f"{kind}" + (f" (resumed at step {start})" if start else ""),
+    label = loop_config.get("label") or kind
+    bar = Progress(total=total - start, desc=label + (f" (resumed at step {start})" if start else ""),
                    unit="step") if rank == 0 else None
     for step in range(start, total):
         if fault and step == fault["step"] and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
@@ -300,7 +301,7 @@ def _train_loop(loop_config: dict) -> None:
 
 def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
          checkpoint_every: int, report_every: int, threads_per_worker: int | None, fault: dict | None,
-         tracking: dict | None = None) -> JobResult:
+         tracking: dict | None = None, label: str | None = None) -> JobResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -316,7 +317,7 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
         _train_loop,
         train_loop_config={"kind": kind, "spec": spec, "config": config, "output_dir": str(out),
                            "checkpoint_every": checkpoint_every, "report_every": report_every, "threads": threads,
-                           "fault": fault, "tracking": tracking},
+                           "fault": fault, "tracking": tracking, "label": label},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -351,25 +352,25 @@ def _vtrans_error(e: BaseException, depth: int = 0) -> BaseException | None:
 
 def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                   checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                  fault: dict | None = None, tracking: dict | None = None) -> JobResult:
+                  fault: dict | None = None, tracking: dict | None = None, label: str | None = None) -> JobResult:
     """Train VIB masks (and, except for ``faster``, the weights) to ``config.budget``; output the exact-budget masks
     and the compressed model. Validates everything, then starts the workers.
 
     ``fault`` injects one failure for fault-tolerance tests: ``{"step": k, "marker": path, "rank": 0, "kill": False}``
     raises (or SIGKILLs the worker with ``kill``) at step k once. ``tracking`` (``{"uri": ..., "run_id": ...}``)
-    streams rank 0's training curves to that MLflow run as the job runs."""
+    streams rank 0's training curves to that MLflow run as the job runs; ``label`` names the job in progress lines."""
     from vtrans.train import PruneConfig
 
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
     check_budget_reachable(spec.model_dir, spec.task, config.budget, spec.num_labels)
     return _run("prune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, fault, tracking)
+                threads_per_worker, fault, tracking, label)
 
 
 def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                      checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                     fault: dict | None = None, tracking: dict | None = None) -> JobResult:
+                     fault: dict | None = None, tracking: dict | None = None, label: str | None = None) -> JobResult:
     """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``."""
     from vtrans.train import FinetuneConfig
 
@@ -378,7 +379,7 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
     return _run("finetune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, fault, tracking)
+                threads_per_worker, fault, tracking, label)
 
 
 __all__ = ["JobResult", "JobSpec", "RayConfig", "check_budget_reachable", "check_resources", "geometry_of",

@@ -104,10 +104,19 @@ class StageContext:
         return Path(self.root) / STAGES_DIR / stage / self.keys[stage]
 
 
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def stage_key(stage, cfg: PipelineConfig, input_keys: Mapping[str, str]) -> str:
-    """The cache key of a stage module for a config, given its inputs' keys."""
-    return config_hash({"stage": stage.NAME, "version": stage.VERSION, "material": stage.material(cfg),
-                        "inputs": dict(sorted(input_keys.items()))})
+    """The cache key of a stage module for a config, given its inputs' keys. Null settings are left out, so a new
+    optional setting (null by default) keeps existing outputs valid."""
+    return config_hash({"stage": stage.NAME, "version": stage.VERSION,
+                        "material": _without_nulls(stage.material(cfg)), "inputs": dict(sorted(input_keys.items()))})
 
 
 def read_record(work: Path) -> dict | None:

@@ -129,6 +129,19 @@ def _language_modelling(cfg: PipelineConfig, table: pa.Table, tokenizer) -> dict
             "calibration": table_of([train[i] for i in calib], calib)}
 
 
+def _cap_test(test: pa.Table, limit: int | None, seed: int) -> pa.Table:
+    """At most ``limit`` test rows: a seeded subset, stratified by label when there are labels; source order kept."""
+    from vtrans.data import stratified_subset
+
+    if limit is None or test.num_rows <= limit:
+        return test
+    if "label" in test.column_names:
+        rows = stratified_subset(test.column("label").to_pylist(), count=limit, seed=seed)
+    else:
+        rows = sorted(np.random.default_rng(seed).permutation(test.num_rows)[:limit].tolist())
+    return test.take(pa.array(rows, type=pa.int64()))
+
+
 def run(ctx: StageContext, work: Path, inputs: dict, run_id: str | None) -> StageOutput:
     from vtrans.checkpoint import load_tokenizer
     from vtrans.data import pad_token_id_of
@@ -140,6 +153,7 @@ def run(ctx: StageContext, work: Path, inputs: dict, run_id: str | None) -> Stag
     table = sources.read_source(cfg.data, cfg.task)
     print(f"[{NAME}] read {table.num_rows} rows from {cfg.data.name or cfg.data.files}", flush=True)
     tables = (_classification if cfg.task == "seq-cls" else _language_modelling)(cfg, table, tokenizer)
+    tables["test"] = _cap_test(tables["test"], cfg.data.max_test_samples, cfg.data.seed)
     outputs, metrics = {}, {}
     for split in SPLITS:
         path = work / f"{split}.parquet"

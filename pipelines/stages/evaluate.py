@@ -22,7 +22,7 @@ from pipelines.stages.base import StageContext, StageOutput, StageResult
 
 NAME = "evaluate"
 NEEDS = ("calibrate", "teacher", "finetune")
-VERSION = 1
+VERSION = 2
 OPTIONS = {"num_cpus": 0}  # the measuring tasks reserve their own CPUs / GPU
 
 
@@ -53,6 +53,7 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
     e = cfg.evaluate
     torch.set_num_threads(e.threads or 1)
     device = "cuda" if cfg.ray.use_gpu else "cpu"
+    baseline_mb = _peak_rss_mb()  # the interpreter, torch and transformers, before the model
     model = load_pretrained(model_dir, task=task, dtype=torch.float32).to(device).eval()
     data = TokenizedDataset(test_path, task)
     out: dict = {"model_dir": model_dir, "device": device, "threads": torch.get_num_threads(),
@@ -70,8 +71,13 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
                                 "tokens_per_s": t.tokens_per_s, "peak_gpu_mb": None if peak is None else peak / 2**20}
         print(f"[{NAME}] {label} batch {b} seq {s}: {t.median_ms:.2f} ms, {t.throughput:.1f} seq/s", flush=True)
     out["latency"] = timings
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_over_baseline_mb"] = out["peak_rss_mb"] - baseline_mb
     return out
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _measure_remote(cfg: PipelineConfig):
@@ -105,6 +111,8 @@ def compare(cfg: PipelineConfig, dense: dict, comp: dict) -> dict[str, float]:
         if c["peak_gpu_mb"] is not None:
             m[f"peak_gpu_mb_{p}"], m[f"dense_peak_gpu_mb_{p}"] = c["peak_gpu_mb"], d["peak_gpu_mb"]
     m["peak_rss_mb"], m["dense_peak_rss_mb"] = comp["peak_rss_mb"], dense["peak_rss_mb"]
+    m["peak_rss_over_baseline_mb"] = comp["peak_rss_over_baseline_mb"]
+    m["dense_peak_rss_over_baseline_mb"] = dense["peak_rss_over_baseline_mb"]
     m["model_mb"], m["dense_model_mb"] = comp["model_mb"], dense["model_mb"]
     return m
 
@@ -125,7 +133,9 @@ def markdown(cfg: PipelineConfig, m: dict[str, float], device: str) -> str:
                     f"{m[f'speedup_per_flops_reduction_{p}']:.2f} |")
     rows.append(f"| model MB | {m['dense_model_mb']:.1f} | {m['model_mb']:.1f} | "
                 f"{m['model_mb'] / m['dense_model_mb']:.4f} |")
-    rows.append(f"| peak RSS MB (measuring process) | {m['dense_peak_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | |")
+    rows.append(f"| peak RSS MB of the measuring process (above its baseline before loading) | "
+                f"{m['dense_peak_rss_mb']:.0f} ({m['dense_peak_rss_over_baseline_mb']:.0f}) | "
+                f"{m['peak_rss_mb']:.0f} ({m['peak_rss_over_baseline_mb']:.0f}) | |")
     return f"Evaluation of `{cfg.name}` on {device}:\n\n" + "\n".join(rows) + "\n"
 
 

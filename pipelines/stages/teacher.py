@@ -51,7 +51,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
                    pad_token_id=data.info["pad_token_id"], num_labels=data.info.get("num_labels"),
                    tokenizer_dir=str(ctx.model_path))
     job = run_finetune_job(spec, finetune, cfg.ray, "train", work, checkpoint_every=max(1, t.steps // 4),
-                           tracking=tracking_of(ctx, run_id))
+                           tracking=tracking_of(ctx, run_id), label="teacher")
     history = job.history
     metrics = {"final_loss": history[-1]["loss"], "job_wall_s": job.wall_time_s} if history else {}
     return StageOutput(outputs={"model": str(Path(job.output) / "model")}, metrics=metrics,

@@ -202,3 +202,49 @@ def test_from_stage_reruns_that_stage_and_the_later_ones(first) -> None:
     # the same inputs and seeds train the same model again
     assert again.metrics["accuracy"] == pytest.approx(run.metrics["accuracy"])
     assert again.metrics["params_total"] == run.metrics["params_total"]
+
+
+DECODER = """
+name: tiny-lm
+model: {name: tinyllama, task: causal-lm}
+data: {name: wikipedia, test_fraction: 0.15, seq_len: 32, max_train_samples: 64, max_test_samples: 40}
+calibration: {count: 16}
+prune:
+  method: faster
+  budget: {params: 0.6, seq_len: 32, tolerance: 0.05}
+  steps: 3
+  batch_size: 4
+  distill: {cache_teacher: false}
+finetune: {steps: 0, batch_size: 4}
+evaluate: {batch_size: 8, latency_batch_sizes: [2], latency_seq_lens: [32], latency_repeats: 2, warmup: 1}
+ray: {num_workers: 2}
+tracking: {experiment: pipeline-test}
+"""
+
+
+def test_decoder_pipeline_without_teacher_or_finetune(workdir) -> None:
+    """A causal LM (tiny Llama, GQA, tied embeddings, SmolLM2's tokenizer) on the built-in Wikipedia text: the dense
+    model is its own teacher and the pruned model is not fine-tuned; perplexity of both, the pyfunc generates."""
+    import mlflow
+    from transformers import LlamaForCausalLM
+
+    from pipelines.dag import run_pipeline
+    from vtrans.assets import resolve_model
+    from vtrans.checkpoint import load_tokenizer
+
+    tiny("llama", LlamaForCausalLM, vocab_size=49152).save_pretrained(workdir / "tinyllama")
+    load_tokenizer(resolve_model("smollm2")).save_pretrained(workdir / "tinyllama")
+    (workdir / "lm.yaml").write_text(DECODER)
+    run = run_pipeline(load_config("lm.yaml"))
+    assert {n: r.status for n, r in run.results.items()} == dict.fromkeys(NAMES, "ran")
+    assert run.results["teacher"].outputs["model"] == str((workdir / "tinyllama").resolve())
+    assert run.results["finetune"].outputs["model"] == run.results["prune"].outputs["compressed"]
+    cal = run.results["calibrate"].metrics
+    assert (cal["train_samples"], cal["test_samples"], cal["calibration_samples"]) == (64, 40, 16)
+    m = run.metrics
+    assert m["perplexity"] > 1 and m["dense_perplexity"] > 1
+    assert 0.55 <= m["params_blocks_ratio"] <= 0.6
+    mlflow.set_tracking_uri(run.tracking_uri)
+    out = mlflow.pyfunc.load_model(run.model_uri).predict(pd.DataFrame({"text": ["The history of"]}),
+                                                                  params={"max_new_tokens": 3})
+    assert list(out.columns) == ["generated_text"] and len(out) == 1
