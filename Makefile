@@ -20,7 +20,10 @@ define run_pytest
 rc=0; $(PYTEST) $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no test selected, not a failure"; rc=0; fi; exit $$rc
 endef
 
-.PHONY: help setup test unit integration lint demo clean distclean FORCE
+CONFIG ?= pipelines/configs/minilm-rotten-tomatoes.yaml
+ARGS ?=
+
+.PHONY: help setup run test unit integration lint demo clean distclean FORCE
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -63,6 +66,9 @@ unit: $(STAMP)  ## fast unit tests only
 
 integration: $(STAMP)  ## integration tests only (real weights, Ray, MLflow)
 	@$(call run_pytest,-m integration)
+
+run: $(STAMP)  ## the main job: run $(CONFIG) on local Ray with MLflow (ARGS="key=value ..." overrides; --force, --from STAGE)
+	$(VENV)/bin/vtrans run $(CONFIG) $(ARGS)
 
 demo: $(STAMP)  ## compress MiniLM to half its prunable parameters
 	mkdir -p runs

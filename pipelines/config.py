@@ -88,6 +88,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_uri(path: str) -> bool:
+    """``scheme://...`` (a remote file for Ray Data), not a local path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # value checks shared by the sections (they run on direct construction too, not only when loading YAML)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,8 +183,13 @@ class DataConfig:
     """Built-in data set: ``rotten_tomatoes`` (12,752 labelled snippets, seq-cls) or ``wikipedia`` (106 articles,
     causal-lm). Exactly one of ``name`` and ``files``."""
     files: list[str] | None = None
-    """Local data files, all of one format: ``.csv``, ``.json``, ``.jsonl`` or ``.parquet`` (relative to the working
-    directory). Exactly one of ``name`` and ``files``."""
+    """Data files, all of one format: ``.csv``, ``.json``, ``.jsonl`` or ``.parquet``; local paths (relative to the
+    working directory) or URIs Ray Data reads (``s3://``, ``gs://``, ``abfs://``, ...). Exactly one of ``name`` and
+    ``files``."""
+    reader: Literal["auto", "pyarrow", "ray"] = "auto"
+    """How ``files`` are read: ``pyarrow`` in the calibrate task, or ``ray`` (Ray Data, reading in parallel across
+    the cluster); ``auto``: Ray Data for URIs or more than 1 GiB of local files, else pyarrow (much faster for a few
+    MB)."""
     text_column: str = "text"
     """Column holding the text (the built-in sets use ``text``)."""
     label_column: str | None = None
@@ -214,11 +224,16 @@ class DataConfig:
                 suffix = path.suffix.lower()
                 if suffix not in FILE_FORMATS:
                     raise ConfigError(f"data.files[{i}] must end in one of {sorted(FILE_FORMATS)}, got {f!r}")
-                if not path.is_file():
+                if is_uri(f):
+                    if self.reader == "pyarrow":
+                        raise ConfigError(f"data.files[{i}]={f!r} is a URI, which data.reader='pyarrow' cannot read; "
+                                          f"use data.reader=ray (or auto)")
+                elif not path.is_file():
                     raise ConfigError(f"data.files[{i}] does not exist: {f!r} (relative to {Path.cwd()})")
                 formats.add(FILE_FORMATS[suffix])
             if len(formats) > 1:
                 raise ConfigError(f"data.files must all have one format, got {sorted(formats)} in {self.files!r}")
+        _choice("data.reader", self.reader, ("auto", "pyarrow", "ray"))
         _text("data.text_column", self.text_column)
         if self.label_column is not None:
             _text("data.label_column", self.label_column)

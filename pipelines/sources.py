@@ -41,7 +41,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from pipelines.config import FILE_FORMATS, DataConfig
+from pipelines.config import FILE_FORMATS, DataConfig, is_uri
 from vtrans import assets
 from vtrans.data import stratified_subset, train_test_split
 from vtrans.errors import ConfigError
@@ -131,6 +131,55 @@ def _read_parquet_file(path: Path, needed: Mapping[str, str], i: int, name: str)
 
 _READERS = {"csv": _read_csv, "json": _read_json, "parquet": _read_parquet_file}
 
+#: ``data.reader: auto`` reads local files with Ray Data above this many bytes in total.
+RAY_DATA_THRESHOLD = 1 << 30
+
+
+def uses_ray_data(data: DataConfig) -> bool:
+    """Whether ``data.files`` are read with Ray Data: ``data.reader``, or for ``auto`` any URI or more than
+    :data:`RAY_DATA_THRESHOLD` bytes of local files."""
+    if data.files is None or data.reader == "pyarrow":
+        return False
+    if data.reader == "ray" or any(is_uri(f) for f in data.files):
+        return True
+    return sum(Path(f).expanduser().stat().st_size for f in data.files) > RAY_DATA_THRESHOLD
+
+
+def _read_with_ray_data(i: int, name: str, needed: Mapping[str, str]) -> pa.Table:
+    """One file (or URI) read by Ray Data's parallel readers, in file order, then gathered as one table."""
+    import ray.data
+
+    fmt = FILE_FORMATS.get(Path(name).suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"{_where(i, name)} must end in one of {sorted(FILE_FORMATS)}")
+    path = name if is_uri(name) else str(Path(name).expanduser().resolve())
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # sample_id = row order
+    try:
+        if fmt == "parquet":
+            ds = ray.data.read_parquet(path)
+        elif fmt == "csv":
+            ds = ray.data.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                                   convert_options=pa_csv.ConvertOptions(
+                                       column_types={needed["data.text_column"]: pa.string()}))
+        elif _is_local_json_array(path):
+            return _read_file(i, name, needed)  # a JSON array is one document: nothing to read in parallel
+        else:
+            ds = ray.data.read_json(path, lines=True)  # JSON lines (a remote JSON array is not supported)
+        _check_columns(ds.schema().names, needed, i, name)
+        refs = ds.select_columns(list(needed.values())).to_arrow_refs()
+        tables = [t for t in ray.get(refs) if t.num_rows]
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray Data wraps reader errors in its own types
+        raise ConfigError(f"{_where(i, name)} cannot be read as {fmt} with Ray Data: {_one_line(e)}") from None
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table(
+        {c: pa.array([], pa.string()) for c in needed.values()})
+    return _normalise(table, needed, i, name)
+
+
+def _is_local_json_array(path: str) -> bool:
+    return not is_uri(path) and _is_json_array(Path(path))
+
 
 def _read_file(i: int, name: str, needed: Mapping[str, str]) -> pa.Table:
     path = Path(name).expanduser()
@@ -143,6 +192,10 @@ def _read_file(i: int, name: str, needed: Mapping[str, str]) -> pa.Table:
         raise
     except (pa.ArrowException, OSError, ValueError, TypeError, RecursionError) as e:  # JSONDecodeError, Unicode...
         raise ConfigError(f"{_where(i, name)} cannot be read as {fmt}: {_one_line(e)}") from None
+    return _normalise(table, needed, i, name)
+
+
+def _normalise(table: pa.Table, needed: Mapping[str, str], i: int, name: str) -> pa.Table:
     for c, column in enumerate(table.columns):
         if pa.types.is_dictionary(column.type):  # pandas categoricals in parquet: plain values from here on
             table = table.set_column(c, table.field(c).name, column.cast(column.type.value_type))
@@ -295,8 +348,9 @@ def read_source(data: DataConfig, task: str) -> pa.Table:
             needed["data.label_column"] = data.label_column
         text_parts, label_parts, origin = [], [], []
         start = 0
+        ray_data = uses_ray_data(data)
         for i, name in enumerate(data.files or []):
-            table = _read_file(i, name, needed)
+            table = _read_with_ray_data(i, name, needed) if ray_data else _read_file(i, name, needed)
             origin.append((i, name, start))
             start += table.num_rows
             text_parts.append(table.column(data.text_column).combine_chunks())

@@ -38,7 +38,8 @@ SPLITS = ("train", "test", "calibration")
 
 def material(cfg: PipelineConfig) -> dict:
     return {"model": model_identity(cfg.model.name), "task": cfg.task, "num_labels": cfg.model.num_labels,
-            "data": to_dict(cfg.data), "data_files": data_identity(cfg.data.files),
+            "data": {k: v for k, v in to_dict(cfg.data).items() if k != "reader"},  # how it is read: not what
+            "data_files": data_identity(cfg.data.files),
             "calibration": to_dict(cfg.calibration)}
 
 

@@ -43,4 +43,8 @@ def model_identity(name: str) -> dict:
 def data_identity(files: list[str] | None) -> list[dict] | None:
     if files is None:
         return None
-    return [{"path": str(Path(f).expanduser().resolve()), "id": _file_id(Path(f).expanduser())} for f in files]
+    from pipelines.config import is_uri
+
+    # a remote file is identified by its URI only: re-reading it to hash would defeat the point of reading it remotely
+    return [{"uri": f} if is_uri(f) else {"path": str(Path(f).expanduser().resolve()),
+                                          "id": _file_id(Path(f).expanduser())} for f in files]

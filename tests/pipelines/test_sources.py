@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,6 +24,7 @@ from pipelines.sources import (
     read_parquet,
     read_source,
     split_and_sample,
+    uses_ray_data,
     write_parquet,
 )
 from vtrans.data import stratified_subset, train_test_split
@@ -466,3 +468,41 @@ def test_parquet_round_trip_is_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
         write_parquet(table.slice(0, 3), path)
     assert os.listdir(path.parent) == ["train.parquet"]  # no temporary file left, the old file intact
     assert read_parquet(path).equals(table)
+
+
+@pytest.mark.integration
+def test_ray_data_reader_gives_the_pyarrow_table(tmp_path: Path) -> None:
+    """``data.reader: ray`` (what large or remote sources use) reads csv, JSON lines and parquet into exactly the
+    table pyarrow gives, rows in file order, on a real local Ray."""
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    texts = [f'review "{i}", with a comma\nand a newline' if i % 7 == 0 else f"review {i}" for i in range(500)]
+    labels = ["fresh" if i % 3 else "rotten" for i in range(500)]
+    csv_path = tmp_path / "a.csv"
+    pa_csv.write_csv(pa.table({"review": texts[:200], "verdict": labels[:200]}), csv_path)
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"review": t, "verdict": v}) + "\n"
+                                              for t, v in zip(texts[200:350], labels[200:350])))
+    pq.write_table(pa.table({"review": texts[350:], "verdict": labels[350:], "x": list(range(150))}),
+                    tmp_path / "c.parquet", row_group_size=40)
+    init_ray(num_cpus=2)
+    try:
+        for files in (["a.csv"], ["b.jsonl"], ["c.parquet"]):
+            paths = [str(tmp_path / f) for f in files]
+            base = DataConfig(files=paths, text_column="review", label_column="verdict", reader="pyarrow")
+            via_ray = DataConfig(files=paths, text_column="review", label_column="verdict", reader="ray")
+            assert not uses_ray_data(base) and uses_ray_data(via_ray)
+            assert read_source(via_ray, "seq-cls").equals(read_source(base, "seq-cls")), files
+        bad = DataConfig(files=[str(csv_path)], text_column="text", label_column="verdict", reader="ray")
+        with pytest.raises(ConfigError, match=r"data.text_column='text' is not a column of data.files\[0\]"):
+            read_source(bad, "seq-cls")
+    finally:
+        ray.shutdown()
+
+
+def test_uri_files_need_ray_data() -> None:
+    cfg = DataConfig(files=["s3://bucket/train.parquet"], label_column="label")  # not checked for existence
+    assert uses_ray_data(cfg)
+    with pytest.raises(ConfigError, match=r"data.files\[0\]='s3://bucket/train.parquet' is a URI.*data.reader=ray"):
+        DataConfig(files=["s3://bucket/train.parquet"], label_column="label", reader="pyarrow")
