@@ -19,7 +19,7 @@ import mlflow
 from mlflow.pyfunc import PythonModel
 
 # MLflow suggests type hints on predict when the class is defined; the signature is logged explicitly instead.
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")  # (the text is coloured)
 
 CHECKPOINT = "checkpoint"
 
