@@ -29,7 +29,7 @@ from pipelines.config import PipelineConfig, config_hash, flatten, to_dict
 from pipelines.stages import BY_NAME, NAMES, STAGES
 from pipelines.stages.base import StageContext, StageResult, execute
 from pipelines.tracking import TAG_MODEL_URI, TAG_PIPELINE, Tracker, ui_hint
-from pipelines.validate import preflight
+from pipelines.validate import preflight, with_absolute_paths
 from vtrans.errors import ConfigError
 
 
@@ -122,8 +122,12 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
         check_resources(cfg.ray)
         import ray
 
-        ctx = StageContext(config=cfg, root=str(root), keys=checked.keys, rerun=rerun, tracker=tracker,
-                           parent_run_id=run_id, model_path=checked.model_path)
+        threads = cfg.evaluate.threads or 1
+        if threads > ray.cluster_resources().get("CPU", 0):
+            raise ConfigError(f"evaluate.threads={threads} is more CPUs than the cluster has "
+                              f"({ray.cluster_resources().get('CPU', 0):g})")
+        ctx = StageContext(config=with_absolute_paths(cfg), root=str(root), keys=checked.keys, rerun=rerun,
+                           tracker=tracker, parent_run_id=run_id, model_path=checked.model_path)
         refs = launch(ctx)
         results = dict(zip(refs, _get(ray, list(refs.values()))))
         evaluation = results["evaluate"]

@@ -5,8 +5,9 @@ is a Hugging Face directory with its own ``modeling_vtrans.py``.
 
 ```python
 model = mlflow.pyfunc.load_model("models:/vtrans-minilm@champion")
-model.predict(pd.DataFrame({"text": ["a gripping film", "dull"]}))      # seq-cls: label, score, probabilities
-model.predict(pd.DataFrame({"text": ["Once upon a time"]}), params={"max_new_tokens": 20})  # causal-lm
+model.predict(["a gripping film", "dull"])                   # seq-cls: label, score, probabilities
+model.predict(["Once upon a time"], params={"max_new_tokens": 20})    # causal-lm: generated_text
+model.predict(pd.DataFrame({"text": [...]}))                 # or a DataFrame: its ``text`` column (or only column)
 path = model.unwrap_python_model().checkpoint                          # the HF directory (from_pretrained)
 ```
 """

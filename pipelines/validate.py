@@ -5,6 +5,7 @@ starts; ``vtrans validate`` prints what it found and which stages are already fi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def resolve_model_path(name: str) -> Path:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"model.name={name!r} is neither a built-in model nor a local directory, and the hub "
                           f"cannot provide it: {first}") from None
+
+
+def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """A copy of ``cfg`` whose local paths (data files, teacher, output) are absolute: stage tasks run in Ray workers
+    whose working directory is not the driver's."""
+    import copy
+
+    from pipelines.config import is_uri
+
+    out = copy.deepcopy(cfg)
+    if out.data.files is not None:
+        out.data.files = [f if is_uri(f) else str(Path(f).expanduser().resolve()) for f in out.data.files]
+    if out.model.teacher is not None:
+        out.model.teacher = str(Path(out.model.teacher).expanduser().resolve())
+    out.output = str(Path(out.output).expanduser().resolve())
+    return out
 
 
 def plan(cfg: PipelineConfig) -> dict[str, str]:
@@ -86,5 +103,13 @@ def preflight(cfg: PipelineConfig) -> Preflight:
             for v in values:
                 if v > limit:
                     raise ConfigError(f"{key} has {v}, more than the model's {limit} positions")
+    if cfg.ray.address is None:  # a local Ray gets this machine's CPUs: check the widths before starting it
+        cpus = os.cpu_count() or 1
+        need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        if not cfg.ray.use_gpu and need > cpus:
+            raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker="
+                              f"{cfg.ray.cpus_per_worker:g} needs {need:g} CPUs, this machine has {cpus}")
+        if (cfg.evaluate.threads or 1) > cpus:
+            raise ConfigError(f"evaluate.threads={cfg.evaluate.threads} is more than this machine's {cpus} CPUs")
     check_budget_reachable(str(teacher_path), cfg.task, cfg.prune.budget, cfg.model.num_labels)
     return Preflight(model_path=str(Path(model_path).resolve()), keys=plan(cfg))

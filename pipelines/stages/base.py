@@ -194,10 +194,12 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
     try:
         out = stage.run(ctx, work, dict(inputs), run_id)
     except BaseException as e:
-        if tracker is not None:
+        if tracker is not None:  # record the failure on the run; each step on its own, none may hide the error
             with contextlib.suppress(Exception):
                 tracker.set_tags(run_id, {"vtrans.error": f"{type(e).__name__}: {e}"[:5000]})
+            with contextlib.suppress(Exception):
                 tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+            with contextlib.suppress(Exception):
                 tracker.end_run(run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
         raise
     finished = time.time()
@@ -271,7 +273,8 @@ def log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[st
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+    # one unnamed string column: a list of texts, a single text or a DataFrame (its ``text`` or only column)
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
                                params=ParamSchema([ParamSpec("batch_size", "long", 32),
                                                    ParamSpec("max_length", "long", 128),
                                                    ParamSpec("max_new_tokens", "long", 32)]))

@@ -28,6 +28,7 @@ from pipelines.config import PipelineConfig, to_dict
 from pipelines.stages.base import StageContext, StageOutput
 from pipelines.stages.fingerprint import data_identity, model_identity
 from vtrans.errors import ConfigError
+from vtrans.progress import progress
 
 NAME = "calibrate"
 NEEDS: tuple[str, ...] = ()
@@ -82,8 +83,8 @@ def _classification(cfg: PipelineConfig, table: pa.Table, tokenizer) -> dict[str
                                       stratified=bool(c.stratified), calibration_seed=c.seed)
     out = {}
     for split, t in tables.items():
-        enc = tokenizer(t.column("text").to_pylist(), truncation=True, max_length=cfg.data.max_length,
-                        padding=False, return_attention_mask=False, verbose=False)["input_ids"]
+        enc = _tokenize(tokenizer, t.column("text").to_pylist(), f"{NAME} tokenize {split}", truncation=True,
+                        max_length=cfg.data.max_length)
         for i, ids in enumerate(enc):
             if not ids:
                 raise ConfigError(f"data: text of sample_id={t.column('sample_id')[i].as_py()} gives no tokens")
@@ -91,13 +92,26 @@ def _classification(cfg: PipelineConfig, table: pa.Table, tokenizer) -> dict[str
     return out
 
 
-def _chunks(docs: list[str], tokenizer, seq_len: int) -> list[list[int]]:
-    from vtrans.data import CausalLMDataset
+TOKENIZE_BATCH = 2048
+"""Texts per tokenizer call (one progress step)."""
 
-    try:
-        return CausalLMDataset(docs, tokenizer, seq_len=seq_len).chunks.tolist()
-    except ConfigError:
-        return []
+
+def _tokenize(tokenizer, texts: list[str], desc: str, **kwargs) -> list[list[int]]:
+    """Token ids of ``texts``, tokenized in batches with progress lines (a large source takes minutes)."""
+    ids: list[list[int]] = []
+    for start in progress(range(0, len(texts), TOKENIZE_BATCH), desc=desc, unit="batch"):
+        ids += tokenizer(texts[start : start + TOKENIZE_BATCH], padding=False, return_attention_mask=False,
+                         verbose=False, **kwargs)["input_ids"]
+    return ids
+
+
+def _chunks(docs: list[str], tokenizer, seq_len: int, desc: str) -> list[list[int]]:
+    """The documents as one token stream (each followed by eos, as :class:`vtrans.data.CausalLMDataset` does) cut
+    into ``seq_len``-token chunks; the remainder is dropped."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream = [t for ids in _tokenize(tokenizer, docs, desc, add_special_tokens=False) for t in (*ids, *eos)]
+    n = len(stream) // seq_len
+    return [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 
 def _language_modelling(cfg: PipelineConfig, table: pa.Table, tokenizer) -> dict[str, pa.Table]:
@@ -108,8 +122,8 @@ def _language_modelling(cfg: PipelineConfig, table: pa.Table, tokenizer) -> dict
     if len(docs) < 2:
         raise ConfigError(f"data: causal-lm needs at least 2 documents to hold some out, got {len(docs)}")
     train_idx, test_idx = train_test_split(len(docs), d.test_fraction, seed=d.seed)
-    train = _chunks([docs[i] for i in train_idx], tokenizer, d.seq_len)
-    test = _chunks([docs[i] for i in test_idx], tokenizer, d.seq_len)
+    train = _chunks([docs[i] for i in train_idx], tokenizer, d.seq_len, f"{NAME} tokenize train")
+    test = _chunks([docs[i] for i in test_idx], tokenizer, d.seq_len, f"{NAME} tokenize test")
     if not train or not test:
         which = "training" if not train else "test"
         raise ConfigError(f"data.seq_len={d.seq_len} is longer than all {which} documents together (data."

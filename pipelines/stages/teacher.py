@@ -39,7 +39,7 @@ def tracking_of(ctx: StageContext, run_id: str | None) -> dict | None:
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
     cfg = ctx.config
     if cfg.model.teacher is not None:
-        path = str(Path(cfg.model.teacher).expanduser().resolve())
+        path = cfg.model.teacher  # made absolute by the driver (pipelines.validate.with_absolute_paths)
         return StageOutput(outputs={"model": path}, info={"source": "given"})
     if cfg.teacher.steps == 0:
         return StageOutput(outputs={"model": str(ctx.model_path)}, info={"source": "dense"})

@@ -43,6 +43,8 @@ def no_side_effects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (["data.name=imdb"], ["data.name", "'imdb'"]),
     (["evaluate.latency_seq_lens=[1024]"], ["evaluate.latency_seq_lens", "1024", "512"]),
     (["ray.num_workers=3"], ["prune.batch_size=16", "ray.num_workers=3"]),
+    (["ray.cpus_per_worker=1000"], ["ray.cpus_per_worker=1000", "needs 2000 CPUs"]),
+    (["evaluate.threads=100000"], ["evaluate.threads=100000", "CPUs"]),
     (["tracking.uri=file:///tmp/mlruns"], ["tracking.uri", "file:///tmp/mlruns"]),
     (["prune.budget.params"], ["override 'prune.budget.params'", "key=value"]),
 ])

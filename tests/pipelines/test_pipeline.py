@@ -245,6 +245,5 @@ def test_decoder_pipeline_without_teacher_or_finetune(workdir) -> None:
     assert m["perplexity"] > 1 and m["dense_perplexity"] > 1
     assert 0.55 <= m["params_blocks_ratio"] <= 0.6
     mlflow.set_tracking_uri(run.tracking_uri)
-    out = mlflow.pyfunc.load_model(run.model_uri).predict(pd.DataFrame({"text": ["The history of"]}),
-                                                                  params={"max_new_tokens": 3})
+    out = mlflow.pyfunc.load_model(run.model_uri).predict(["The history of"], params={"max_new_tokens": 3})
     assert list(out.columns) == ["generated_text"] and len(out) == 1
