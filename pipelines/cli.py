@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     again.add_argument("--from", dest="from_stage", metavar="STAGE",
                        help="re-run this stage and the ones after it (calibrate|teacher|prune|finetune|evaluate)")
 
+    swp = sub.add_parser("sweep", help="a budget sweep of a config's sweep: section on Ray Tune, Pareto fronts in "
+                         "MLflow, Pareto models in the registry",
+                         description="Run the trials of a sweep config (a pipeline config with a sweep: section) on "
+                         "Ray Tune; log the Pareto fronts and register the Pareto-optimal models in MLflow.",
+                         epilog="example: vtrans sweep pipelines/configs/sweep-minilm.yaml "
+                         "'sweep.space={prune.budget.params: [0.5, 0.3]}'")
+    swp.add_argument("config", help="sweep YAML")
+    swp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides (sweep.* for the sweep section)")
+    swp.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+
     val = sub.add_parser("validate", help="check a pipeline config without running it",
                          description="Load and check a pipeline config (keys, types, model, budget) without Ray; "
                          "print the resolved config and which stages are already finished.")
@@ -256,6 +266,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipelines.sweep import load_sweep
+    from pipelines.sweep_runner import run_sweep
+
+    for item in args.overrides:
+        if "=" not in item:
+            from vtrans.errors import ConfigError
+
+            raise ConfigError(f"override {item!r} must be key=value (e.g. sweep.num_samples=2)")
+    sweep = load_sweep(args.config, args.overrides)
+    run = run_sweep(sweep, resume=args.resume)
+    print()
+    print(f"sweep {run.name}: {len(run.rows)} trials finished, {run.errors} failed")
+    for label, versions in run.registered.items():
+        for v in versions:
+            print(f"registered {label}: version {v.get('version')} {v.get('aliases')} {v.get('model_uri')}")
+    print(f"MLflow run {run.run_id}: {run.ui}")
+    return 0 if not run.errors else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vtrans`` console script; returns the exit code."""
     parser = _parser()
@@ -263,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from vtrans.errors import VtransError
 
-    handlers = {"run": cmd_run, "validate": cmd_validate, "inspect": cmd_inspect, "compress": cmd_compress}
+    handlers = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "inspect": cmd_inspect,
+                "compress": cmd_compress}
     try:
         return handlers[args.command](args)
     except VtransError as e:

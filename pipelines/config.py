@@ -70,6 +70,7 @@ __all__ = [
     "load_config",
     "merge_overrides",
     "parse_overrides",
+    "read_yaml",
     "to_dict",
 ]
 
@@ -832,6 +833,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConf
     Every problem - a missing or unreadable file, invalid YAML, an unknown key, a wrong type or value, sections that
     contradict each other - is a :class:`~vtrans.errors.ConfigError` raised here, before any Ray or MLflow work.
     """
+    raw = read_yaml(path)
+    return from_dict(PipelineConfig, merge_overrides(raw, overrides))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a plain mapping (YAML 1.2 scalars, repeated keys refused), ``name`` defaulted to the stem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found (relative to {Path.cwd()})")
@@ -847,7 +854,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConf
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, data:, ...), got "
                           f"{raw!r}")
     raw.setdefault("name", path.stem)
-    return from_dict(PipelineConfig, merge_overrides(raw, overrides))
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------------------------------

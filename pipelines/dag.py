@@ -74,12 +74,14 @@ def _stage_task(name: str, ctx: StageContext, *needed: StageResult) -> StageResu
     return execute(stage, ctx, dict(zip(stage.NEEDS, needed)))
 
 
-def launch(ctx: StageContext) -> dict:
-    """Submit every stage as a Ray task chained by ObjectRefs; returns ``{stage: ObjectRef}``."""
+def launch(ctx: StageContext, stages: tuple[str, ...] = NAMES) -> dict:
+    """Submit the stages (a prefix of the pipeline) as Ray tasks chained by ObjectRefs; returns ``{stage: ref}``."""
     import ray
 
     refs: dict = {}
     for stage in STAGES:
+        if stage.NAME not in stages:
+            continue
         task = ray.remote(_stage_task).options(name=f"vtrans-{stage.NAME}", max_retries=0, **stage.OPTIONS)
         refs[stage.NAME] = task.remote(stage.NAME, ctx, *(refs[n] for n in stage.NEEDS))
     return refs

@@ -175,7 +175,8 @@ class _LiveCurves:
         try:
             from pipelines.tracking import Tracker
 
-            Tracker(self.tracking["uri"], "", "").log_history(self.tracking["run_id"], self.pending)
+            Tracker(self.tracking["uri"], "", "").log_history(self.tracking["run_id"], self.pending,
+                                                              prefix=self.tracking.get("prefix", ""))
         except Exception as e:  # noqa: BLE001
             self.failed = True
             print(f"warning: streaming curves to MLflow failed ({type(e).__name__}: {e}); they stay in history.json",

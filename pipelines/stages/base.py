@@ -99,6 +99,9 @@ class StageContext:
     parent_run_id: str | None = None
     model_path: str | None = None
     """The dense model's resolved local directory."""
+    single_run: bool = False
+    """Log every stage into ``parent_run_id`` itself (metrics as ``<stage>.<key>``, artifacts under ``<stage>/``)
+    instead of opening a child run per stage: a sweep trial is one MLflow run."""
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.root) / STAGES_DIR / stage / self.keys[stage]
@@ -183,12 +186,42 @@ def _tags(stage, ctx: StageContext, status: str) -> dict[str, str]:
     return {TAG_STAGE: stage.NAME, TAG_STATUS: status, TAG_KEY: ctx.keys[stage.NAME]}
 
 
+@dataclass
+class _Run:
+    """Where a stage logs: its own child run, or (``single_run``) the given run with prefixed names."""
+
+    run_id: str | None
+    prefix: str = ""
+    own: bool = True
+
+    def folder(self, artifact_path: str | None) -> str | None:
+        if not self.prefix:
+            return artifact_path
+        return self.prefix.rstrip(".") + (f"/{artifact_path}" if artifact_path else "")
+
+    def metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {self.prefix + k: v for k, v in metrics.items()}
+
+
+def _open_run(stage, ctx: StageContext, status: str, source_run: str | None = None) -> _Run:
+    tracker = ctx.tracker
+    if tracker is None:
+        return _Run(None)
+    if ctx.single_run:
+        tracker.set_tags(ctx.parent_run_id, {f"vtrans.key.{stage.NAME}": ctx.keys[stage.NAME],
+                                             f"vtrans.status.{stage.NAME}": status})
+        return _Run(ctx.parent_run_id, prefix=f"{stage.NAME}.", own=False)
+    tags = _tags(stage, ctx, status)
+    if source_run:
+        tags[TAG_SOURCE_RUN] = source_run
+    return _Run(tracker.start_run(stage.NAME, ctx.parent_run_id, _stage_params(stage, ctx), tags))
+
+
 def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: Path) -> StageResult:
     name = stage.NAME
     tracker = ctx.tracker
-    run_id = None
-    if tracker is not None:
-        run_id = tracker.start_run(name, ctx.parent_run_id, _stage_params(stage, ctx), _tags(stage, ctx, "ran"))
+    run = _open_run(stage, ctx, "ran")
+    run_id = run.run_id
     _log(name, f"running into {work}")
     started = time.time()
     try:
@@ -199,8 +232,9 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
                 tracker.set_tags(run_id, {"vtrans.error": f"{type(e).__name__}: {e}"[:5000]})
             with contextlib.suppress(Exception):
                 tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-            with contextlib.suppress(Exception):
-                tracker.end_run(run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
+            if run.own:
+                with contextlib.suppress(Exception):
+                    tracker.end_run(run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
         raise
     finished = time.time()
     result = StageResult(stage=name, key=ctx.keys[name], dir=str(work), status="ran", outputs=out.outputs,
@@ -211,19 +245,21 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
     _log(name, f"done in {result.wall_s:.0f}s")
     if tracker is not None:
         try:
-            tracker.log_metrics(run_id, dict(result.metrics, wall_s=result.wall_s))
+            tracker.log_metrics(run_id, run.metrics(dict(result.metrics, wall_s=result.wall_s)))
             if out.history:
-                tracker.log_history(run_id, out.history)
+                tracker.log_history(run_id, out.history, prefix=run.prefix)
             for path, artifact_path in out.artifacts:
-                tracker.log_artifacts(run_id, path, artifact_path)
+                tracker.log_artifacts(run_id, path, run.folder(artifact_path))
             if out.model_dir is not None:
                 result.model_uri = log_model(tracker, run_id, out.model_dir, out.model_metrics)
                 tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
                 _write_json(work / RECORD, result.record())
-            tracker.end_run(run_id)
+            if run.own:
+                tracker.end_run(run_id)
         except BaseException:
-            with contextlib.suppress(Exception):
-                tracker.end_run(run_id, "FAILED")
+            if run.own:
+                with contextlib.suppress(Exception):
+                    tracker.end_run(run_id, "FAILED")
             raise
     return result
 
@@ -234,22 +270,22 @@ def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
     tracker = ctx.tracker
     if tracker is None:
         return
-    tags = _tags(stage, ctx, "cached")
-    if result.run_id:
-        tags[TAG_SOURCE_RUN] = result.run_id
-    run_id = tracker.start_run(stage.NAME, ctx.parent_run_id, _stage_params(stage, ctx), tags)
+    run = _open_run(stage, ctx, "cached", result.run_id)
+    run_id = run.run_id
     try:
-        tracker.log_metrics(run_id, dict(result.metrics, wall_s=result.wall_s))
+        tracker.log_metrics(run_id, run.metrics(dict(result.metrics, wall_s=result.wall_s)))
         model_dir = result.outputs.get("logged_model_dir")
         if model_dir and not tracker.model_exists(result.model_uri) and Path(model_dir).is_dir():
             result.model_uri = log_model(tracker, run_id, model_dir, result.info.get("model_metrics", {}))
             _write_json(Path(result.dir) / RECORD, result.record())
         if result.model_uri:
             tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
-        tracker.end_run(run_id)
+        if run.own:
+            tracker.end_run(run_id)
     except BaseException:
-        with contextlib.suppress(Exception):
-            tracker.end_run(run_id, "FAILED")
+        if run.own:
+            with contextlib.suppress(Exception):
+                tracker.end_run(run_id, "FAILED")
         raise
 
 

@@ -83,7 +83,9 @@ def _peak_rss_mb() -> float:
 def _measure_remote(cfg: PipelineConfig):
     import ray
 
-    resources = {"num_cpus": cfg.evaluate.threads or 1, "max_calls": 1}  # max_calls=1: a fresh process each time
+    # max_calls=1: a fresh process each time; DEFAULT scheduling: not inside the placement group of a Tune trial
+    # that calls this stage (it reserves no CPU for its own tasks)
+    resources = {"num_cpus": cfg.evaluate.threads or 1, "max_calls": 1, "scheduling_strategy": "DEFAULT"}
     if cfg.ray.use_gpu:
         resources["num_gpus"] = 1
     return ray.remote(**resources)(measure)

@@ -41,7 +41,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     print(f"[{NAME}] {cfg.prune.method} to {cfg.prune.budget.describe()} on {len(dataset)} {split} samples, "
           f"{total} steps", flush=True)
     job = run_prune_job(spec, cfg.prune, cfg.ray, "train", work, checkpoint_every=max(1, total // 4),
-                        tracking=tracking_of(ctx, run_id))
+                        tracking=tracking_of(ctx, run_id, NAME))
     out = Path(job.output)
     report = json.loads((out / "compressed" / "compression.json").read_text())
     g = geometry_of(teacher, cfg.task, data.info.get("num_labels"))

@@ -31,9 +31,12 @@ def material(cfg: PipelineConfig) -> dict:
     return {"dense": model_identity(cfg.model.name), "teacher": to_dict(cfg.teacher), "task": cfg.task}
 
 
-def tracking_of(ctx: StageContext, run_id: str | None) -> dict | None:
-    """What a Ray Train job needs to stream its curves into the stage's MLflow run."""
-    return {"uri": ctx.tracker.uri, "run_id": run_id} if ctx.tracker is not None and run_id else None
+def tracking_of(ctx: StageContext, run_id: str | None, stage: str = NAME) -> dict | None:
+    """What a Ray Train job needs to stream its curves into the stage's MLflow run (prefixed by the stage name when
+    all stages share one run)."""
+    if ctx.tracker is None or not run_id:
+        return None
+    return {"uri": ctx.tracker.uri, "run_id": run_id, "prefix": f"{stage}." if ctx.single_run else ""}
 
 
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:

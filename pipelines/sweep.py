@@ -1,0 +1,279 @@
+"""Budget sweeps: one pipeline config plus a ``sweep:`` section, run as Ray Tune trials with a Pareto front per model.
+
+```yaml
+# ... a whole pipeline config (the base of every trial), then:
+sweep:
+  models:                       # label -> overrides of the base; left out: the base config's model alone
+    minilm: {}
+    minilm-fast: {prune.method: fast}
+  space:                        # dotted pipeline keys; grid: lists; random / optuna: lists or distributions
+    prune.budget.params: [0.7, 0.5, 0.3]
+    prune.vib.kl_weight: [0.01, 0.1]          # or {loguniform: [0.001, 0.1]}
+  search: grid                  # grid | random | optuna (multi-objective on sweep.objectives)
+  num_samples: 1                # grid: repeats of the grid; random / optuna: trials per model
+```
+
+Every trial runs the pipeline for its point; calibration sets and teachers come from the stage cache, computed once
+per model before the trials start (the trials' keys for those stages are the same). The sweep is one MLflow parent
+run; each trial is one nested run holding all its stages (metrics ``prune.loss``, ``evaluate.accuracy``, ...; the
+evaluation's metrics also unprefixed). Everything in this module is checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipelines.config import (
+    METRICS,
+    PipelineConfig,
+    config_hash,
+    from_dict,
+    merge_overrides,
+    parse_overrides,
+    read_yaml,
+)
+from vtrans.errors import ConfigError
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+"""Forms of a random / optuna search dimension: ``{uniform: [low, high]}``, ``{loguniform: [low, high]}``,
+``{randint: [low, high]}`` (high exclusive) or ``{choice: [a, b, ...]}``; a plain list is a choice."""
+
+
+@dataclass
+class RegistryConfig:
+    """Registering the Pareto-optimal models in the MLflow model registry."""
+
+    register: bool = True
+    """Register every model on a (quality, block params) front."""
+    name: str = "{model}-{task}-vtrans"
+    """Registered model name; ``{model}`` (the sweep's model label) and ``{task}`` are filled in."""
+
+
+@dataclass
+class SweepConfig:
+    """The ``sweep:`` section."""
+
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: dotted pipeline key -> list of values (grid) or a distribution (random / optuna)."""
+    models: dict[str, dict[str, Any]] | None = None
+    """Model label -> dotted overrides of the base config (``model.name``, ``data.*``, ...); None: the base alone,
+    labelled by its model name."""
+    search: Literal["grid", "random", "optuna"] = "grid"
+    """``grid`` (every combination), ``random`` (``num_samples`` draws) or ``optuna`` (multi-objective TPE)."""
+    num_samples: int = 1
+    """grid: how many times the whole grid runs; random / optuna: trials per model."""
+    objectives: list[str] | None = None
+    """``key:max`` / ``key:min`` trial metrics the search optimises and the front is drawn over; None: the task's
+    quality metric (accuracy: max, perplexity: min) and ``params_blocks:min``."""
+    early_stopping: Literal["asha"] | None = None
+    """ASHA early stopping of trials on the quality metric (None: every trial runs to the end)."""
+    max_concurrent_trials: int | None = None
+    """Trials at once; None: as many Train jobs as the cluster's CPUs (GPUs) hold."""
+    reuse_posterior: bool = False
+    """Train the masks once per (model, KL weight, method) at the smallest budget and derive the other budgets by
+    re-thresholding the posterior and a short fine-tune."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """Model registry settings."""
+    seed: int = 0
+    """Seed of the random / optuna search."""
+
+
+def _tree(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"prune.budget.params": 0.3}`` -> ``{"prune": {"budget": {"params": 0.3}}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(value)
+    return out
+
+
+def _values(key: str, spec: Any, search: str) -> list[Any]:
+    """The values of a space dimension used to check it: a grid's list, a distribution's bounds."""
+    where = f"sweep.space[{key!r}]"
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"{where} is an empty list")
+        return spec
+    if isinstance(spec, dict):
+        if search == "grid":
+            raise ConfigError(f"{where}={spec!r} is a distribution, which sweep.search='grid' cannot enumerate; "
+                              f"give a list or use sweep.search=random|optuna")
+        if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where} must be a list or one of {{{'|'.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            return _values(key, args, "grid")
+        if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, (int, float)) and not
+                                                                      isinstance(a, bool) for a in args):
+            raise ConfigError(f"{where}: {kind} needs [low, high], got {args!r}")
+        low, high = args
+        if not low < high or (kind == "loguniform" and low <= 0) or (kind == "randint" and not all(
+                isinstance(a, int) for a in args)):
+            raise ConfigError(f"{where}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high"
+                              f"{' (ints)' if kind == 'randint' else ''}, got {args!r}")
+        return [low, high - 1 if kind == "randint" else high]
+    raise ConfigError(f"{where} must be a list of values or a distribution, got {spec!r}")
+
+
+@dataclass
+class Sweep:
+    """A loaded, checked sweep: the base mapping, one checked base config per model, the search space."""
+
+    name: str
+    config: SweepConfig
+    base: dict[str, Any]
+    """The base pipeline config as a plain mapping (file + overrides)."""
+    models: dict[str, dict[str, Any]]
+    """Model label -> its base mapping."""
+    model_configs: dict[str, PipelineConfig]
+
+    def point_config(self, label: str, point: dict[str, Any]) -> PipelineConfig:
+        """The pipeline config of one trial: model ``label`` at ``point`` (dotted keys)."""
+        raw = merge_overrides(self.models[label], _tree(point))
+        raw["name"] = f"{self.name}-{label}"
+        return from_dict(PipelineConfig, raw)
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the space's lists (for ``grid``; distributions contribute their bounds)."""
+        keys = list(self.config.space)
+        values = [_values(k, self.config.space[k], self.config.search) for k in keys]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+    def objectives(self, label: str) -> list[tuple[str, str]]:
+        """``[(key, "max" | "min"), ...]`` for a model (the default quality metric follows its task)."""
+        if self.config.objectives is not None:
+            return [tuple(o.rsplit(":", 1)) for o in self.config.objectives]  # type: ignore[misc]
+        task = self.model_configs[label].task
+        quality = METRICS[task][0]
+        return [(quality, "max" if quality == "accuracy" else "min"), ("params_blocks", "min")]
+
+    @property
+    def key(self) -> str:
+        """A hash of everything that defines the sweep's trials (its Tune experiment and MLflow parent)."""
+        return config_hash({"base": self.base, "sweep": dataclasses.asdict(self.config)})
+
+
+#: Metrics every trial reports (objectives may name these or any evaluation metric).
+TRIAL_METRICS = ("accuracy", "perplexity", "params_blocks", "params_total", "flops_blocks", "flops_total",
+                 "params_blocks_ratio", "params_total_ratio", "flops_total_ratio")
+
+
+def _check_objectives(sweep: Sweep) -> None:
+    objectives = sweep.config.objectives
+    if objectives is None:
+        return
+    if not isinstance(objectives, list) or len(objectives) < 2:
+        raise ConfigError(f"sweep.objectives needs a quality metric and at least one size, got {objectives!r}")
+    for i, spec in enumerate(objectives):
+        key, sep, goal = str(spec).rpartition(":")
+        if not sep or goal not in ("max", "min") or not key:
+            raise ConfigError(f"sweep.objectives[{i}] must look like 'accuracy:max' or 'params_blocks:min', got "
+                              f"{spec!r}")
+    quality = objectives[0].rpartition(":")[0]
+    for label, cfg in sweep.model_configs.items():
+        if quality not in METRICS[cfg.task]:
+            raise ConfigError(f"sweep.objectives[0]={objectives[0]!r}: {quality!r} is not produced for model "
+                              f"{label!r} ({cfg.task}: {list(METRICS[cfg.task])})")
+
+
+def _absolute(raw: dict[str, Any]) -> dict[str, Any]:
+    """Local paths of a config mapping made absolute: Tune runs each trial in a folder of its own."""
+    from pipelines.config import is_uri
+    from vtrans.assets import MODELS
+
+    def resolve(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    model, data = raw.get("model") or {}, raw.get("data") or {}
+    if isinstance(model.get("name"), str) and model["name"] not in MODELS and Path(model["name"]).expanduser().is_dir():
+        model["name"] = resolve(model["name"])
+    if isinstance(model.get("teacher"), str):
+        model["teacher"] = resolve(model["teacher"])
+    if isinstance(data.get("files"), list):
+        data["files"] = [f if not isinstance(f, str) or is_uri(f) else resolve(f) for f in data["files"]]
+    if isinstance(raw.get("output"), str):
+        raw["output"] = resolve(raw["output"])
+    return raw
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """Read a sweep config (a pipeline config with a ``sweep:`` section), apply ``key=value`` overrides (``sweep.*``
+    to the section, the rest to the base) and check every model and every grid point - before any Ray work."""
+    raw = read_yaml(path)
+    if "sweep" not in raw:
+        raise ConfigError(f"config file {str(path)!r} has no sweep: section; run it with `vtrans run`")
+    sweep_raw = raw.pop("sweep") or {}
+    if not isinstance(sweep_raw, dict):
+        raise ConfigError(f"sweep must be a mapping (space:, models:, ...), got {sweep_raw!r}")
+    sweep_over = [o for o in overrides if o.split("=", 1)[0].startswith("sweep.")]
+    base_over = [o for o in overrides if o not in sweep_over]
+    tree = parse_overrides([o[len("sweep."):] for o in sweep_over])
+    for key, value in tree.items():  # the space's keys are dotted: merge one level deep
+        if isinstance(value, dict) and isinstance(sweep_raw.get(key), dict):
+            sweep_raw[key] = {**sweep_raw[key], **value}
+        else:
+            sweep_raw[key] = value
+    config = from_dict(SweepConfig, sweep_raw, prefix="sweep")
+    if not config.space:
+        raise ConfigError("sweep.space is empty: give at least one key to sweep, e.g. prune.budget.params: [0.5, 0.3]")
+    if config.num_samples < 1:
+        raise ConfigError(f"sweep.num_samples must be >= 1, got {config.num_samples!r}")
+    if config.max_concurrent_trials is not None and config.max_concurrent_trials < 1:
+        raise ConfigError(f"sweep.max_concurrent_trials must be >= 1, got {config.max_concurrent_trials!r}")
+    base = merge_overrides(raw, base_over)
+    base_cfg = from_dict(PipelineConfig, base)
+    model_overrides = config.models if config.models is not None else {base_cfg.model.name: {}}
+    if not model_overrides:
+        raise ConfigError("sweep.models is empty: list at least one model, or leave it out to sweep the base model")
+    models, model_configs, seen = {}, {}, {}
+    for label, over in model_overrides.items():
+        if not isinstance(over, dict):
+            raise ConfigError(f"sweep.models[{label!r}] must be a mapping of dotted overrides, got {over!r}")
+        try:
+            models[label] = _absolute(merge_overrides(base, _tree(over)))
+            model_configs[label] = from_dict(PipelineConfig, models[label])
+        except ConfigError as e:
+            raise ConfigError(f"sweep.models[{label!r}]: {e}") from None
+        identity = (model_configs[label].model.name, config_hash(model_configs[label]))
+        if identity in seen:
+            raise ConfigError(f"sweep.models lists the same model twice: {seen[identity]!r} and {label!r} "
+                              f"(model.name={identity[0]!r}, identical settings)")
+        seen[identity] = label
+    sweep = Sweep(name=str(base["name"]), config=config, base=base, models=models, model_configs=model_configs)
+    for key, spec in config.space.items():
+        if not isinstance(key, str) or not key or key.split(".")[0] in ("name", "sweep"):
+            raise ConfigError(f"sweep.space key {key!r} must be a dotted pipeline key such as prune.budget.params")
+        _values(key, spec, config.search)
+    for label in models:
+        for point in sweep.grid_points():
+            try:
+                sweep.point_config(label, point)
+            except ConfigError as e:
+                message = str(e)
+                if message.startswith("unknown key"):
+                    raise ConfigError(f"sweep.space: {message}") from None
+                raise ConfigError(f"sweep.space point {point} for model {label!r}: {message}") from None
+    _check_objectives(sweep)
+    return sweep
+
+
+def max_concurrent(sweep: Sweep, cluster_cpus: float, cluster_gpus: float) -> int:
+    """How many trials run at once: the configured number, or as many Train jobs as the cluster holds."""
+    if sweep.config.max_concurrent_trials is not None:
+        return sweep.config.max_concurrent_trials
+    widths = [c.ray for c in sweep.model_configs.values()]
+    if any(r.use_gpu for r in widths):
+        per = max(r.num_workers for r in widths)
+        return max(1, int(cluster_gpus // per))
+    per = max(r.num_workers * r.cpus_per_worker for r in widths)
+    return max(1, int(math.floor(cluster_cpus / per)))
+

@@ -1,0 +1,74 @@
+"""Sweep configs: the space, the models and the objectives are checked before any trial (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.sweep import load_sweep, max_concurrent
+from vtrans.errors import ConfigError
+
+BASE = {
+    "model": {"name": "minilm", "task": "seq-cls"},
+    "data": {"name": "rotten_tomatoes", "max_length": 32, "max_train_samples": 200},
+    "teacher": {"steps": 2, "batch_size": 8},
+    "prune": {"method": "faster", "budget": {"params": 0.5}, "steps": 2, "batch_size": 8},
+    "finetune": {"steps": 0, "batch_size": 8},
+    "ray": {"num_workers": 2},
+}
+
+
+def _write(tmp_path: Path, sweep: dict, **base) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **base, "sweep": sweep}))
+    return path
+
+
+def test_grid_points_models_and_objectives(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"space": {"prune.budget.params": [0.7, 0.5], "prune.vib.kl_weight": [0.01, 0.1]},
+                             "models": {"a": {}, "b": {"prune.method": "fast"}}})
+    s = load_sweep(path)
+    assert len(s.grid_points()) == 4 and list(s.models) == ["a", "b"]
+    cfg = s.point_config("b", {"prune.budget.params": 0.5, "prune.vib.kl_weight": 0.1})
+    assert (cfg.prune.method, cfg.prune.budget.value, cfg.prune.vib.kl_weight) == ("fast", 0.5, 0.1)
+    assert cfg.name == "s-b"
+    assert s.objectives("a") == [("accuracy", "max"), ("params_blocks", "min")]
+    # overrides reach both the base and the sweep section
+    s2 = load_sweep(path, ["prune.steps=5", "sweep.num_samples=3", "sweep.space={prune.budget.params: [0.3]}"])
+    assert s2.model_configs["a"].prune.steps == 5 and s2.config.num_samples == 3
+    assert s2.config.space["prune.budget.params"] == [0.3] and s2.key != s.key
+    assert max_concurrent(s, cluster_cpus=5, cluster_gpus=0) == 2  # two 2-worker jobs fit on 5 CPUs
+    assert max_concurrent(s, cluster_cpus=1, cluster_gpus=0) == 1
+
+
+@pytest.mark.parametrize(("sweep", "needles"), [
+    ({"space": {}}, ["sweep.space is empty"]),
+    ({"space": {"prune.budget.parms": [0.5]}}, ["sweep.space", "prune.budget.parms", "did you mean"]),
+    ({"space": {"prune.budget.params": []}}, ["sweep.space['prune.budget.params'] is an empty list"]),
+    ({"space": {"prune.budget.params": [0.5, 1.5]}}, ["prune.budget.params", "1.5"]),
+    ({"space": {"prune.budget.params": {"uniform": [0.2, 0.8]}}}, ["distribution", "sweep.search='grid'"]),
+    ({"space": {"prune.vib.kl_weight": {"loguniform": [0, 1]}}, "search": "random"}, ["loguniform", "0 < low"]),
+    ({"space": {"prune.budget.params": [0.5]}, "models": {"a": {}, "b": {}}}, ["same model twice", "'a'", "'b'"]),
+    ({"space": {"prune.budget.params": [0.5]}, "models": {"a": {"model.nam": "x"}}}, ["sweep.models['a']",
+                                                                                      "model.nam"]),
+    ({"space": {"prune.budget.params": [0.5]}, "objectives": ["perplexity:min", "params_blocks:min"]},
+     ["perplexity", "not produced", "seq-cls"]),
+    ({"space": {"prune.budget.params": [0.5]}, "serach": "grid"}, ["sweep.serach", "did you mean 'sweep.search'"]),
+    ({"space": {"prune.budget.params": [0.5]}, "num_samples": 0}, ["sweep.num_samples", "0"]),
+])
+def test_bad_sweeps_fail_before_any_trial(tmp_path: Path, sweep: dict, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, sweep))
+    message = str(e.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_a_pipeline_config_is_not_a_sweep(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match="has no sweep: section"):
+        load_sweep(path)
