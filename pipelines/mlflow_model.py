@@ -14,13 +14,8 @@ path = model.unwrap_python_model().checkpoint                          # the HF 
 
 from __future__ import annotations
 
-import warnings
-
 import mlflow
 from mlflow.pyfunc import PythonModel
-
-# MLflow suggests type hints on predict when the class is defined; the signature is logged explicitly instead.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")  # (the text is coloured)
 
 CHECKPOINT = "checkpoint"
 

@@ -223,6 +223,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         else:
             sweep_raw[key] = value
     config = from_dict(SweepConfig, sweep_raw, prefix="sweep")
+    for key, value, what in (("reuse_posterior", config.reuse_posterior, True),
+                             ("early_stopping", config.early_stopping, "asha")):
+        if value == what:  # refused rather than silently ignored: every trial would run the full pipeline
+            raise ConfigError(f"sweep.{key}={value!r} is not implemented yet; leave it out (see issue 5)")
     if not config.space:
         raise ConfigError("sweep.space is empty: give at least one key to sweep, e.g. prune.budget.params: [0.5, 0.3]")
     if config.num_samples < 1:

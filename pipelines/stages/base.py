@@ -23,7 +23,6 @@ import os
 import shutil
 import time
 import traceback
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -315,9 +314,7 @@ def log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[st
                                                    ParamSpec("max_length", "long", 128),
                                                    ParamSpec("max_new_tokens", "long", 32)]))
     mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
-        # "add type hints to predict" / "no input example": the signature above is explicit
-        warnings.simplefilter("ignore", UserWarning)
+    with mlflow.start_run(run_id=run_id, nested=True):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
                                        artifacts={"checkpoint": str(model_dir)},
                                        pip_requirements=model_requirements(), signature=signature)

@@ -72,3 +72,20 @@ def test_a_pipeline_config_is_not_a_sweep(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(BASE))
     with pytest.raises(ConfigError, match="has no sweep: section"):
         load_sweep(path)
+
+
+def test_shipped_sweep_configs_load() -> None:
+    from pipelines.config import read_yaml
+
+    configs = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+    sweeps = [p for p in sorted(configs.glob("*.yaml")) if "sweep" in read_yaml(p)]
+    assert [p.name for p in sweeps] == ["sweep-minilm.yaml"]
+    s = load_sweep(sweeps[0])
+    assert len(s.grid_points()) == 8 and list(s.models) == ["minilm"]
+    assert s.model_configs["minilm"].prune.method == "faster"
+
+
+def test_unimplemented_options_are_refused(tmp_path: Path) -> None:
+    for option in ({"reuse_posterior": True}, {"early_stopping": "asha"}):
+        with pytest.raises(ConfigError, match="not implemented yet"):
+            load_sweep(_write(tmp_path, {"space": {"prune.budget.params": [0.5]}, **option}))

@@ -1,0 +1,129 @@
+"""A real sweep on local Ray Tune with the embedded MLflow: 2 models x 2 budgets x 2 KL weights, one MLflow run per
+trial under the sweep's parent, Pareto tables equal to a recomputation from the trial runs, the Pareto models in the
+registry with their aliases, and a registered model consumed in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import BertForSequenceClassification
+
+from pipelines.pareto import Objective, pareto_front
+from tests.tiny import tiny
+
+pytestmark = pytest.mark.integration
+
+SWEEP = {
+    "name": "tiny-sweep",
+    "model": {"name": "tiny-a", "task": "seq-cls"},
+    "data": {"name": "rotten_tomatoes", "test_fraction": 0.02, "max_length": 32, "max_train_samples": 64},
+    "calibration": {"fraction": 0.5},
+    "teacher": {"steps": 2, "batch_size": 8},
+    "prune": {"method": "faster", "budget": {"params": 0.5, "seq_len": 32, "tolerance": 0.05}, "steps": 2,
+              "batch_size": 8},
+    "finetune": {"steps": 0, "batch_size": 8},
+    "evaluate": {"latency_batch_sizes": [2], "latency_seq_lens": [32], "latency_repeats": 2, "warmup": 1},
+    "ray": {"num_workers": 2},
+    "tracking": {"experiment": "sweep-test"},
+    "sweep": {"models": {"a": {}, "b": {"model.name": "tiny-b"}},
+              "space": {"prune.budget.params": [0.6, 0.4], "prune.vib.kl_weight": [0.01, 0.1]}},
+}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    import ray
+
+    from pipelines.sweep import load_sweep
+    from pipelines.sweep_runner import run_sweep
+    from vtrans.assets import resolve_model
+    from vtrans.checkpoint import load_tokenizer
+
+    d = tmp_path_factory.mktemp("sweep")
+    tok = load_tokenizer(resolve_model("minilm"))
+    for name, seed in (("tiny-a", 0), ("tiny-b", 1)):
+        tiny("bert", BertForSequenceClassification, seed=seed, vocab_size=30522).save_pretrained(d / name)
+        tok.save_pretrained(d / name)
+    (d / "sweep.yaml").write_text(yaml.safe_dump(SWEEP))
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        yield d, run_sweep(load_sweep("sweep.yaml"))
+    finally:
+        os.chdir(old)
+        ray.shutdown()
+
+
+def _client(run):
+    from mlflow import MlflowClient
+
+    return MlflowClient(run.tracking_uri)
+
+
+def test_one_parent_and_one_run_per_trial(swept) -> None:
+    _, run = swept
+    assert run.errors == 0 and len(run.rows) == 8
+    client = _client(run)
+    parent = client.get_run(run.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["vtrans.sweep"] == "tiny-sweep"
+    assert parent.data.params["sweep.space.prune.budget.params"] == "[0.6, 0.4]"
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'")
+    assert len(trials) == 8
+    points = {(t.data.params["sweep.model"], t.data.params["prune.budget.params"],
+               t.data.params["prune.vib.kl_weight"]) for t in trials}
+    assert points == {(m, b, k) for m in ("a", "b") for b in ("0.6", "0.4") for k in ("0.01", "0.1")}
+    for t in trials:  # every stage inside the one trial run, none in runs of their own
+        assert t.info.status == "FINISHED"
+        assert {"evaluate.accuracy", "accuracy", "prune.params_blocks_ratio"} <= set(t.data.metrics)
+        assert len(client.get_metric_history(t.info.run_id, "prune.loss")) == 2
+        assert not client.search_runs([parent.info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{t.info.run_id}'")
+        ratio = t.data.metrics["params_blocks_ratio"]
+        budget = float(t.data.params["prune.budget.params"])
+        assert budget - 0.05 <= ratio <= budget  # tolerance 0.05 of the tiny model
+
+
+def test_pareto_tables_equal_a_recomputation_from_the_trial_runs(swept) -> None:
+    d, run = swept
+    client = _client(run)
+    trials = client.search_runs([client.get_run(run.run_id).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{run.run_id}'")
+    for label in ("a", "b"):
+        rows = [{"run_id": t.info.run_id, **t.data.metrics} for t in trials if t.data.params["sweep.model"] == label]
+        expected = pareto_front(rows, [Objective("accuracy", "max"), Objective("params_blocks", "min")])
+        path = client.download_artifacts(run.run_id, f"pareto/{label}-accuracy-vs-params_blocks.table.json",
+                                         str(d / "dl"))
+        table = json.loads(Path(path).read_text())
+        logged = [dict(zip(table["columns"], row)) for row in table["data"]]
+        assert [r["run_id"] for r in logged] == [rows[i]["run_id"] for i in expected]
+        assert [r["params_blocks"] for r in logged] == [rows[i]["params_blocks"] for i in expected]
+        names = {a.path for a in client.list_artifacts(run.run_id, "pareto")}
+        assert f"pareto/{label}-accuracy-vs-params_blocks.png" in names
+
+
+def test_pareto_models_are_registered_with_aliases_and_load_in_a_fresh_process(swept) -> None:
+    d, run = swept
+    client = _client(run)
+    for label in ("a", "b"):
+        name = f"{label}-seq-cls-vtrans"
+        front = run.fronts[label]["params_blocks"]
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert len(versions) == len(front)
+        assert {v.tags["source_run"] for v in versions} == {run.rows[i]["run_id"] for i in front}
+        best = client.get_model_version_by_alias(name, "best")
+        assert float(best.tags["quality"]) == max(run.rows[i]["accuracy"] for i in front)
+    code = ("import mlflow, sys; m = mlflow.pyfunc.load_model('models:/a-seq-cls-vtrans@best'); "
+            "out = m.predict(['a gripping film', 'dull']); print(out.to_json(orient='records'))")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=run.tracking_uri)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=d)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(out) == 2 and {"label", "score", "probabilities"} <= set(out[0])
+    assert out[0]["label"] in (0, 1) and abs(sum(out[0]["probabilities"]) - 1) < 1e-5
