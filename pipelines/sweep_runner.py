@@ -277,8 +277,8 @@ def _register(sweep: Sweep, label: str, run: SweepRun, quality: str, goal: str) 
         if not r.get("model_uri"):
             raise ConfigError(f"trial {r.get('run_id')} of model {label!r} logged no model; cannot register it")
         tags = {k: str(r[k]) for k in sweep.config.space}
-        tags.update({k: f"{r[k]:.6g}" for k in ("params_blocks", "params_total", "flops_total", quality)
-                     if k in r})
+        tags.update({k: str(int(r[k])) for k in ("params_blocks", "params_total", "flops_total") if k in r})  # exact
+        tags[quality] = f"{r[quality]:.6g}"
         speed = [k for k in r if k.startswith("speedup_b")]
         if speed:
             tags["speedup"] = f"{r[speed[0]]:.4g}"

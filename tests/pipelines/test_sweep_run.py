@@ -118,6 +118,8 @@ def test_pareto_models_are_registered_with_aliases_and_load_in_a_fresh_process(s
         assert {v.tags["source_run"] for v in versions} == {run.rows[i]["run_id"] for i in front}
         best = client.get_model_version_by_alias(name, "best")
         assert float(best.tags["quality"]) == max(run.rows[i]["accuracy"] for i in front)
+        source = next(r for r in run.rows if r["run_id"] == best.tags["source_run"])
+        assert int(best.tags["params_blocks"]) == source["params_blocks"]  # exact counts, not rounded
     code = ("import mlflow, sys; m = mlflow.pyfunc.load_model('models:/a-seq-cls-vtrans@best'); "
             "out = m.predict(['a gripping film', 'dull']); print(out.to_json(orient='records'))")
     env = dict(os.environ, MLFLOW_TRACKING_URI=run.tracking_uri)
