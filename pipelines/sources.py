@@ -53,6 +53,7 @@ __all__ = [
     "describe",
     "label_names",
     "read_parquet",
+    "random_rows",
     "read_source",
     "split_and_sample",
     "write_parquet",
@@ -393,6 +394,13 @@ def _random_subset(n: int, size: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n)[:size].tolist())
 
 
+def random_rows(n: int, *, fraction: float | None = None, count: int | None = None, seed: int) -> list[int]:
+    """Sorted positions of a seeded random subset of ``n`` rows (not stratified): ``count`` rows, or
+    ``floor(fraction * n + 0.5)`` - the rule of ``stratified_subset`` - and never none."""
+    size = count if count is not None else max(1, math.floor(fraction * n + 0.5))  # type: ignore[operator]
+    return _random_subset(n, size, seed)
+
+
 def split_and_sample(
     table: pa.Table,
     *,
@@ -455,9 +463,8 @@ def split_and_sample(
                                    seed=cal_seed)
         calibration = [train[j] for j in picked]
     else:
-        # the rule of stratified_subset: floor(fraction * n + 0.5), and never an empty subset
-        size = calibration_count or max(1, math.floor(calibration_fraction * len(train) + 0.5))  # type: ignore[operator]
-        calibration = [train[j] for j in _random_subset(len(train), size, cal_seed)]
+        rows = random_rows(len(train), fraction=calibration_fraction, count=calibration_count, seed=cal_seed)
+        calibration = [train[j] for j in rows]
     return {"train": table.take(train), "test": table.take(test), "calibration": table.take(calibration)}
 
 

@@ -202,6 +202,28 @@ class _Run:
         return {self.prefix + k: v for k, v in metrics.items()}
 
 
+def job_tracking(ctx: StageContext, run_id: str | None, stage: str) -> dict | None:
+    """What a stage's Ray Train job needs to stream its curves into the stage's MLflow run (prefixed by the stage
+    name when all stages share one run)."""
+    if ctx.tracker is None or not run_id:
+        return None
+    return {"uri": ctx.tracker.uri, "run_id": run_id, "prefix": f"{stage}." if ctx.single_run else ""}
+
+
+@contextlib.contextmanager
+def _closing(tracker: Tracker | None, run: _Run) -> Iterator[None]:
+    """End a stage's own run when the block leaves: FINISHED, or FAILED (KILLED on interrupt) on an exception."""
+    try:
+        yield
+    except BaseException as e:
+        if tracker is not None and run.own:
+            with contextlib.suppress(Exception):
+                tracker.end_run(run.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker is not None and run.own:
+        tracker.end_run(run.run_id)
+
+
 def _open_run(stage, ctx: StageContext, status: str, source_run: str | None = None) -> _Run:
     tracker = ctx.tracker
     if tracker is None:
@@ -223,27 +245,24 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
     run_id = run.run_id
     _log(name, f"running into {work}")
     started = time.time()
-    try:
-        out = stage.run(ctx, work, dict(inputs), run_id)
-    except BaseException as e:
-        if tracker is not None:  # record the failure on the run; each step on its own, none may hide the error
-            with contextlib.suppress(Exception):
-                tracker.set_tags(run_id, {"vtrans.error": f"{type(e).__name__}: {e}"[:5000]})
-            with contextlib.suppress(Exception):
-                tracker.log_text(run_id, traceback.format_exc(), "error.txt")
-            if run.own:
-                with contextlib.suppress(Exception):
-                    tracker.end_run(run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
-        raise
-    finished = time.time()
-    result = StageResult(stage=name, key=ctx.keys[name], dir=str(work), status="ran", outputs=out.outputs,
-                         metrics={k: float(v) for k, v in out.metrics.items()}, info=out.info, started_at=started,
-                         finished_at=finished, wall_s=finished - started, run_id=run_id)
-    # the output is complete and recorded before anything is logged: a tracking failure never loses it
-    _write_json(work / RECORD, result.record())
-    _log(name, f"done in {result.wall_s:.0f}s")
-    if tracker is not None:
+    with _closing(tracker, run):
         try:
+            out = stage.run(ctx, work, dict(inputs), run_id)
+        except BaseException as e:
+            if tracker is not None:  # record the failure on the run; each step on its own, none may hide the error
+                with contextlib.suppress(Exception):
+                    tracker.set_tags(run_id, {"vtrans.error": f"{type(e).__name__}: {e}"[:5000]})
+                with contextlib.suppress(Exception):
+                    tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+            raise
+        finished = time.time()
+        result = StageResult(stage=name, key=ctx.keys[name], dir=str(work), status="ran", outputs=out.outputs,
+                             metrics={k: float(v) for k, v in out.metrics.items()}, info=out.info,
+                             started_at=started, finished_at=finished, wall_s=finished - started, run_id=run_id)
+        # the output is complete and recorded before anything is logged: a tracking failure never loses it
+        _write_json(work / RECORD, result.record())
+        _log(name, f"done in {result.wall_s:.0f}s")
+        if tracker is not None:
             tracker.log_metrics(run_id, run.metrics(dict(result.metrics, wall_s=result.wall_s)))
             if out.history:
                 tracker.log_history(run_id, out.history, prefix=run.prefix)
@@ -253,13 +272,6 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
                 result.model_uri = log_model(tracker, run_id, out.model_dir, out.model_metrics)
                 tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
                 _write_json(work / RECORD, result.record())
-            if run.own:
-                tracker.end_run(run_id)
-        except BaseException:
-            if run.own:
-                with contextlib.suppress(Exception):
-                    tracker.end_run(run_id, "FAILED")
-            raise
     return result
 
 
@@ -271,7 +283,7 @@ def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
         return
     run = _open_run(stage, ctx, "cached", result.run_id)
     run_id = run.run_id
-    try:
+    with _closing(tracker, run):
         tracker.log_metrics(run_id, run.metrics(dict(result.metrics, wall_s=result.wall_s)))
         model_dir = result.outputs.get("logged_model_dir")
         if model_dir and not tracker.model_exists(result.model_uri) and Path(model_dir).is_dir():
@@ -279,13 +291,6 @@ def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
             _write_json(Path(result.dir) / RECORD, result.record())
         if result.model_uri:
             tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
-        if run.own:
-            tracker.end_run(run_id)
-    except BaseException:
-        if run.own:
-            with contextlib.suppress(Exception):
-                tracker.end_run(run_id, "FAILED")
-        raise
 
 
 #: pip requirements of the logged pyfunc (MLflow's inference would add torchvision, which has no CPU build here).

@@ -133,8 +133,7 @@ def _language_modelling(cfg: PipelineConfig, table: pa.Table, tokenizer) -> dict
     n = len(train)
     if c.count is not None and c.count > n:
         raise ConfigError(f"calibration.count={c.count} is larger than the {n} training chunks")
-    size = c.count if c.count is not None else max(1, int(np.floor(c.fraction * n + 0.5)))
-    calib = sorted(np.random.default_rng(c.seed).permutation(n)[:size].tolist())
+    calib = sources.random_rows(n, fraction=c.fraction, count=c.count, seed=c.seed)
 
     def table_of(chunks: list[list[int]], ids: list[int]) -> pa.Table:
         return pa.table({"sample_id": pa.array(ids, type=pa.int64()), "input_ids": _token_column(chunks)})
@@ -153,7 +152,7 @@ def _cap_test(test: pa.Table, limit: int | None, seed: int) -> pa.Table:
     if "label" in test.column_names:
         rows = stratified_subset(test.column("label").to_pylist(), count=limit, seed=seed)
     else:
-        rows = sorted(np.random.default_rng(seed).permutation(test.num_rows)[:limit].tolist())
+        rows = sources.random_rows(test.num_rows, count=limit, seed=seed)
     return test.take(pa.array(rows, type=pa.int64()))
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, to_dict
-from pipelines.stages.base import StageContext, StageOutput, StageResult
+from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tracking
 from pipelines.stages.calibrate import load_split
-from pipelines.stages.teacher import tracking_of
 from pipelines.train_jobs import JobSpec, run_finetune_job
 
 NAME = "finetune"
@@ -34,7 +33,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     spec = JobSpec(model_dir=pruned, task=cfg.task, dataset=load_split(data, "train", cfg.task),
                    pad_token_id=data.info["pad_token_id"], teacher_dir=teacher, tokenizer_dir=pruned)
     job = run_finetune_job(spec, cfg.finetune, cfg.ray, "train", work,
-                           checkpoint_every=max(1, cfg.finetune.steps // 4), tracking=tracking_of(ctx, run_id, NAME))
+                           checkpoint_every=max(1, cfg.finetune.steps // 4), tracking=job_tracking(ctx, run_id, NAME))
     metrics = {"final_loss": job.history[-1]["loss"], "job_wall_s": job.wall_time_s} if job.history else {}
     return StageOutput(outputs={"model": str(Path(job.output) / "model")}, metrics=metrics,
                        info={"fine_tuned": True, "steps": cfg.finetune.steps},

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.plots import plot_layers
-from pipelines.stages.base import StageContext, StageOutput, StageResult
+from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tracking
 from pipelines.stages.calibrate import load_split
-from pipelines.stages.teacher import tracking_of
 from pipelines.train_jobs import JobSpec, geometry_of, run_prune_job
 
 NAME = "prune"
@@ -41,7 +40,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     print(f"[{NAME}] {cfg.prune.method} to {cfg.prune.budget.describe()} on {len(dataset)} {split} samples, "
           f"{total} steps", flush=True)
     job = run_prune_job(spec, cfg.prune, cfg.ray, "train", work, checkpoint_every=max(1, total // 4),
-                        tracking=tracking_of(ctx, run_id, NAME))
+                        tracking=job_tracking(ctx, run_id, NAME))
     out = Path(job.output)
     report = json.loads((out / "compressed" / "compression.json").read_text())
     g = geometry_of(teacher, cfg.task, data.info.get("num_labels"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, to_dict
-from pipelines.stages.base import StageContext, StageOutput, StageResult
+from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tracking
 from pipelines.stages.calibrate import load_split
 from pipelines.stages.fingerprint import model_identity
 from pipelines.train_jobs import JobSpec, run_finetune_job
@@ -31,14 +31,6 @@ def material(cfg: PipelineConfig) -> dict:
     return {"dense": model_identity(cfg.model.name), "teacher": to_dict(cfg.teacher), "task": cfg.task}
 
 
-def tracking_of(ctx: StageContext, run_id: str | None, stage: str = NAME) -> dict | None:
-    """What a Ray Train job needs to stream its curves into the stage's MLflow run (prefixed by the stage name when
-    all stages share one run)."""
-    if ctx.tracker is None or not run_id:
-        return None
-    return {"uri": ctx.tracker.uri, "run_id": run_id, "prefix": f"{stage}." if ctx.single_run else ""}
-
-
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
     cfg = ctx.config
     if cfg.model.teacher is not None:
@@ -54,7 +46,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
                    pad_token_id=data.info["pad_token_id"], num_labels=data.info.get("num_labels"),
                    tokenizer_dir=str(ctx.model_path))
     job = run_finetune_job(spec, finetune, cfg.ray, "train", work, checkpoint_every=max(1, t.steps // 4),
-                           tracking=tracking_of(ctx, run_id), label="teacher")
+                           tracking=job_tracking(ctx, run_id, NAME), label="teacher")
     history = job.history
     metrics = {"final_loss": history[-1]["loss"], "job_wall_s": job.wall_time_s} if history else {}
     return StageOutput(outputs={"model": str(Path(job.output) / "model")}, metrics=metrics,
