@@ -388,6 +388,10 @@ class PipelineConfig:
     """Teacher fine-tune (when ``model.teacher`` is not given)."""
     prune: PruneConfig = field(default_factory=PruneConfig)
     """VIB pruning: method, budget, VIB (KL weight and multipliers), distillation, rounds, steps, learning rates."""
+    posterior_budget: Budget | None = None
+    """Train the masks at this budget instead and apply ``prune.budget`` to the trained posterior by re-thresholding
+    it (METHOD.md): every pipeline with the same posterior shares one mask training, each derives its own budget in
+    seconds (``sweep.reuse_posterior`` sets it to the smallest budget swept). None: train at ``prune.budget``."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Fine-tune of the compressed model (``steps: 0`` skips it)."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -418,6 +422,15 @@ class PipelineConfig:
     def task(self) -> str:
         """``seq-cls`` or ``causal-lm``."""
         return self.model.task
+
+    @property
+    def posterior(self) -> PipelineConfig | None:
+        """The pipeline whose prune stage trains this one's posterior (``prune.budget`` = ``posterior_budget``), or
+        None when this pipeline trains its masks at its own budget."""
+        if self.posterior_budget is None or self.posterior_budget == self.prune.budget:
+            return None
+        return dataclasses.replace(self, prune=dataclasses.replace(self.prune, budget=self.posterior_budget),
+                                   posterior_budget=None)
 
     @property
     def calibrates(self) -> bool:

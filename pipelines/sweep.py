@@ -76,8 +76,10 @@ class SweepConfig:
     max_concurrent_trials: int | None = None
     """Trials at once; None: as many Train jobs as the cluster's CPUs (GPUs) hold."""
     reuse_posterior: bool = False
-    """Train the masks once per (model, KL weight, method) at the smallest budget and derive the other budgets by
-    re-thresholding the posterior and a short fine-tune."""
+    """Train the masks once per (model, KL weight, method, ...) at the smallest budget swept and derive the other
+    budgets from that posterior by re-thresholding it, then fine-tune each as usual: every trial's
+    ``posterior_budget`` is its budget at the smallest value, so the trials sharing every other prune setting share
+    one mask training (the first of them to start trains it; the stage cache hands it to the others)."""
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     """Model registry settings."""
     seed: int = 0
@@ -137,9 +139,15 @@ class Sweep:
     model_configs: dict[str, PipelineConfig]
 
     def point_config(self, label: str, point: dict[str, Any]) -> PipelineConfig:
-        """The pipeline config of one trial: model ``label`` at ``point`` (dotted keys)."""
+        """The pipeline config of one trial: model ``label`` at ``point`` (dotted keys). With ``reuse_posterior``
+        its ``posterior_budget`` is its budget at the smallest value swept: one mask training per posterior."""
         raw = merge_overrides(self.models[label], _tree(point))
         raw["name"] = f"{self.name}-{label}"
+        if self.config.reuse_posterior:
+            key = budget_key(self.config)
+            budget = dict((raw.get("prune") or {}).get("budget") or {})
+            budget[key.rsplit(".", 1)[1]] = min(_values(key, self.config.space[key], self.config.search))
+            raw["posterior_budget"] = budget
         return from_dict(PipelineConfig, raw)
 
     def grid_points(self) -> list[dict[str, Any]]:
@@ -165,6 +173,32 @@ class Sweep:
 #: Metrics every trial reports (objectives may name these or any evaluation metric).
 TRIAL_METRICS = ("accuracy", "perplexity", "params_blocks", "params_total", "flops_blocks", "flops_total",
                  "params_blocks_ratio", "params_total_ratio", "flops_total_ratio")
+
+
+BUDGET_KEYS = ("prune.budget.params", "prune.budget.flops")
+
+
+def budget_key(config: SweepConfig) -> str:
+    """The space's budget dimension (``prune.budget.params`` or ``.flops``), which ``reuse_posterior`` derives."""
+    keys = [k for k in BUDGET_KEYS if k in config.space]
+    if len(keys) != 1:
+        raise ConfigError(f"sweep.reuse_posterior=true derives the budgets of one posterior: sweep.space needs "
+                          f"exactly one of {list(BUDGET_KEYS)}, got {sorted(config.space)}")
+    return keys[0]
+
+
+def _check_reuse(sweep: Sweep) -> None:
+    config = sweep.config
+    if not config.reuse_posterior:
+        return
+    budget_key(config)
+    if any(k == "prune.budget" or k.startswith("posterior_budget") for k in config.space):
+        raise ConfigError("sweep.space may not set prune.budget or posterior_budget as a whole when "
+                          "sweep.reuse_posterior=true; sweep prune.budget.params (or .flops) alone")
+    for label, raw in sweep.models.items():
+        if raw.get("posterior_budget") is not None:
+            raise ConfigError(f"posterior_budget={raw['posterior_budget']!r} (model {label!r}) contradicts "
+                              f"sweep.reuse_posterior=true, which sets it to the smallest budget swept; leave it out")
 
 
 def _check_objectives(sweep: Sweep) -> None:
@@ -223,10 +257,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         else:
             sweep_raw[key] = value
     config = from_dict(SweepConfig, sweep_raw, prefix="sweep")
-    for key, value, what in (("reuse_posterior", config.reuse_posterior, True),
-                             ("early_stopping", config.early_stopping, "asha")):
-        if value == what:  # refused rather than silently ignored: every trial would run the full pipeline
-            raise ConfigError(f"sweep.{key}={value!r} is not implemented yet; leave it out (see issue 5)")
+    if config.early_stopping == "asha":  # refused rather than silently ignored: every trial would run to its end
+        raise ConfigError(f"sweep.early_stopping={config.early_stopping!r} is not implemented yet; leave it out")
     if not config.space:
         raise ConfigError("sweep.space is empty: give at least one key to sweep, e.g. prune.budget.params: [0.5, 0.3]")
     if config.num_samples < 1:
@@ -257,6 +289,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         if not isinstance(key, str) or not key or key.split(".")[0] in ("name", "sweep"):
             raise ConfigError(f"sweep.space key {key!r} must be a dotted pipeline key such as prune.budget.params")
         _values(key, spec, config.search)
+    _check_reuse(sweep)
     for label in models:
         for point in sweep.grid_points():
             try:

@@ -78,7 +78,8 @@ class JobResult:
     path: str
     """The run's folder under the storage path."""
     output: str
-    """``output/`` with the job's products (``compressed/`` or ``model/``, ``masks.safetensors``, history)."""
+    """``output/`` with the job's products (``compressed/``, ``masks.safetensors`` and ``posterior/`` of a prune job,
+    ``model/`` of a fine-tune; ``history.json``)."""
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
 
@@ -203,6 +204,7 @@ def _train_loop(loop_config: dict) -> None:
 
     from vtrans import compress
     from vtrans.checkpoint import load_state, load_tokenizer, save_state, write_atomically
+    from vtrans.posterior import save_posterior
     from vtrans.train import Finetuner, Pruner, step_seed
 
     kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
@@ -287,6 +289,8 @@ def _train_loop(loop_config: dict) -> None:
 
             save_file({k: v.contiguous() for k, v in module.vib.state_dict().items()}, str(out / "masks.safetensors"))
             write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
+            # the trained weights and masks, before compression: other budgets re-threshold them (vtrans.posterior)
+            save_posterior(module.vib, out / "posterior", tokenizer, task=spec.task, overwrite=True)
         else:
             model.eval()
             write_atomically(out / "model", save_with_tokenizer(model), overwrite=True)

@@ -112,4 +112,9 @@ def preflight(cfg: PipelineConfig) -> Preflight:
         if (cfg.evaluate.threads or 1) > cpus:
             raise ConfigError(f"evaluate.threads={cfg.evaluate.threads} is more than this machine's {cpus} CPUs")
     check_budget_reachable(str(teacher_path), cfg.task, cfg.prune.budget, cfg.model.num_labels)
+    if cfg.posterior is not None:
+        try:
+            check_budget_reachable(str(teacher_path), cfg.task, cfg.posterior_budget, cfg.model.num_labels)
+        except VtransError as e:
+            raise type(e)(f"posterior_budget: {e}") from None
     return Preflight(model_path=str(Path(model_path).resolve()), keys=plan(cfg))

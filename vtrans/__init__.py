@@ -5,6 +5,7 @@ import vtrans
 vib = vtrans.attach(model, vtrans.VIBConfig())      # VIB masks on every structure
 vib.apply_budget(vtrans.Budget(params=0.5))         # or Budget(flops=0.4, seq_len=128); scope="blocks"|"total"
 small = vtrans.compress(vib)                        # physically smaller HF model
+vtrans.save_posterior(vib, dir); vtrans.load_posterior(dir).apply_budget(...)   # one training, several budgets
 small.save_pretrained(out_dir)
 vtrans.count(model, seq_len=128)                    # params/FLOPs, blocks and total
 ```
@@ -30,6 +31,7 @@ from vtrans.errors import (
     UnsupportedModelError,
     VtransError,
 )
+from vtrans.posterior import load_posterior, save_posterior
 from vtrans.scoring import score
 from vtrans.vib import VIB, attach
 
@@ -43,5 +45,5 @@ def count(model: PreTrainedModel, seq_len: int = 128) -> Counts:
 __all__ = [
     "STRUCTURES", "VIB", "AssetError", "Budget", "BudgetError", "ConfigError", "Counts", "Geometry", "Keep",
     "OutputError", "Scores", "Selection", "UnknownModelError", "UnsupportedModelError", "VIBConfig", "VtransError",
-    "__version__", "arch", "attach", "compress", "count", "score",
+    "__version__", "arch", "attach", "compress", "count", "load_posterior", "save_posterior", "score",
 ]

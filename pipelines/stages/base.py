@@ -55,6 +55,8 @@ class StageOutput:
     """A compressed model directory logged as an MLflow pyfunc model of the stage's run."""
     model_metrics: dict[str, float] = field(default_factory=dict)
     """Metrics linked to the logged model."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Tags set on the stage's run (on the trial's run when stages share one: name them uniquely)."""
 
 
 @dataclass
@@ -101,6 +103,9 @@ class StageContext:
     single_run: bool = False
     """Log every stage into ``parent_run_id`` itself (metrics as ``<stage>.<key>``, artifacts under ``<stage>/``)
     instead of opening a child run per stage: a sweep trial is one MLflow run."""
+    log_as: str | None = None
+    """The name the stage logs under (its child run's name, or its prefix in a shared run); None: the stage's name.
+    A stage run on behalf of another (the posterior a prune stage re-thresholds) logs under its own role."""
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.root) / STAGES_DIR / stage / self.keys[stage]
@@ -207,7 +212,7 @@ def job_tracking(ctx: StageContext, run_id: str | None, stage: str) -> dict | No
     name when all stages share one run)."""
     if ctx.tracker is None or not run_id:
         return None
-    return {"uri": ctx.tracker.uri, "run_id": run_id, "prefix": f"{stage}." if ctx.single_run else ""}
+    return {"uri": ctx.tracker.uri, "run_id": run_id, "prefix": f"{ctx.log_as or stage}." if ctx.single_run else ""}
 
 
 @contextlib.contextmanager
@@ -228,14 +233,15 @@ def _open_run(stage, ctx: StageContext, status: str, source_run: str | None = No
     tracker = ctx.tracker
     if tracker is None:
         return _Run(None)
+    name = ctx.log_as or stage.NAME
     if ctx.single_run:
-        tracker.set_tags(ctx.parent_run_id, {f"vtrans.key.{stage.NAME}": ctx.keys[stage.NAME],
-                                             f"vtrans.status.{stage.NAME}": status})
-        return _Run(ctx.parent_run_id, prefix=f"{stage.NAME}.", own=False)
+        tracker.set_tags(ctx.parent_run_id, {f"vtrans.key.{name}": ctx.keys[stage.NAME],
+                                             f"vtrans.status.{name}": status})
+        return _Run(ctx.parent_run_id, prefix=f"{name}.", own=False)
     tags = _tags(stage, ctx, status)
     if source_run:
         tags[TAG_SOURCE_RUN] = source_run
-    return _Run(tracker.start_run(stage.NAME, ctx.parent_run_id, _stage_params(stage, ctx), tags))
+    return _Run(tracker.start_run(name, ctx.parent_run_id, _stage_params(stage, ctx), tags))
 
 
 def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: Path) -> StageResult:
@@ -264,6 +270,8 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
         _log(name, f"done in {result.wall_s:.0f}s")
         if tracker is not None:
             tracker.log_metrics(run_id, run.metrics(dict(result.metrics, wall_s=result.wall_s)))
+            if out.tags:
+                tracker.set_tags(run_id, out.tags)
             if out.history:
                 tracker.log_history(run_id, out.history, prefix=run.prefix)
             for path, artifact_path in out.artifacts:

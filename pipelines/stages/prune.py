@@ -3,34 +3,54 @@
 ``vtrans`` trains on the whole training split, ``fast`` and ``faster`` on the calibration subset. Outputs
 (``train/output/``): ``compressed/`` (the physically compressed model with ``compression.json``),
 ``masks.safetensors`` (the trained posterior: every mask's mu and log-variance, and the budget's selection),
-``history.json``; plus ``layers.png``, the kept heads and neurons per layer. The masks, the per-layer record and the
-plot are logged to the stage's MLflow run; the curves (loss, KL, expected size, lambdas, learning rates) stream in
-as the job runs.
+``posterior/`` (the trained weights and masks before compression, :mod:`vtrans.posterior`), ``history.json``; plus
+``layers.png``, the kept heads and neurons per layer.
+
+With ``posterior_budget`` set (and not equal to ``prune.budget``) the stage trains nothing itself: it takes the
+prune stage of the same pipeline at ``prune.budget = posterior_budget`` (from the cache, or computing it under that
+key), re-thresholds that posterior to ``prune.budget`` and compresses it, in seconds.
+
+The masks, the per-layer record and the plot are logged to the stage's MLflow run; the curves (loss, KL, expected
+size, lambdas, learning rates) stream in as the job runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.plots import plot_layers
-from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tracking
+from pipelines.stages.base import (
+    StageContext,
+    StageOutput,
+    StageResult,
+    execute,
+    job_tracking,
+    stage_key,
+)
 from pipelines.stages.calibrate import load_split
 from pipelines.train_jobs import JobSpec, geometry_of, run_prune_job
+from vtrans.errors import ConfigError
 
 NAME = "prune"
 NEEDS = ("calibrate", "teacher")
-VERSION = 1
+VERSION = 2
 OPTIONS = {"num_cpus": 0}
 
 
 def material(cfg: PipelineConfig) -> dict:
-    return {"prune": to_dict(cfg.prune)}
+    if cfg.posterior is None:
+        return {"prune": to_dict(cfg.prune)}
+    return {"prune": to_dict(cfg.prune), "posterior_budget": to_dict(cfg.posterior_budget)}
 
 
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
     cfg = ctx.config
+    if cfg.posterior is not None:
+        return _derive(ctx, work, inputs)
     data, teacher = inputs["calibrate"], inputs["teacher"].outputs["model"]
     split = "calibration" if cfg.calibrates else "train"
     dataset = load_split(data, split, cfg.task)
@@ -42,28 +62,88 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     job = run_prune_job(spec, cfg.prune, cfg.ray, "train", work, checkpoint_every=max(1, total // 4),
                         tracking=job_tracking(ctx, run_id, NAME))
     out = Path(job.output)
-    report = json.loads((out / "compressed" / "compression.json").read_text())
-    g = geometry_of(teacher, cfg.task, data.info.get("num_labels"))
-    plot = plot_layers(report, g.heads_per_layer, g.ffn, work / "layers.png",
-                       title=f"{cfg.name}: {cfg.prune.method}, {cfg.prune.budget.describe()}")
-    dense, kept = report["dense"], report["compressed"]
-    metrics = {f"{k}_ratio": kept[k] / dense[k] for k in ("params_blocks", "params_total", "flops_blocks",
-                                                            "flops_total")}
-    metrics.update({k: float(v) for k, v in kept.items() if k != "seq_len"})
-    metrics["hidden_kept"] = report["hidden_size"]["kept"]
-    metrics["heads_kept"] = sum(layer["heads"] for layer in report["layers"])
-    metrics["ffn_neurons_kept"] = sum(layer["ffn_neurons"] for layer in report["layers"])
-    metrics["attention_blocks_kept"] = sum(layer["attention"] for layer in report["layers"])
-    metrics["ffn_blocks_kept"] = sum(layer["ffn"] for layer in report["layers"])
+    metrics = {}
     if job.history:
         last = [h for h in job.history if "expected_size" in h]
         if last:
             metrics["final_expected_size"] = last[-1]["expected_size"]
             metrics["final_kl"] = last[-1]["kl"]
     metrics["job_wall_s"] = job.wall_time_s
+    output = _summarise(cfg, work, out, inputs, metrics, {"split": split, "samples": len(dataset)})
+    output.outputs["posterior"] = str(out / "posterior")
+    output.artifacts.append((str(out / "history.json"), "train"))
+    return output
+
+
+def _summarise(cfg: PipelineConfig, work: Path, out: Path, inputs: dict[str, StageResult], metrics: dict,
+               info: dict) -> StageOutput:
+    """The stage's output for ``out`` (``compressed/`` and ``masks.safetensors``): kept sizes, the layer plot."""
+    data, teacher = inputs["calibrate"], inputs["teacher"].outputs["model"]
+    report = json.loads((out / "compressed" / "compression.json").read_text())
+    g = geometry_of(teacher, cfg.task, data.info.get("num_labels"))
+    plot = plot_layers(report, g.heads_per_layer, g.ffn, work / "layers.png",
+                       title=f"{cfg.name}: {cfg.prune.method}, {cfg.prune.budget.describe()}")
+    dense, kept = report["dense"], report["compressed"]
+    metrics = dict(metrics)
+    metrics.update({f"{k}_ratio": kept[k] / dense[k] for k in ("params_blocks", "params_total", "flops_blocks",
+                                                                 "flops_total")})
+    metrics.update({k: float(v) for k, v in kept.items() if k != "seq_len"})
+    metrics["hidden_kept"] = report["hidden_size"]["kept"]
+    metrics["heads_kept"] = sum(layer["heads"] for layer in report["layers"])
+    metrics["ffn_neurons_kept"] = sum(layer["ffn_neurons"] for layer in report["layers"])
+    metrics["attention_blocks_kept"] = sum(layer["attention"] for layer in report["layers"])
+    metrics["ffn_blocks_kept"] = sum(layer["ffn"] for layer in report["layers"])
     return StageOutput(
         outputs={"compressed": str(out / "compressed"), "masks": str(out / "masks.safetensors"),
                  "report": str(out / "compressed" / "compression.json"), "plot": str(plot)},
-        metrics=metrics, info={"split": split, "samples": len(dataset), "report": report},
+        metrics=metrics, info={**info, "report": report},
         artifacts=[(str(out / "masks.safetensors"), "masks"), (str(out / "compressed" / "compression.json"), "layers"),
-                   (str(plot), "layers"), (str(out / "history.json"), "train")])
+                   (str(plot), "layers")])
+
+
+def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> StageOutput:
+    """``prune.budget`` from the posterior trained at ``posterior_budget``: that pipeline's prune stage (found in the
+    cache, or computed here under its own key and lock), re-thresholded and compressed here."""
+    from safetensors.torch import save_file
+
+    from pipelines.stages import BY_NAME
+    from vtrans import compress
+    from vtrans.checkpoint import load_tokenizer, write_atomically
+    from vtrans.posterior import load_posterior
+
+    cfg, source_cfg = ctx.config, ctx.config.posterior
+    keys = dict(ctx.keys, **{NAME: stage_key(BY_NAME[NAME], source_cfg, {n: ctx.keys[n] for n in NEEDS})})
+    # logged as "posterior": a child run of its own beside this stage's (trained here, or cached with a link to the
+    # run that trained it), or the "posterior." metrics of a sweep trial's run
+    source_ctx = dataclasses.replace(ctx, config=source_cfg, keys=keys, log_as="posterior")
+    print(f"[{NAME}] {cfg.prune.budget.describe()} from the posterior trained at "
+          f"{source_cfg.prune.budget.describe()} ({source_ctx.stage_dir(NAME)})", flush=True)
+    source = execute(BY_NAME[NAME], source_ctx, inputs)
+    posterior = source.outputs.get("posterior")
+    if not posterior or not Path(posterior).is_dir():
+        raise ConfigError(f"posterior_budget: the prune output {source.dir} has no posterior/ to re-threshold")
+    t0 = time.perf_counter()
+    vib = load_posterior(posterior)
+    vib.apply_budget(cfg.prune.budget, method=cfg.prune.method)
+    tokenizer = load_tokenizer(posterior)
+    out = work / "output"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in vib.state_dict().items()}, str(out / "masks.safetensors"))
+
+    def write(directory: Path) -> None:
+        compress(vib).save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    write_atomically(out / "compressed", write, overwrite=True)
+    metrics = {"derive_wall_s": time.perf_counter() - t0}
+    for k in ("final_expected_size", "final_kl"):
+        if k in source.metrics:
+            metrics[k] = source.metrics[k]
+    info = {"posterior": {"key": source.key, "dir": source.dir, "run_id": source.run_id,
+                          "budget": source_cfg.prune.budget.describe()}}
+    output = _summarise(cfg, work, out, inputs, metrics, dict(source.info, **info))
+    output.outputs["posterior"] = posterior
+    if source.run_id:
+        output.tags["vtrans.posterior_run_id"] = source.run_id
+    return output

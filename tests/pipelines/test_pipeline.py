@@ -247,3 +247,43 @@ def test_decoder_pipeline_without_teacher_or_finetune(workdir) -> None:
     mlflow.set_tracking_uri(run.tracking_uri)
     out = mlflow.pyfunc.load_model(run.model_uri).predict(["The history of"], params={"max_new_tokens": 3})
     assert list(out.columns) == ["generated_text"] and len(out) == 1
+
+
+def test_posterior_budget_rethresholds_the_trained_posterior(first) -> None:
+    """``posterior_budget`` = the first run's budget: no second mask training; the 70% model is the first run's
+    posterior re-thresholded (the same outputs as doing it by hand), then fine-tuned and evaluated as usual."""
+    import vtrans
+    from pipelines.dag import run_pipeline
+    from pipelines.stages.base import RECORD
+    from tests.tiny import input_ids, main_output
+    from vtrans.checkpoint import load_pretrained
+
+    cfg, run = first
+    source = run.results["prune"]
+    record = (Path(source.dir) / RECORD).read_text()
+    derived = run_pipeline(load_config("tiny.yaml", [
+        "name=tiny-p70", "prune.budget={params: 0.7, seq_len: 32, tolerance: 0.05}",
+        "posterior_budget={params: 0.5, seq_len: 32, tolerance: 0.05}"]))
+    prune = derived.results["prune"]
+    assert prune.status == "ran" and prune.key != source.key
+    assert prune.info["posterior"]["key"] == source.key and prune.info["posterior"]["run_id"] == source.run_id
+    assert (Path(source.dir) / RECORD).read_text() == record  # the posterior was not trained again
+    assert 0.665 <= prune.metrics["params_blocks_ratio"] <= 0.7
+    assert derived.results["finetune"].status == "ran" and 0.665 <= derived.metrics["params_blocks_ratio"] <= 0.7
+
+    vib = vtrans.load_posterior(source.outputs["posterior"])
+    vib.apply_budget(vtrans.Budget(params=0.7, seq_len=32, tolerance=0.05))
+    ids = input_ids()
+    with torch.no_grad():
+        want = main_output(vtrans.compress(vib)(input_ids=ids))
+        got = main_output(load_pretrained(prune.outputs["compressed"])(input_ids=ids))
+    assert torch.allclose(got, want, atol=1e-5)
+    client = _client()
+    runs = client.search_runs([client.get_run(derived.run_id).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{derived.run_id}'")
+    children = {r.info.run_name: r for r in runs}
+    assert sorted(children) == sorted([*NAMES, "posterior"])
+    posterior = children["posterior"].data.tags  # a cached stage: linked to the run that trained it
+    assert (posterior["vtrans.stage"], posterior["vtrans.status"], posterior["vtrans.source_run_id"]) == \
+        ("prune", "cached", source.run_id)
+    assert children["prune"].data.tags["vtrans.posterior_run_id"] == source.run_id

@@ -86,6 +86,41 @@ def test_shipped_sweep_configs_load() -> None:
 
 
 def test_unimplemented_options_are_refused(tmp_path: Path) -> None:
-    for option in ({"reuse_posterior": True}, {"early_stopping": "asha"}):
-        with pytest.raises(ConfigError, match="not implemented yet"):
-            load_sweep(_write(tmp_path, {"space": {"prune.budget.params": [0.5]}, **option}))
+    with pytest.raises(ConfigError, match="not implemented yet"):
+        load_sweep(_write(tmp_path, {"space": {"prune.budget.params": [0.5]}, "early_stopping": "asha"}))
+
+
+def test_reuse_posterior_trains_at_the_smallest_budget(tmp_path: Path) -> None:
+    s = load_sweep(_write(tmp_path, {"space": {"prune.budget.params": [0.7, 0.2, 0.5],
+                                               "prune.vib.kl_weight": [0.01, 0.1]}, "reuse_posterior": True},
+                          prune={**BASE["prune"], "budget": {"params": 0.5, "seq_len": 64, "tolerance": 0.01}}))
+    from pipelines.validate import plan
+
+    configs = {(p["prune.budget.params"], p["prune.vib.kl_weight"]): s.point_config("minilm", p)
+               for p in s.grid_points()}
+    for (budget, kl), cfg in configs.items():  # the point's budget, trained at 0.2 with its other settings
+        assert cfg.prune.budget.params == budget and cfg.posterior_budget.params == 0.2
+        assert (cfg.posterior_budget.seq_len, cfg.posterior_budget.tolerance) == (64, 0.01)
+        assert (cfg.posterior is None) == (budget == 0.2)
+    # one posterior per KL weight: the 0.2 trial's own prune stage
+    for kl in (0.01, 0.1):
+        posterior = plan(configs[(0.2, kl)])["prune"]
+        assert {plan(configs[(b, kl)].posterior)["prune"] for b in (0.7, 0.5)} == {posterior}
+    assert plan(configs[(0.2, 0.01)])["prune"] != plan(configs[(0.2, 0.1)])["prune"]
+    # a distribution's low end is the smallest budget
+    r = load_sweep(_write(tmp_path, {"space": {"prune.budget.params": {"uniform": [0.3, 0.6]}}, "search": "random",
+                                     "reuse_posterior": True}))
+    assert r.point_config("minilm", {"prune.budget.params": 0.45}).posterior_budget.params == 0.3
+
+
+@pytest.mark.parametrize(("sweep", "base", "needles"), [
+    ({"space": {"prune.vib.kl_weight": [0.01, 0.1]}}, {}, ["reuse_posterior", "exactly one of", "prune.budget.params"]),
+    ({"space": {"prune.budget.params": [0.5, 0.3]}}, {"posterior_budget": {"params": 0.2}},
+     ["posterior_budget", "contradicts sweep.reuse_posterior"]),
+])
+def test_bad_reuse_posterior_fails_before_any_trial(tmp_path: Path, sweep: dict, base: dict,
+                                                    needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, {**sweep, "reuse_posterior": True}, **base))
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))

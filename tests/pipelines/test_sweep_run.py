@@ -1,6 +1,7 @@
 """A real sweep on local Ray Tune with the embedded MLflow: 2 models x 2 budgets x 2 KL weights, one MLflow run per
-trial under the sweep's parent, Pareto tables equal to a recomputation from the trial runs, the Pareto models in the
-registry with their aliases, and a registered model consumed in a fresh process."""
+trial under the sweep's parent, one mask training per (model, KL weight) re-thresholded for the other budget
+(``reuse_posterior``), Pareto tables equal to a recomputation from the trial runs, the Pareto models in the registry
+with their aliases, and a registered model consumed in a fresh process."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ SWEEP = {
     "ray": {"num_workers": 2},
     "tracking": {"experiment": "sweep-test"},
     "sweep": {"models": {"a": {}, "b": {"model.name": "tiny-b"}},
-              "space": {"prune.budget.params": [0.6, 0.4], "prune.vib.kl_weight": [0.01, 0.1]}},
+              "space": {"prune.budget.params": [0.6, 0.4], "prune.vib.kl_weight": [0.01, 0.1]},
+              "reuse_posterior": True},
 }
 
 
@@ -81,12 +83,36 @@ def test_one_parent_and_one_run_per_trial(swept) -> None:
     for t in trials:  # every stage inside the one trial run, none in runs of their own
         assert t.info.status == "FINISHED"
         assert {"evaluate.accuracy", "accuracy", "prune.params_blocks_ratio"} <= set(t.data.metrics)
-        assert len(client.get_metric_history(t.info.run_id, "prune.loss")) == 2
+        assert t.data.params["posterior_budget.params"] == "0.4"
         assert not client.search_runs([parent.info.experiment_id],
                                       f"tags.mlflow.parentRunId = '{t.info.run_id}'")
         ratio = t.data.metrics["params_blocks_ratio"]
         budget = float(t.data.params["prune.budget.params"])
         assert budget - 0.05 <= ratio <= budget  # tolerance 0.05 of the tiny model
+
+
+def test_one_mask_training_per_model_and_kl_weight(swept) -> None:
+    """reuse_posterior: the 0.4 prune stage of each (model, KL weight) is its only mask training; the 0.6 trial
+    re-thresholds that posterior. Whichever trial got there first trained it, with its curves in that trial's run."""
+    d, run = swept
+    client = _client(run)
+    trials = client.search_runs([client.get_run(run.run_id).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{run.run_id}'")
+    assert len(list((d / "runs" / "stages" / "prune").glob("*/train/output/posterior"))) == 4
+    for m in ("a", "b"):
+        for kl in ("0.01", "0.1"):
+            group = {t.data.params["prune.budget.params"]: t for t in trials
+                     if (t.data.params["sweep.model"], t.data.params["prune.vib.kl_weight"]) == (m, kl)}
+            small, large = group["0.4"], group["0.6"]
+            trained = [(t.info.run_id, key) for t in (small, large) for key in ("prune.loss", "posterior.loss")
+                       if client.get_metric_history(t.info.run_id, key)]
+            assert len(trained) == 1, trained  # one training, 2 steps of curves
+            trainer, key = trained[0]
+            assert len(client.get_metric_history(trainer, key)) == 2
+            assert (trainer, key) in ((small.info.run_id, "prune.loss"), (large.info.run_id, "posterior.loss"))
+            assert large.data.tags["vtrans.posterior_run_id"] == trainer
+            assert large.data.tags["vtrans.key.posterior"] == small.data.tags["vtrans.key.prune"]
+            assert "prune.job_wall_s" not in large.data.metrics and large.data.metrics["prune.derive_wall_s"] < 60
 
 
 def test_pareto_tables_equal_a_recomputation_from_the_trial_runs(swept) -> None:
