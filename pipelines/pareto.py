@@ -192,6 +192,51 @@ def plot_front(
     return path
 
 
+def text_plot(
+    rows: Sequence[Mapping[str, Any]],
+    front: Sequence[int],
+    x_key: str,
+    y_key: str,
+    dense: Mapping[str, float] | None = None,
+    width: int = 56,
+    height: int = 14,
+) -> str:
+    """The plot of :func:`plot_front` in characters, for terminals, logs and the README: ``o`` a front point, ``.``
+    any other row, ``*`` the dense model (drawn over the others where they share a cell); the value range of each
+    axis is written at its ends."""
+    _check_front(rows, front)
+    if width < 2 or height < 2:
+        raise ConfigError(f"text_plot needs width and height >= 2, got {width} x {height}")
+    points = [(_value(r, x_key, i, "row"), _value(r, y_key, i, "row"), "o" if i in set(front) else ".")
+              for i, r in enumerate(rows)]
+    points.sort(key=lambda p: p[2] == "o")  # front points drawn last: over the others
+    if dense is not None:
+        points.append((_value(dense, x_key, 0, "dense model"), _value(dense, y_key, 0, "dense model"), "*"))
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    grid = [[" "] * width for _ in range(height)]
+    for x, y, mark in points:
+        col = round((x - x0) / (x1 - x0) * (width - 1)) if x1 > x0 else 0
+        row = round((y1 - y) / (y1 - y0) * (height - 1)) if y1 > y0 else height - 1
+        grid[row][col] = mark
+    def fmt(v: float) -> str:
+        return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+
+    top, bottom = fmt(y1), fmt(y0)
+    pad = max(len(top), len(bottom), len(y_key))
+    lines = [f"{y_key:>{pad}}"]
+    for r, cells in enumerate(grid):
+        label = top if r == 0 else bottom if r == height - 1 else ""
+        lines.append(f"{label:>{pad}} |" + "".join(cells).rstrip())
+    lines.append(" " * pad + " +" + "-" * width)
+    left, right = fmt(x0), fmt(x1)
+    lines.append(" " * (pad + 2) + left + " " * max(1, width - len(left) - len(right)) + right)
+    lines.append(" " * (pad + 2) + f"{x_key}   (o front, . other runs, * dense)".center(width).rstrip())
+    return "\n".join(lines)
+
+
 def front_table(rows: Sequence[Mapping[str, Any]], front: Sequence[int], columns: Sequence[str]) -> list[dict]:
     """The front's rows restricted to ``columns``, in front order (for ``mlflow.log_table``); a column missing
     from a front row raises :class:`~vtrans.errors.ConfigError` naming the column and the row index."""

@@ -64,14 +64,24 @@ def _shared(sweep: Sweep, label: str, tracker: Tracker, parent: str, model_path:
     tracker.set_tags(parent, {f"vtrans.{label}.{n}": f"{r.status} {r.key}" for n, r in results.items()})
 
 
-def _trial_run(tracker: Tracker, parent: str, trial_id: str, name: str, params: dict[str, str]) -> str:
+def _trial_run(tracker: Tracker, parent: str, trial_id: str, name: str, params: dict[str, str]):
     """The trial's MLflow run: the one a restored trial already has, else a new one (no duplicates on resume)."""
     runs = tracker.client.search_runs([tracker.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
                                                     f"tags.`{TAG_TRIAL}` = '{trial_id}'")
     if runs:
-        return runs[0].info.run_id
-    return tracker.start_run(name, parent, params=params, tags={TAG_TRIAL: trial_id})
+        return runs[0]
+    return tracker.client.get_run(tracker.start_run(name, parent, params=params, tags={TAG_TRIAL: trial_id}))
+
+
+def _finished_result(run, label: str) -> dict:
+    """What a trial reports, read back from its finished run (Tune saves its state every ~10 s: a trial that ended
+    just before the driver died is started again on resume and must not run its stages again)."""
+    tags = run.data.tags
+    return {**{k: v for k, v in run.data.metrics.items() if "." not in k},  # the evaluation's (unprefixed) metrics
+            "run_id": run.info.run_id, "model_uri": tags.get(TAG_MODEL_URI, ""), "model": label,
+            "statuses": ",".join(f"{k[len('vtrans.status.'):]}={v}" for k, v in sorted(tags.items())
+                                 if k.startswith("vtrans.status."))}
 
 
 def _trial(config: dict, sweep: Sweep, tracker: Tracker, parent: str, root: str, model_paths: dict[str, str]) -> None:
@@ -82,8 +92,12 @@ def _trial(config: dict, sweep: Sweep, tracker: Tracker, parent: str, root: str,
     cfg = sweep.point_config(label, point)
     trial_id = tune.get_context().get_trial_id()
     params = {**flatten(cfg), "sweep.model": label}
-    run_id = _trial_run(tracker, parent, trial_id, f"{label} " + " ".join(f"{k}={v}" for k, v in point.items()),
-                        params)
+    run = _trial_run(tracker, parent, trial_id, f"{label} " + " ".join(f"{k}={v}" for k, v in point.items()), params)
+    run_id = run.info.run_id
+    if run.info.status == "FINISHED":
+        print(f"[sweep] trial {trial_id} finished before the driver stopped (run {run_id}): not run again", flush=True)
+        tune.report(_finished_result(run, label))
+        return
     ctx = StageContext(config=with_absolute_paths(cfg), root=root, keys=plan(cfg), tracker=tracker,
                        parent_run_id=run_id, model_path=model_paths[label], single_run=True)
     results: dict[str, StageResult] = {}
@@ -194,7 +208,9 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> SweepRun:
         run = SweepRun(name=sweep.name, run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
                        rows=rows, errors=errors)
         _fronts(sweep, run, tracker, root)
-        tracker.log_metrics(parent, {"trials": len(rows), "failed_trials": errors, "wall_s": time.time() - t0})
+        # a resumed sweep adds to the time its finished drivers logged (an interrupted driver logged none)
+        before = tracker.client.get_run(parent).data.metrics.get("wall_s", 0.0) if resume else 0.0
+        tracker.log_metrics(parent, {"trials": len(rows), "failed_trials": errors, "wall_s": before + time.time() - t0})
         status = "FINISHED" if not errors else "FAILED"
         return run
     finally:
@@ -216,7 +232,7 @@ def _parent_run(sweep: Sweep, tracker: Tracker, resume: bool) -> str:
 
 def _fronts(sweep: Sweep, run: SweepRun, tracker: Tracker, root: Path) -> None:
     """Per model: the fronts of quality against each size measure, logged as table + JSON + plot; registration."""
-    from pipelines.pareto import Objective, pareto_front, plot_front
+    from pipelines.pareto import Objective, pareto_front, plot_front, text_plot
 
     out = root / "sweeps" / f"{sweep.name}-{sweep.key}"
     out.mkdir(parents=True, exist_ok=True)
@@ -241,13 +257,15 @@ def _fronts(sweep: Sweep, run: SweepRun, tracker: Tracker, root: Path) -> None:
             stem = f"{label}-{quality}-vs-{size}"
             (out / f"{stem}.json").write_text(json.dumps(table, indent=1))
             dense = {size: rows[0].get(f"dense_{size}"), quality: rows[0].get(f"dense_{quality}")}
-            plot = plot_front(rows, front, size, quality, out / f"{stem}.png",
-                              dense=dense if None not in dense.values() else None,
+            dense = dense if None not in dense.values() else None
+            plot = plot_front(rows, front, size, quality, out / f"{stem}.png", dense=dense,
                               title=f"{sweep.name}: {label}, {quality} vs {size}")
+            text = text_plot(rows, front, size, quality, dense=dense)
+            (out / f"{stem}.txt").write_text(text + "\n")
             tracker.client.log_table(run.run_id, data=_frame(table), artifact_file=f"pareto/{stem}.table.json")
-            tracker.log_artifacts(run.run_id, out / f"{stem}.json", "pareto")
-            tracker.log_artifacts(run.run_id, plot, "pareto")
-            _print_front(label, quality, size, table)
+            for path in (out / f"{stem}.json", plot, out / f"{stem}.txt"):
+                tracker.log_artifacts(run.run_id, path, "pareto")
+            _print_front(label, quality, size, table, text if size == sizes[0][0] else None)
         if sweep.config.registry.register and "params_blocks" in run.fronts[label]:
             run.registered[label] = _register(sweep, label, run, quality, goal)
 
@@ -258,8 +276,10 @@ def _frame(table: list[dict]):
     return pd.DataFrame(table)
 
 
-def _print_front(label: str, quality: str, size: str, table: list[dict]) -> None:
+def _print_front(label: str, quality: str, size: str, table: list[dict], text: str | None = None) -> None:
     print(f"\nPareto front of {label}: {quality} vs {size}", flush=True)
+    if text:
+        print(text, flush=True)
     for row in table:
         point = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("model", "run_id", "model_uri", quality,
                                                                             size, "params_blocks_ratio"))

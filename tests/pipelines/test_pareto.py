@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.pareto import Objective, front_table, fronts, pareto_front, plot_front
+from pipelines.pareto import Objective, front_table, fronts, pareto_front, plot_front, text_plot
 from vtrans.errors import ConfigError
 
 ACC, PARAMS, LAT = Objective("accuracy", "max"), Objective("params", "min"), Objective("latency", "min")
@@ -189,3 +189,19 @@ def test_plot_front_rejects_bad_front_and_labels(tmp_path: Path) -> None:
         plot_front(rows, [8], "params_blocks", "accuracy", tmp_path / "x.png")
     with pytest.raises(ConfigError, match=r"labels must have one entry per row \(8\), got 2"):
         plot_front(rows, [0], "params_blocks", "accuracy", tmp_path / "x.png", labels=["a", "b"])
+
+
+def test_text_plot_places_every_point_in_its_cell() -> None:
+    rows = [{"params_blocks": 0, "accuracy": 0.5}, {"params_blocks": 10, "accuracy": 0.7},
+            {"params_blocks": 5, "accuracy": 0.6}]
+    text = text_plot(rows, [1, 0], "params_blocks", "accuracy", dense={"params_blocks": 20, "accuracy": 0.9},
+                     width=5, height=5)
+    lines = text.splitlines()
+    grid = [line.split("|", 1)[1].ljust(5) for line in lines[1:6]]
+    # x 0..20 over 5 columns (5 per column), y 0.5..0.9 over 5 rows (0.1 per row, top = 0.9)
+    assert grid == ["    *", "     ", "  o  ", " .   ", "o    "]
+    assert lines[1].split("|")[0].strip() == "0.9" and lines[5].split("|")[0].strip() == "0.5"
+    assert "0" in lines[7] and lines[7].rstrip().endswith("20") and "o front" in lines[8]
+    assert text_plot([], [], "params_blocks", "accuracy") == ""
+    with pytest.raises(ConfigError, match="out of range"):
+        text_plot(rows, [3], "params_blocks", "accuracy")

@@ -98,7 +98,7 @@ def test_reuse_posterior_trains_at_the_smallest_budget(tmp_path: Path) -> None:
 
     configs = {(p["prune.budget.params"], p["prune.vib.kl_weight"]): s.point_config("minilm", p)
                for p in s.grid_points()}
-    for (budget, kl), cfg in configs.items():  # the point's budget, trained at 0.2 with its other settings
+    for (budget, _kl), cfg in configs.items():  # the point's budget, trained at 0.2 with its other settings
         assert cfg.prune.budget.params == budget and cfg.posterior_budget.params == 0.2
         assert (cfg.posterior_budget.seq_len, cfg.posterior_budget.tolerance) == (64, 0.01)
         assert (cfg.posterior is None) == (budget == 0.2)

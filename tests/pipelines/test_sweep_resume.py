@@ -7,11 +7,9 @@ equal to a recomputation from the trial runs.
 Both sweeps run as ``python -m pipelines.cli sweep`` subprocesses in sessions of their own (a local Ray started by
 the driver lives in the driver's session), so the test can kill exactly the processes the driver started.
 
-Known gap (not covered here): the driver writes Tune's experiment state at most every 10 s (Tune's "auto" period), so
-a driver killed within ~10 s of a trial's end leaves that trial RUNNING in Tune's state and ``--resume`` runs it again:
-no duplicate MLflow run (``_trial_run`` finds it), but its stages come back "cached", overwriting the run's
-``vtrans.status.*`` tags and end time. The resume test therefore kills the driver only once Tune has recorded the
-finished trial."""
+The driver writes Tune's experiment state at most every 10 s, so a trial that finished just before the kill may be
+started again on resume: it finds its MLflow run FINISHED and reports what that run logged, running nothing. The kill
+here comes as soon as the next trial has a checkpoint, whether or not Tune recorded the first one's end."""
 
 from __future__ import annotations
 
@@ -213,9 +211,7 @@ def test_resume_after_the_driver_is_killed_continues_the_same_experiment(tmp_pat
     d = _sweep_dir(tmp_path, RESUME)
     proc = _start(d, log="first.log")
     try:
-        # wait for: a trial finished, recorded as such by Tune (the driver writes Tune's experiment state at most
-        # every 10 s: killed before that, a finished trial is run again on resume; see the module docstring), and a
-        # later trial's prune job checkpointed
+        # wait for: a trial finished and a later trial's prune job checkpointed
         deadline = time.monotonic() + TIMEOUT_S
         while True:
             assert proc.poll() is None, f"the sweep ended (rc {proc.returncode}) before it was killed:\n" \
@@ -223,7 +219,7 @@ def test_resume_after_the_driver_is_killed_continues_the_same_experiment(tmp_pat
             dirs = _prune_dirs(d)
             done = [p for p in dirs if _record(p) is not None]
             running = [p for p in dirs if _record(p) is None and _last_checkpoint_step(p) is not None]
-            if done and running and "TERMINATED" in _tune_statuses(d).values():
+            if done and running:
                 break
             assert time.monotonic() < deadline, f"no interrupted trial to catch:\n{_tail(d, 'first.log')}"
             time.sleep(0.1)
@@ -251,8 +247,8 @@ def test_resume_after_the_driver_is_killed_continues_the_same_experiment(tmp_pat
     assert done_record["finished_at"] < t_kill
     done_eval = json.loads((d / "runs" / "stages" / "evaluate" / done_run.data.tags["vtrans.key.evaluate"]
                             / "stage.json").read_text())
-    tune_state = _tune_statuses(d)  # Tune agrees with MLflow; any other trial has not started
-    assert tune_state.pop(done_run.data.tags[TRIAL_TAG]) == "TERMINATED"
+    tune_state = _tune_statuses(d)  # any other trial has not started; the finished one may not be recorded yet
+    assert tune_state.pop(done_run.data.tags[TRIAL_TAG]) in ("TERMINATED", "RUNNING")
     assert tune_state.pop(killed_run.data.tags[TRIAL_TAG]) == "RUNNING"
     assert set(tune_state.values()) <= {"PENDING"}, tune_state
     killed_loss = client.get_metric_history(killed_run.info.run_id, "prune.loss")

@@ -130,7 +130,11 @@ def test_pareto_tables_equal_a_recomputation_from_the_trial_runs(swept) -> None:
         assert [r["run_id"] for r in logged] == [rows[i]["run_id"] for i in expected]
         assert [r["params_blocks"] for r in logged] == [rows[i]["params_blocks"] for i in expected]
         names = {a.path for a in client.list_artifacts(run.run_id, "pareto")}
-        assert f"pareto/{label}-accuracy-vs-params_blocks.png" in names
+        assert {f"pareto/{label}-accuracy-vs-params_blocks.{ext}" for ext in ("png", "txt")} <= names
+        text = Path(client.download_artifacts(run.run_id, f"pareto/{label}-accuracy-vs-params_blocks.txt",
+                                              str(d / "dl"))).read_text()
+        cells = "".join(line.split("|", 1)[1] for line in text.splitlines() if "|" in line)
+        assert 1 <= cells.count("o") <= len(expected) and cells.count("*") == 1  # front points may share a cell
 
 
 def test_pareto_models_are_registered_with_aliases_and_load_in_a_fresh_process(swept) -> None:
