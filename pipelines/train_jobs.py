@@ -204,7 +204,7 @@ def _train_loop(loop_config: dict) -> None:
 
     from vtrans import compress
     from vtrans.checkpoint import load_state, load_tokenizer, save_state, write_atomically
-    from vtrans.posterior import save_posterior
+    from vtrans.posterior import save_masks, save_posterior
     from vtrans.train import Finetuner, Pruner, step_seed
 
     kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
@@ -285,9 +285,7 @@ def _train_loop(loop_config: dict) -> None:
 
         if kind == "prune":
             module.finish()
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in module.vib.state_dict().items()}, str(out / "masks.safetensors"))
+            save_masks(module.vib, out / "masks.safetensors")
             write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
             # the trained weights and masks, before compression: other budgets re-threshold them (vtrans.posterior)
             save_posterior(module.vib, out / "posterior", tokenizer, task=spec.task, overwrite=True)

@@ -32,12 +32,18 @@ RECORD = "posterior.json"
 FORMAT = 1
 
 
+def save_masks(vib: VIB, path: str | Path) -> Path:
+    """The masks' state (every mu and log-variance, and the budget's selection) as safetensors."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in vib.state_dict().items()}, str(path))
+    return Path(path)
+
+
 def save_posterior(vib: VIB, directory: str | Path, tokenizer=None, task: str | None = None,
                    overwrite: bool = False) -> Path:
     """Write ``vib``'s model (dense shape, current weights) and masks to ``directory`` (atomically); ``task``
     (``seq-cls``, ``causal-lm``, ``base``) defaults to the model's architecture."""
-    from safetensors.torch import save_file
-
     from vtrans.checkpoint import infer_task, read_config
 
     model = vib.model
@@ -48,8 +54,6 @@ def save_posterior(vib: VIB, directory: str | Path, tokenizer=None, task: str | 
         "num_labels": getattr(model.config, "num_labels", None),
         "trained_budget": dataclasses.asdict(vib.budget) if vib.budget is not None else None,
         "method": vib.method,
-        "geometry": {"n_layers": vib.geometry.n_layers, "hidden": vib.geometry.hidden,
-                     "n_groups": vib.geometry.n_groups, "ffn": vib.geometry.ffn},
     }
 
     def write(d: Path) -> None:
@@ -58,7 +62,7 @@ def save_posterior(vib: VIB, directory: str | Path, tokenizer=None, task: str | 
             record["task"] = infer_task(read_config(d))
         if tokenizer is not None:
             tokenizer.save_pretrained(d)
-        save_file({k: v.detach().contiguous().cpu() for k, v in vib.state_dict().items()}, str(d / MASKS))
+        save_masks(vib, d / MASKS)
         (d / RECORD).write_text(json.dumps(record, indent=1))
 
     return write_atomically(directory, write, overwrite=overwrite)
@@ -82,7 +86,7 @@ def load_posterior(directory: str | Path, device: str | torch.device = "cpu", dt
     from safetensors.torch import load_file
 
     record = read_posterior_record(directory)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     model = load_pretrained(directory, record["task"], record.get("num_labels"), **kwargs).to(device).eval()
     vib = attach(model, VIBConfig(**record["vib"]))
     state = load_file(str(Path(directory) / MASKS), device=str(device))
@@ -102,4 +106,4 @@ def trained_budget(directory: str | Path) -> Budget | None:
     return Budget(**b) if b else None
 
 
-__all__ = ["load_posterior", "read_posterior_record", "save_posterior", "trained_budget"]
+__all__ = ["load_posterior", "read_posterior_record", "save_masks", "save_posterior", "trained_budget"]

@@ -104,12 +104,10 @@ def _summarise(cfg: PipelineConfig, work: Path, out: Path, inputs: dict[str, Sta
 def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> StageOutput:
     """``prune.budget`` from the posterior trained at ``posterior_budget``: that pipeline's prune stage (found in the
     cache, or computed here under its own key and lock), re-thresholded and compressed here."""
-    from safetensors.torch import save_file
-
     from pipelines.stages import BY_NAME
     from vtrans import compress
     from vtrans.checkpoint import load_tokenizer, write_atomically
-    from vtrans.posterior import load_posterior
+    from vtrans.posterior import load_posterior, save_masks
 
     cfg, source_cfg = ctx.config, ctx.config.posterior
     keys = dict(ctx.keys, **{NAME: stage_key(BY_NAME[NAME], source_cfg, {n: ctx.keys[n] for n in NEEDS})})
@@ -128,7 +126,7 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
     tokenizer = load_tokenizer(posterior)
     out = work / "output"
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vib.state_dict().items()}, str(out / "masks.safetensors"))
+    save_masks(vib, out / "masks.safetensors")
 
     def write(directory: Path) -> None:
         compress(vib).save_pretrained(directory)
