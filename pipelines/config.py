@@ -509,6 +509,10 @@ class PipelineConfig:
             if used and batch % n:
                 raise ConfigError(f"{key}={batch!r} must be a multiple of ray.num_workers={n!r} (each worker "
                                   f"takes an equal share of every batch)")
+        ft, cap = self.finetune, self.data.max_train_samples
+        if ft.steps > 0 and ft.eval_every > 0 and cap is not None and cap - ft.eval_samples < ft.batch_size:
+            raise ConfigError(f"finetune.eval_samples={ft.eval_samples!r} held out of data.max_train_samples={cap!r} "
+                              f"leaves fewer than finetune.batch_size={ft.batch_size!r} samples to fine-tune on")
 
     def _post_load(self, data: Mapping[str, Any], prefix: str) -> None:
         """A derived key written in the file must agree with its owner even when it equals the dataclass default."""

@@ -56,6 +56,20 @@ class RegistryConfig:
 
 
 @dataclass
+class AshaConfig:
+    """ASHA early stopping (``sweep.early_stopping: asha``) on the fine-tune's held-out quality
+    (:mod:`pipelines.early_stopping`); needs ``finetune.eval_every``."""
+
+    reduction_factor: float = 2
+    """At each rung a trial continues only within the best ``1 / reduction_factor`` of the trials there before it."""
+    grace_period: int | None = None
+    """Fine-tune steps before the first rung; None: the first held-out evaluation (``finetune.eval_every``)."""
+    by_budget: bool = True
+    """Compare a trial only with trials of the same budget (a 20% model does not lose to a 70% one); false: one
+    ASHA over all of a model's trials."""
+
+
+@dataclass
 class SweepConfig:
     """The ``sweep:`` section."""
 
@@ -72,7 +86,10 @@ class SweepConfig:
     """``key:max`` / ``key:min`` trial metrics the search optimises and the front is drawn over; None: the task's
     quality metric (accuracy: max, perplexity: min) and ``params_blocks:min``."""
     early_stopping: Literal["asha"] | None = None
-    """ASHA early stopping of trials on the quality metric (None: every trial runs to the end)."""
+    """``asha``: stop trials whose held-out quality trails the others' of their budget during fine-tuning
+    (``sweep.asha``; needs ``finetune.eval_every``); None: every trial runs to the end."""
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    """ASHA settings."""
     max_concurrent_trials: int | None = None
     """Trials at once; None: as many Train jobs as the cluster's CPUs (GPUs) hold."""
     reuse_posterior: bool = False
@@ -167,7 +184,10 @@ class Sweep:
     @property
     def key(self) -> str:
         """A hash of everything that defines the sweep's trials (its Tune experiment and MLflow parent)."""
-        return config_hash({"base": self.base, "sweep": dataclasses.asdict(self.config)})
+        sweep = dataclasses.asdict(self.config)
+        if sweep["early_stopping"] is None:  # unused: the same trials (and keys as before the setting existed)
+            del sweep["asha"]
+        return config_hash({"base": self.base, "sweep": sweep})
 
 
 #: Metrics every trial reports (objectives may name these or any evaluation metric).
@@ -257,8 +277,6 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         else:
             sweep_raw[key] = value
     config = from_dict(SweepConfig, sweep_raw, prefix="sweep")
-    if config.early_stopping == "asha":  # refused rather than silently ignored: every trial would run to its end
-        raise ConfigError(f"sweep.early_stopping={config.early_stopping!r} is not implemented yet; leave it out")
     if not config.space:
         raise ConfigError("sweep.space is empty: give at least one key to sweep, e.g. prune.budget.params: [0.5, 0.3]")
     if config.num_samples < 1:
@@ -300,7 +318,54 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                     raise ConfigError(f"sweep.space: {message}") from None
                 raise ConfigError(f"sweep.space point {point} for model {label!r}: {message}") from None
     _check_objectives(sweep)
+    _check_early_stopping(sweep)
     return sweep
+
+
+def _check_early_stopping(sweep: Sweep) -> None:
+    config, asha = sweep.config, sweep.config.asha
+    if config.early_stopping is None:
+        return
+    if isinstance(asha.reduction_factor, bool) or not isinstance(asha.reduction_factor, (int, float)) or \
+            not asha.reduction_factor > 1:
+        raise ConfigError(f"sweep.asha.reduction_factor must be a number > 1, got {asha.reduction_factor!r}")
+    if asha.grace_period is not None and (isinstance(asha.grace_period, bool) or
+                                          not isinstance(asha.grace_period, int) or asha.grace_period < 1):
+        raise ConfigError(f"sweep.asha.grace_period must be an integer >= 1 (fine-tune steps), got "
+                          f"{asha.grace_period!r}")
+    for key in ("finetune.steps", "finetune.eval_every"):
+        if key in config.space:
+            raise ConfigError(f"sweep.space may not sweep {key} with sweep.early_stopping='asha' (its rungs are "
+                              f"fine-tune steps, the same for every trial)")
+    for label, cfg in sweep.model_configs.items():
+        ft = cfg.finetune
+        if ft.steps == 0 or ft.eval_every == 0:
+            raise ConfigError(f"sweep.early_stopping='asha' compares the held-out quality measured while fine-tuning, "
+                              f"but model {label!r} has finetune.steps={ft.steps}, finetune.eval_every={ft.eval_every}"
+                              f"; set finetune.eval_every (e.g. {max(1, ft.steps // 4)})")
+        grace = asha_grace_period(sweep, label)
+        if grace >= ft.steps:
+            raise ConfigError(f"sweep.early_stopping='asha': the first rung (fine-tune step {grace}) must come before "
+                              f"the last step (finetune.steps={ft.steps}) for model {label!r}; lower "
+                              f"{'sweep.asha.grace_period' if asha.grace_period else 'finetune.eval_every'}")
+    if asha.by_budget:
+        for key in asha_group_keys(config):
+            if isinstance(config.space[key], dict) and "choice" not in config.space[key]:
+                raise ConfigError(f"sweep.asha.by_budget=true compares trials of the same budget, but "
+                                  f"sweep.space[{key!r}]={config.space[key]!r} gives every trial a budget of its own; "
+                                  f"list the budgets, or set sweep.asha.by_budget=false")
+
+
+def asha_grace_period(sweep: Sweep, label: str) -> int:
+    """Fine-tune steps before a trial of model ``label`` can be stopped."""
+    return sweep.config.asha.grace_period or sweep.model_configs[label].finetune.eval_every
+
+
+def asha_group_keys(config: SweepConfig) -> list[str]:
+    """The space's budget keys: ASHA compares trials that agree on them (all trials when ``by_budget`` is off)."""
+    if not config.asha.by_budget:
+        return []
+    return [k for k in config.space if k == "prune.budget" or k.startswith("prune.budget.")]
 
 
 def max_concurrent(sweep: Sweep, cluster_cpus: float, cluster_gpus: float) -> int:

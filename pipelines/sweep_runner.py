@@ -21,12 +21,15 @@ from pipelines.stages import STAGES
 from pipelines.stages.base import StageContext, StageResult, execute
 from pipelines.sweep import Sweep
 from pipelines.tracking import TAG_MODEL_URI, Tracker, ui_hint
+from pipelines.train_jobs import FINETUNE_STEP
 from pipelines.validate import plan, preflight, with_absolute_paths
 from vtrans.errors import ConfigError
 
 TAG_SWEEP = "vtrans.sweep"
 TAG_SWEEP_KEY = "vtrans.sweep_key"
 TAG_TRIAL = "vtrans.trial"
+TAG_EARLY_STOPPED = "vtrans.early_stopped"
+TAG_NODES = "vtrans.nodes"
 TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 
 
@@ -44,6 +47,8 @@ class SweepRun:
     """Model label -> size key -> indices into ``rows`` on the front."""
     registered: dict[str, list[dict]] = field(default_factory=dict)
     errors: int = 0
+    stopped: int = 0
+    """Trials stopped early by ASHA (their runs are KILLED, tagged ``vtrans.early_stopped``; not on any front)."""
 
     @property
     def ui(self) -> str:
@@ -72,6 +77,19 @@ def _trial_run(tracker: Tracker, parent: str, trial_id: str, name: str, params: 
     if runs:
         return runs[0]
     return tracker.client.get_run(tracker.start_run(name, parent, params=params, tags={TAG_TRIAL: trial_id}))
+
+
+def _early_stopped(tracker: Tracker, parent: str, last: dict) -> None:
+    """End the MLflow run of a trial ASHA stopped (its process was ended mid fine-tune) as KILLED, tagged with where
+    it stopped (``last``: the trial's last report)."""
+    runs = tracker.client.search_runs([tracker.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
+                                                    f"tags.`{TAG_TRIAL}` = '{last.get('trial_id')}'")
+    for run in runs:
+        step = last.get(FINETUNE_STEP)
+        tracker.set_tags(run.info.run_id, {TAG_EARLY_STOPPED: f"fine-tune step {step}" if step is not None else "yes"})
+        if run.info.status == "RUNNING":
+            tracker.end_run(run.info.run_id, "KILLED")
 
 
 def _finished_result(run, label: str) -> dict:
@@ -111,6 +129,13 @@ def _trial(config: dict, sweep: Sweep, tracker: Tracker, parent: str, root: str,
     tracker.log_metrics(run_id, ev.metrics)
     if ev.model_uri:
         tracker.set_tags(run_id, {TAG_MODEL_URI: ev.model_uri})
+    # where its work ran: the trial's own node and every Train worker's of the jobs it ran (or found cached)
+    import ray
+
+    nodes = {ray.get_runtime_context().get_node_id()}
+    for r in results.values():
+        nodes.update(r.info.get("node_ids") or [])
+    tracker.set_tags(run_id, {TAG_NODES: ",".join(sorted(nodes))})
     tracker.end_run(run_id)
     tune.report({**ev.metrics, "run_id": run_id, "model_uri": ev.model_uri or "", "model": label,
                  "statuses": ",".join(f"{n}={r.status}" for n, r in results.items())})
@@ -149,10 +174,17 @@ def _tuner(sweep: Sweep, label: str, trainable, storage: Path, concurrent: int, 
                                   seed=sweep.config.seed)
     scheduler = None
     if sweep.config.early_stopping == "asha":
-        from ray.tune.schedulers import ASHAScheduler
+        from pipelines.early_stopping import BudgetASHA
+        from pipelines.sweep import asha_grace_period, asha_group_keys
+        from pipelines.train_jobs import VAL_METRIC
 
+        cfg = sweep.model_configs[label]
         quality, goal = objectives[0]
-        scheduler = ASHAScheduler(metric=quality, mode=goal)
+        assert quality == VAL_METRIC[cfg.task], quality  # the sweep's checks allow the task's quality metric only
+        scheduler = BudgetASHA(metric=f"val_{quality}", mode=goal, steps=cfg.finetune.steps,
+                               grace_period=asha_grace_period(sweep, label),
+                               reduction_factor=sweep.config.asha.reduction_factor,
+                               group_keys=asha_group_keys(sweep.config))
     space = {"model": label, **_search_space(sweep)}
     return tune.Tuner(trainable, param_space=space,
                       tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
@@ -190,7 +222,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> SweepRun:
         res = ray.cluster_resources()
         concurrent = max_concurrent(sweep, res.get("CPU", 0), res.get("GPU", 0))
         rows: list[dict[str, Any]] = []
-        errors = 0
+        errors = stopped = 0
         model_paths = {label: c.model_path for label, c in checked.items()}
         trainable = tune.with_resources(
             tune.with_parameters(_trial, sweep=sweep, tracker=tracker, parent=parent, root=str(root),
@@ -199,6 +231,10 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> SweepRun:
             _shared(sweep, label, tracker, parent, model_paths[label], root)
             grid = _tuner(sweep, label, trainable, root / "sweeps", concurrent, resume).fit()
             for result in grid:
+                if sweep.config.early_stopping and result.error is None and "run_id" not in (result.metrics or {}):
+                    _early_stopped(tracker, parent, result.metrics or {})  # by ASHA, mid fine-tune: no evaluation
+                    stopped += 1
+                    continue
                 if result.error is not None or not result.metrics:
                     errors += 1
                     continue
@@ -206,11 +242,12 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> SweepRun:
                 row.update({k: result.config[k] for k in sweep.config.space})
                 rows.append(row)
         run = SweepRun(name=sweep.name, run_id=parent, experiment_id=tracker.experiment_id, tracking_uri=tracker.uri,
-                       rows=rows, errors=errors)
+                       rows=rows, errors=errors, stopped=stopped)
         _fronts(sweep, run, tracker, root)
         # a resumed sweep adds to the time its finished drivers logged (an interrupted driver logged none)
         before = tracker.client.get_run(parent).data.metrics.get("wall_s", 0.0) if resume else 0.0
-        tracker.log_metrics(parent, {"trials": len(rows), "failed_trials": errors, "wall_s": before + time.time() - t0})
+        tracker.log_metrics(parent, {"trials": len(rows), "failed_trials": errors, "stopped_trials": stopped,
+                                     "wall_s": before + time.time() - t0})
         status = "FINISHED" if not errors else "FAILED"
         return run
     finally:

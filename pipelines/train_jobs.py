@@ -36,7 +36,8 @@ class RayConfig:
     """Where and how wide a job runs."""
 
     address: str | None = None
-    """Ray address (``auto``, ``ray://...``); None starts or joins a local Ray."""
+    """Ray address (``host:port`` of the GCS, ``auto``, ``ray://...``); None: ``$RAY_ADDRESS`` when set (a job's
+    driver), else a new local Ray."""
     num_workers: int = 1
     """Data-parallel Ray Train workers (each gets batch_size / num_workers samples per step)."""
     use_gpu: bool = False
@@ -68,6 +69,8 @@ class JobSpec:
     teacher_dir: str | None = None
     """Dense teacher for distillation (default: ``model_dir`` for pruning; none for fine-tuning)."""
     tokenizer_dir: str | None = None
+    eval_dataset: Any = None
+    """Held-out samples a fine-tune measures its quality on every ``finetune.eval_every`` steps (rank 0)."""
 
 
 @dataclass
@@ -82,6 +85,8 @@ class JobResult:
     ``model/`` of a fine-tune; ``history.json``)."""
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
+    node_ids: list[str] = field(default_factory=list)
+    """The Ray node of each worker, by rank."""
 
 
 def check_resources(ray_cfg: RayConfig) -> None:
@@ -185,6 +190,32 @@ class _LiveCurves:
         self.pending = []
 
 
+#: The held-out quality metric of a fine-tune's task, reported as ``val_<metric>``.
+VAL_METRIC = {"seq-cls": "accuracy", "causal-lm": "perplexity"}
+#: The report key of a held-out evaluation's fine-tune step (steps done): the time axis of ASHA's rungs.
+FINETUNE_STEP = "finetune_step"
+
+
+def _held_out_quality(model, spec: JobSpec, batch_size: int) -> dict[str, float]:
+    from vtrans.evaluate import accuracy, perplexity
+
+    metric = VAL_METRIC[spec.task]
+    fn = accuracy if metric == "accuracy" else perplexity
+    return {f"val_{metric}": fn(model, spec.eval_dataset, spec.pad_token_id, batch_size=batch_size)}
+
+
+def _node_ids(world: int) -> list[str]:
+    """Every worker's Ray node id, by rank (a collective: all ranks call it)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
+
+
 def _quiet_ray_train_logs() -> None:
     """Ray Train logs every report and checkpoint of every worker at INFO; keep the job's log about the job
     (``VTRANS_VERBOSE=1`` keeps them)."""
@@ -236,6 +267,7 @@ def _train_loop(loop_config: dict) -> None:
     fault = loop_config.get("fault")
     curves = _LiveCurves(loop_config.get("tracking")) if rank == 0 else None
     label = loop_config.get("label") or kind
+    eval_every = getattr(cfg, "eval_every", 0) if kind == "finetune" and spec.eval_dataset is not None else 0
     bar = Progress(total=total - start, desc=label + (f" (resumed at step {start})" if start else ""),
                    unit="step") if rank == 0 else None
     for step in range(start, total):
@@ -252,12 +284,18 @@ def _train_loop(loop_config: dict) -> None:
         module.optimize(loss, step)
         metrics.update({f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in module.optimizers.items()})
         metrics["step"] = step
-        history.append(metrics)
         last = step == total - 1
+        evaluate = eval_every > 0 and ((step + 1) % eval_every == 0 or last)
+        if evaluate:
+            # what a sweep's ASHA compares, at fine-tune step `finetune_step` (rank 0's report reaches Tune)
+            metrics[FINETUNE_STEP] = step + 1
+            if rank == 0:
+                metrics.update(_held_out_quality(module.model, spec, cfg.batch_size))
+        history.append(metrics)
         if rank == 0:
             curves.add(metrics)
             bar.update(1, loss=metrics["loss"])
-            if (step + 1) % report_every == 0 or last:
+            if (step + 1) % report_every == 0 or last or evaluate:
                 curves.flush()
         if (step + 1) % every == 0 or last:
             with tempfile.TemporaryDirectory() as tmp:
@@ -267,9 +305,10 @@ def _train_loop(loop_config: dict) -> None:
                     save_state(tmp, tensors, dict(meta, step=step, history=history, kind=kind))
                     checkpoint = Checkpoint.from_directory(tmp)
                 ray.train.report(dict(metrics), checkpoint=checkpoint)
-        elif (step + 1) % report_every == 0:
+        elif (step + 1) % report_every == 0 or evaluate:
             ray.train.report(dict(metrics))
 
+    nodes = _node_ids(world)
     if rank == 0:
         bar.close()
         out = Path(loop_config["output_dir"])
@@ -294,7 +333,8 @@ def _train_loop(loop_config: dict) -> None:
             write_atomically(out / "model", save_with_tokenizer(model), overwrite=True)
         (out / "history.json").write_text(json.dumps(history))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        (out / "resources.json").write_text(json.dumps({"peak_rss_mb": peak, "rank": rank, "world_size": world}))
+        (out / "resources.json").write_text(json.dumps({"peak_rss_mb": peak, "rank": rank, "world_size": world,
+                                                        "node_ids": nodes}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,6 +355,11 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
     init_ray(ray_cfg.address)
     check_resources(ray_cfg)
     out = storage / name / OUTPUT
+    callbacks = []
+    if _in_tune_trial():  # the job's reports reach the trial (what a sweep's ASHA scheduler reads)
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     threads = threads_per_worker or max(1, int(ray_cfg.cpus_per_worker))
     trainer = TorchTrainer(
         _train_loop,
@@ -325,7 +370,7 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures), callbacks=callbacks),
     )
     t0 = time.perf_counter()
     try:
@@ -337,7 +382,16 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
         raise
     wall = time.perf_counter() - t0
     history = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else []
-    return JobResult(name=name, path=str(result.path), output=str(out), history=history, wall_time_s=wall)
+    used = json.loads((out / "resources.json").read_text()) if (out / "resources.json").is_file() else {}
+    return JobResult(name=name, path=str(result.path), output=str(out), history=history, wall_time_s=wall,
+                     node_ids=used.get("node_ids", []))
+
+
+def _in_tune_trial() -> bool:
+    """Whether this process runs a Ray Tune trial (a sweep's trial launches its Train jobs itself)."""
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session  # Ray 2.60 (pinned): no public equivalent
+
+    return _in_tune_session()
 
 
 def _vtrans_error(e: BaseException, depth: int = 0) -> BaseException | None:

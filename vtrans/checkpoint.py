@@ -148,9 +148,12 @@ def save_state(directory: str | Path, tensors: dict[str, torch.Tensor], meta: di
     """Write a training state as ``state.safetensors`` + ``state.json`` (with the tensors' SHA-256)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})  # serialised once: written and hashed
+    unique, aliases = _dedupe_shared(tensors)
+    data = save({k: v.detach().cpu().contiguous() for k, v in unique.items()})  # serialised once: written and hashed
     (directory / STATE_TENSORS).write_bytes(data)
     meta = dict(meta, tensors_sha256=hashlib.sha256(data).hexdigest())
+    if aliases:
+        meta["tensor_aliases"] = aliases
     tmp = directory / (STATE_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, default=str))
     os.replace(tmp, directory / STATE_META)  # the JSON is written last: its presence marks a complete state
@@ -169,4 +172,23 @@ def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if actual != meta.get("tensors_sha256"):
         raise CheckpointError(f"checkpoint {str(directory)!r} is corrupted: {STATE_TENSORS} has sha256 "
                               f"{actual[:12]}…, state.json records {str(meta.get('tensors_sha256'))[:12]}…")
-    return load(data), meta
+    tensors = load(data)
+    for name, source in meta.get("tensor_aliases", {}).items():
+        tensors[name] = tensors[source]
+    return tensors, meta
+
+
+def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors without repeats, {repeat name: kept name})``: tied weights (a causal LM's embedding and LM head)
+    appear in a state dict under two names with one storage, which safetensors refuses to write twice."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in tensors.items():
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and view in seen:
+            aliases[name] = seen[view]
+            continue
+        seen.setdefault(view, name)
+        unique[name] = t
+    return unique, aliases

@@ -54,4 +54,6 @@ def perplexity(model: PreTrainedModel, dataset: Dataset, pad_token_id: int, batc
         nll += float(loss)
         tokens += int((target != -100).sum())
     model.train(was_training)
-    return math.exp(nll / max(tokens, 1))
+    mean = nll / max(tokens, 1)
+    # a diverged model: exp overflows a float past ~709 (and a NaN loss ranks with it, as the worst)
+    return math.exp(mean) if mean < 709 else math.inf

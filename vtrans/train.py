@@ -384,9 +384,16 @@ class FinetuneConfig:
     """Logit distillation from the teacher (hidden-state distillation is not possible across widths)."""
     seed: int = 0
     """Seed of the data order and of the per-step RNG."""
+    eval_every: int = 0
+    """Measure the task's quality (accuracy / perplexity) on held-out training samples every this many steps and at
+    the end (0: never). What a sweep's ASHA early stopping compares; also logged as the ``val_*`` curve."""
+    eval_samples: int = 256
+    """Training samples held out of fine-tuning for ``eval_every`` (drawn with ``seed``)."""
 
     def __post_init__(self) -> None:
         _positive("finetune.steps", self.steps, integer=True, zero_ok=True)
+        _positive("finetune.eval_every", self.eval_every, integer=True, zero_ok=True)
+        _positive("finetune.eval_samples", self.eval_samples, integer=True)
         _positive("finetune.batch_size", self.batch_size, integer=True)
         _positive("finetune.lr", self.lr)
         for key in ("weight_decay", "max_grad_norm"):

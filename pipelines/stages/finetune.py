@@ -1,5 +1,8 @@
 """Stage 4, finetune: a data-parallel Ray Train fine-tune of the compressed model on the training split, with logit
 distillation from the teacher (``finetune`` section). ``finetune.steps: 0`` passes the pruned model through.
+With ``finetune.eval_every``, ``finetune.eval_samples`` training samples (stratified for seq-cls) are held out of
+fine-tuning and the job measures its quality on them as it goes (``val_accuracy`` / ``val_perplexity``: the curve a
+sweep's ASHA early stopping compares). The prune stage saw those samples; the fine-tune does not.
 
 Output: ``train/output/model/`` (the fine-tuned compressed model, loadable with ``trust_remote_code=True``).
 """
@@ -8,10 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch.utils.data import Subset
+
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tracking
-from pipelines.stages.calibrate import load_split
+from pipelines.stages.calibrate import TokenizedDataset, load_split
 from pipelines.train_jobs import JobSpec, run_finetune_job
+from vtrans.data import train_test_split
+from vtrans.errors import ConfigError
 
 NAME = "finetune"
 NEEDS = ("calibrate", "teacher", "prune")
@@ -20,7 +27,10 @@ OPTIONS = {"num_cpus": 0}
 
 
 def material(cfg: PipelineConfig) -> dict:
-    return {"finetune": to_dict(cfg.finetune)}
+    ft = to_dict(cfg.finetune)
+    if not ft["eval_every"]:  # nothing held out: the output does not depend on them (and keys stay as they were)
+        del ft["eval_every"], ft["eval_samples"]
+    return {"finetune": ft}
 
 
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
@@ -30,11 +40,29 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
         return StageOutput(outputs={"model": pruned}, info={"fine_tuned": False})
     data = inputs["calibrate"]
     teacher = inputs["teacher"].outputs["model"]
-    spec = JobSpec(model_dir=pruned, task=cfg.task, dataset=load_split(data, "train", cfg.task),
-                   pad_token_id=data.info["pad_token_id"], teacher_dir=teacher, tokenizer_dir=pruned)
+    train, held_out = load_split(data, "train", cfg.task), None
+    if cfg.finetune.eval_every:
+        train, held_out = hold_out(train, cfg)
+    spec = JobSpec(model_dir=pruned, task=cfg.task, dataset=train, pad_token_id=data.info["pad_token_id"],
+                   teacher_dir=teacher, tokenizer_dir=pruned, eval_dataset=held_out)
     job = run_finetune_job(spec, cfg.finetune, cfg.ray, "train", work,
                            checkpoint_every=max(1, cfg.finetune.steps // 4), tracking=job_tracking(ctx, run_id, NAME))
     metrics = {"final_loss": job.history[-1]["loss"], "job_wall_s": job.wall_time_s} if job.history else {}
+    val = [k for k in (job.history[-1] if job.history else {}) if k.startswith("val_")]
+    metrics.update({f"final_{k}": job.history[-1][k] for k in val})
     return StageOutput(outputs={"model": str(Path(job.output) / "model")}, metrics=metrics,
-                       info={"fine_tuned": True, "steps": cfg.finetune.steps},
+                       info={"fine_tuned": True, "steps": cfg.finetune.steps, "node_ids": job.node_ids,
+                             "train_samples": len(train), "held_out_samples": len(held_out or ())},
                        artifacts=[(str(Path(job.output) / "history.json"), "train")])
+
+
+def hold_out(train: TokenizedDataset, cfg: PipelineConfig) -> tuple[Subset, Subset]:
+    """``(fine-tuning samples, held-out samples)`` of the training split: ``finetune.eval_samples`` drawn with
+    ``finetune.seed``, stratified by label for seq-cls."""
+    ft, n = cfg.finetune, len(train)
+    if n - ft.eval_samples < ft.batch_size:
+        raise ConfigError(f"finetune.eval_samples={ft.eval_samples} leaves {n - ft.eval_samples} of the {n} training "
+                          f"samples to fine-tune on, fewer than finetune.batch_size={ft.batch_size}")
+    labels = train.labels.tolist() if train.labels is not None else None
+    keep, held = train_test_split(n, ft.eval_samples / n, seed=ft.seed, labels=labels)
+    return Subset(train, keep), Subset(train, held)

@@ -69,7 +69,8 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
             metrics["final_expected_size"] = last[-1]["expected_size"]
             metrics["final_kl"] = last[-1]["kl"]
     metrics["job_wall_s"] = job.wall_time_s
-    output = _summarise(cfg, work, out, inputs, metrics, {"split": split, "samples": len(dataset)})
+    output = _summarise(cfg, work, out, inputs, metrics, {"split": split, "samples": len(dataset),
+                                                                   "node_ids": job.node_ids})
     output.outputs["posterior"] = str(out / "posterior")
     output.artifacts.append((str(out / "history.json"), "train"))
     return output

@@ -43,3 +43,43 @@ def test_test_cap_is_stratified_and_keeps_order() -> None:
     assert calibrate._cap_test(table, None, seed=0) is table and calibrate._cap_test(table, 500, 0) is table
     chunks = pa.table({"sample_id": list(range(50))})
     assert calibrate._cap_test(chunks, 7, seed=1).num_rows == 7
+
+
+def test_fine_tune_hold_out_is_stratified_disjoint_and_seeded(tmp_path) -> None:
+    from pipelines import sources
+    from pipelines.config import load_config
+    from pipelines.stages.finetune import hold_out
+    from tests.pipelines.test_config import MINILM
+    from vtrans.errors import ConfigError
+
+    labels = [0] * 60 + [1] * 40
+    table = pa.table({"sample_id": list(range(1000, 1100)), "input_ids": [[i % 50 + 3] * 4 for i in range(100)],
+                      "label": labels})
+    sources.write_parquet(table, tmp_path / "train.parquet")
+    train = calibrate.TokenizedDataset(tmp_path / "train.parquet", "seq-cls")
+    cfg = load_config(MINILM, ["finetune.eval_every=10", "finetune.eval_samples=20", "finetune.batch_size=16"])
+    keep, held = hold_out(train, cfg)
+    kept_ids = {int(keep[i]["sample_id"]) for i in range(len(keep))}
+    held_ids = {int(held[i]["sample_id"]) for i in range(len(held))}
+    assert (len(keep), len(held)) == (80, 20) and not kept_ids & held_ids and len(kept_ids | held_ids) == 100
+    assert sum(int(held[i]["labels"]) for i in range(20)) == 8  # 40% positives, as in the split
+    again = hold_out(train, cfg)[1]
+    assert [int(again[i]["sample_id"]) for i in range(20)] == [int(held[i]["sample_id"]) for i in range(20)]
+    other = hold_out(train, load_config(MINILM, ["finetune.eval_every=10", "finetune.eval_samples=20",
+                                                 "finetune.batch_size=16", "finetune.seed=1"]))[1]
+    assert {int(other[i]["sample_id"]) for i in range(20)} != held_ids
+    with pytest.raises(ConfigError, match=r"finetune.eval_samples=90 leaves 10 of the 100 training samples"):
+        hold_out(train, load_config(MINILM, ["finetune.eval_every=10", "finetune.eval_samples=90",
+                                             "finetune.batch_size=16"]))
+
+
+def test_fine_tune_key_depends_on_the_hold_out_only_when_there_is_one() -> None:
+    from pipelines.config import load_config
+    from pipelines.validate import plan
+    from tests.pipelines.test_config import MINILM
+
+    base = plan(load_config(MINILM))["finetune"]
+    assert plan(load_config(MINILM, ["finetune.eval_samples=64"]))["finetune"] == base  # no eval_every: unused
+    held = plan(load_config(MINILM, ["finetune.eval_every=50"]))["finetune"]
+    assert held != base  # 256 samples no longer fine-tuned on
+    assert plan(load_config(MINILM, ["finetune.eval_every=50", "finetune.eval_samples=64"]))["finetune"] != held

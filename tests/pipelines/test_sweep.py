@@ -85,9 +85,50 @@ def test_shipped_sweep_configs_load() -> None:
     assert s.model_configs["minilm"].prune.method == "faster"
 
 
-def test_unimplemented_options_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        load_sweep(_write(tmp_path, {"space": {"prune.budget.params": [0.5]}, "early_stopping": "asha"}))
+ASHA_FT = {"steps": 40, "batch_size": 8, "eval_every": 10, "eval_samples": 32}
+
+
+def test_asha_compares_within_budgets_from_the_first_evaluation(tmp_path: Path) -> None:
+    from pipelines.sweep import asha_grace_period, asha_group_keys
+
+    space = {"prune.budget.params": [0.7, 0.3], "prune.vib.kl_weight": [0.01, 0.1]}
+    s = load_sweep(_write(tmp_path, {"space": space, "early_stopping": "asha"}, finetune=ASHA_FT))
+    assert asha_group_keys(s.config) == ["prune.budget.params"] and asha_grace_period(s, "minilm") == 10
+    s = load_sweep(_write(tmp_path, {"space": space, "early_stopping": "asha",
+                                     "asha": {"by_budget": False, "grace_period": 20, "reduction_factor": 3}},
+                          finetune=ASHA_FT))
+    assert asha_group_keys(s.config) == [] and asha_grace_period(s, "minilm") == 20
+    assert s.config.asha.reduction_factor == 3
+
+
+@pytest.mark.parametrize(("sweep", "finetune", "needles"), [
+    ({}, {"steps": 0}, ["sweep.early_stopping='asha'", "finetune.steps=0", "finetune.eval_every"]),
+    ({}, {"eval_every": 0}, ["model 'minilm'", "finetune.eval_every=0", "set finetune.eval_every (e.g. 10)"]),
+    ({}, {"eval_every": 40}, ["first rung (fine-tune step 40)", "finetune.steps=40", "lower finetune.eval_every"]),
+    ({"asha": {"grace_period": 50}}, {}, ["first rung (fine-tune step 50)", "lower sweep.asha.grace_period"]),
+    ({"asha": {"reduction_factor": 1}}, {}, ["sweep.asha.reduction_factor must be a number > 1, got 1"]),
+    ({"asha": {"grace_period": 0}}, {}, ["sweep.asha.grace_period must be an integer >= 1", "got 0"]),
+    ({"space": {"prune.budget.params": [0.5], "finetune.steps": [20, 40]}}, {},
+     ["may not sweep finetune.steps", "early_stopping='asha'"]),
+    ({"space": {"prune.budget.params": {"uniform": [0.2, 0.8]}}, "search": "random"}, {},
+     ["sweep.asha.by_budget=true", "'prune.budget.params'", "uniform", "set sweep.asha.by_budget=false"]),
+    ({"asha": {"by_budgets": True}}, {}, ["sweep.asha.by_budgets", "did you mean"]),
+])
+def test_bad_asha_settings_fail_before_any_trial(tmp_path: Path, sweep: dict, finetune: dict,
+                                                 needles: list[str]) -> None:
+    spec = {"space": {"prune.budget.params": [0.5]}, "early_stopping": "asha", **sweep}
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, spec, finetune={**ASHA_FT, **finetune}))
+    message = str(e.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_asha_by_budget_accepts_a_choice_of_budgets(tmp_path: Path) -> None:
+    s = load_sweep(_write(tmp_path, {"space": {"prune.budget.params": {"choice": [0.3, 0.6]}}, "search": "random",
+                                     "num_samples": 4, "early_stopping": "asha"}, finetune=ASHA_FT))
+    assert s.config.early_stopping == "asha"
 
 
 def test_reuse_posterior_trains_at_the_smallest_budget(tmp_path: Path) -> None:
@@ -124,3 +165,11 @@ def test_bad_reuse_posterior_fails_before_any_trial(tmp_path: Path, sweep: dict,
         load_sweep(_write(tmp_path, {**sweep, "reuse_posterior": True}, **base))
     for needle in needles:
         assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_asha_settings_change_the_sweep_key_only_when_used(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"space": {"prune.budget.params": [0.5, 0.3]}}, finetune=ASHA_FT)
+    key = load_sweep(path).key
+    assert load_sweep(path, ["sweep.asha.reduction_factor=3"]).key == key
+    with_asha = load_sweep(path, ["sweep.early_stopping=asha"]).key
+    assert with_asha != key != load_sweep(path, ["sweep.early_stopping=asha", "sweep.asha.reduction_factor=3"]).key

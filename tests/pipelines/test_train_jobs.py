@@ -132,9 +132,11 @@ def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path
     spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
     pruned = run_prune_job(spec, _cfg(method="faster"), RayConfig(num_workers=2), "p", tmp_path)
     comp = str(Path(pruned.output) / "compressed")
-    ft = run_finetune_job(JobSpec(comp, "seq-cls", _dataset(), pad_token_id=0, teacher_dir=tiny_dir),
-                          FinetuneConfig(steps=12, batch_size=8, lr=1e-3), RayConfig(num_workers=2), "ft", tmp_path,
-                          checkpoint_every=6)
+    held_out = _dataset()[:20]
+    ft = run_finetune_job(JobSpec(comp, "seq-cls", _dataset()[20:], pad_token_id=0, teacher_dir=tiny_dir,
+                                  eval_dataset=held_out),
+                          FinetuneConfig(steps=12, batch_size=8, lr=1e-3, eval_every=5), RayConfig(num_workers=2),
+                          "ft", tmp_path, checkpoint_every=6)
     out = Path(ft.output) / "model"
     assert (out / "modeling_vtrans.py").is_file()
     assert (out / "tokenizer.json").is_file() and (Path(comp) / "tokenizer.json").is_file()
@@ -144,4 +146,13 @@ def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path
     assert type(model).__name__ == "VtransBertForSequenceClassification"
     assert vtrans.count(model) == vtrans.count(load_pretrained(comp))
     assert ft.history[-1]["task_loss"] < ft.history[0]["task_loss"] + 0.05
+    # held-out quality every 5 steps and at the end, measured on the model as it was: the last one is the saved one's
+    evaluated = [(h["step"], h["finetune_step"]) for h in ft.history if "val_accuracy" in h]
+    assert evaluated == [(4, 5), (9, 10), (11, 12)]
+    from vtrans.evaluate import accuracy
+
+    assert ft.history[-1]["val_accuracy"] == pytest.approx(accuracy(model, held_out, pad_token_id=0))
+    import ray
+
+    assert ft.node_ids == [ray.get_runtime_context().get_node_id()] * 2  # one local node, two workers
     assert not [p for p in Path(ft.output).iterdir() if p.name.startswith(".")]  # no temporary directory left

@@ -140,6 +140,22 @@ def test_resume_from_a_saved_state_is_exact(tmp_path: Path) -> None:
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def test_tied_weights_are_saved_once_and_restored_under_both_names(tmp_path: Path) -> None:
+    model = tiny("llama", LlamaForCausalLM)  # tie_word_embeddings: lm_head.weight is embed_tokens.weight
+    sd = model.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
+    save_state(tmp_path, {f"model.{k}": v for k, v in sd.items()}, {"step": 1})
+    tensors, meta = load_state(tmp_path)
+    assert meta["tensor_aliases"] == {"model.lm_head.weight": "model.model.embed_tokens.weight"}
+    assert set(tensors) == {f"model.{k}" for k in sd}
+    for k, v in sd.items():
+        assert torch.equal(tensors[f"model.{k}"], v), k
+    fresh = tiny("llama", LlamaForCausalLM, seed=1)
+    fresh.load_state_dict({k[len("model."):]: v for k, v in tensors.items()})
+    assert torch.equal(fresh.lm_head.weight, sd["lm_head.weight"]) and fresh.lm_head.weight is \
+        fresh.model.embed_tokens.weight  # still tied
+
+
 def test_corrupted_state_is_detected(tmp_path: Path) -> None:
     save_state(tmp_path, {"a": torch.arange(10.0)}, {"step": 3})
     assert load_state(tmp_path)[1]["step"] == 3
