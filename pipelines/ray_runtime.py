@@ -1,14 +1,25 @@
 """Starting or joining Ray the way this stack needs it (RAY-MLFLOW.md).
 
-A local Ray gets its dashboard on a free loopback port and ``RAY_API_SERVER_ADDRESS`` pointing at it: Ray's
-PlacementGroupCleaner needs the state API to free the placement group of a Train run whose driver died (without it an
-early-stopped Tune trial deadlocks the next one).
+With an address (``ray.address``, else ``$RAY_ADDRESS``: ``ray job submit`` sets it for the job's driver) vtrans joins
+that cluster, after checking within seconds that a Ray GCS answers there and accepts this process's token: ``ray.init``
+itself retries for about 20 s and then says only "Failed to connect". Without one it starts a local Ray whose dashboard
+is on a free loopback port, with ``RAY_API_SERVER_ADDRESS`` pointing at it: Ray's PlacementGroupCleaner needs the state
+API to free the placement group of a Train run whose driver died (without it an early-stopped Tune trial deadlocks the
+next one).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
+
+from vtrans.errors import ConfigError
+
+#: A cheap GCS call (its request message is empty) that fails fast with UNAUTHENTICATED when the token is wrong.
+GCS_PING = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+PROBE_TIMEOUT_S = 3.0
 
 
 def free_port() -> int:
@@ -28,18 +39,114 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
 
 
+def driver_runtime_env() -> dict:
+    """The runtime_env of this driver's ``ray.init``: :func:`worker_env`, less the variables a submitted job's own
+    runtime_env sets (Ray refuses to merge a job's and a driver's runtime_env that set the same variable; the job's
+    value is also in this process's environment, so the workers get it either way)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        job = set((json.loads(raw)["runtime_env"] or {}).get("env_vars") or {}) if raw else set()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        job = set()
+    return {"env_vars": {k: v for k, v in worker_env().items() if k not in job}}
+
+
+def _auth_token() -> tuple[str, str]:
+    """The token Ray sends under ``RAY_AUTH_MODE=token`` and where it comes from, in Ray's order: ``RAY_AUTH_TOKEN``,
+    the file ``RAY_AUTH_TOKEN_PATH`` (unreadable is an error, no fallback), ``~/.ray/auth_token``."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError:
+            token = ""
+        if not token:
+            raise ConfigError(f"RAY_AUTH_TOKEN_PATH={path!r} cannot be read or is empty; point it at the cluster's "
+                              f"token file")
+        return token, f"RAY_AUTH_TOKEN_PATH={path}"
+    default = Path.home() / ".ray" / "auth_token"
+    token = default.read_text().strip() if default.is_file() else ""
+    if not token:
+        raise ConfigError("RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the "
+                          "cluster's token, or write it to ~/.ray/auth_token")
+    return token, str(default)
+
+
+def _split(address: str, key: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{key}={address!r} must be host:port (the cluster's GCS), ray://host:port or auto")
+    return host, int(port)
+
+
+def check_cluster(address: str, key: str = "ray.address", timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail within seconds, naming ``key=address``, when no Ray cluster answers at ``address`` or it refuses this
+    process's token. ``auto`` is left to ``ray.init``; for ``ray://`` (Ray Client) only the port is checked."""
+    if address == "auto":
+        return
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}={address!r} is a dashboard (job submission) address; joining needs the GCS "
+                          f"address host:port (`ray status` prints it). For `ray job submit` set "
+                          f"RAY_API_SERVER_ADDRESS instead")
+    client = address.startswith("ray://")
+    host, port = _split(address[len("ray://"):] if client else address, key)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"{key}={address!r}: nothing answers at {host}:{port} ({e.strerror or e}); start the "
+                          f"cluster (bash clusters/local-cluster.sh up) or fix the address") from None
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if client or mode not in ("", "disabled", "token"):  # another auth mode (e.g. Kubernetes): left to Ray
+        return
+    import grpc
+
+    token, source = _auth_token() if mode == "token" else (None, None)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            channel.unary_unary(GCS_PING)(b"", timeout=timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                fix = (f"the Ray cluster refused the token from {source}; use that cluster's token" if source else
+                       "the Ray cluster requires token authentication; set RAY_AUTH_MODE=token and "
+                       "RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to its token")
+                raise ConfigError(f"{key}={address!r}: {fix}") from None
+            detail = (e.details() or "").strip().splitlines()[:1]
+            raise ConfigError(f"{key}={address!r}: no Ray GCS answers at {host}:{port} "
+                              f"({': '.join([e.code().name, *detail])})") from None
+
+
+def _join(address: str, key: str) -> dict:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    check_cluster(address, key)
+    try:
+        return ray.init(address=address, log_to_driver=True, runtime_env=driver_runtime_env()).address_info
+    except (AuthenticationError, ConnectionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}={address!r}: could not join the Ray cluster: {first}") from None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              resources: dict[str, float] | None = None) -> dict:
-    """Join ``address`` or start a local Ray (loopback, dashboard on a free port); idempotent."""
+    """Join ``address``, else ``$RAY_ADDRESS`` (a :class:`ConfigError` within seconds when nothing answers there or
+    the token is refused); with neither, start a local Ray (loopback, dashboard on a free port) with ``num_cpus``,
+    ``num_gpus`` and ``resources``, which describe a local Ray only. Idempotent."""
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context().__dict__.get("_context", {}) or {}
-    runtime_env = {"env_vars": worker_env()}
-    if address:
-        return ray.init(address=address, log_to_driver=True, runtime_env=runtime_env).address_info
+    key, target = ("ray.address", address) if address else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS") or None)
+    if target and target != "local":
+        return _join(target, key)
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    info = ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=True,
-                    dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, runtime_env=runtime_env)
+    # "local", not None: ray.init() with no address joins the latest `ray start` cluster of this machine
+    # (/tmp/ray/ray_current_cluster) when there is one, and then refuses num_cpus
+    info = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=True,
+                    dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
+                    runtime_env=driver_runtime_env())
     return info.address_info
