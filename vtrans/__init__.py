@@ -8,6 +8,7 @@ small = vtrans.compress(vib)                        # physically smaller HF mode
 vtrans.save_posterior(vib, dir); vtrans.load_posterior(dir).apply_budget(...)   # one training, several budgets
 small.save_pretrained(out_dir)
 vtrans.count(model, seq_len=128)                    # params/FLOPs, blocks and total
+vtrans.kwon_prune(vib, batches, budget)             # baseline: Kwon et al. 2022 Fisher masks (vtrans.fisher)
 ```
 """
 
@@ -31,6 +32,7 @@ from vtrans.errors import (
     UnsupportedModelError,
     VtransError,
 )
+from vtrans.fisher import kwon_prune
 from vtrans.posterior import load_posterior, save_posterior
 from vtrans.scoring import score
 from vtrans.vib import VIB, attach
@@ -45,5 +47,6 @@ def count(model: PreTrainedModel, seq_len: int = 128) -> Counts:
 __all__ = [
     "STRUCTURES", "VIB", "AssetError", "Budget", "BudgetError", "ConfigError", "Counts", "Geometry", "Keep",
     "OutputError", "Scores", "Selection", "UnknownModelError", "UnsupportedModelError", "VIBConfig", "VtransError",
-    "__version__", "arch", "attach", "compress", "count", "load_posterior", "save_posterior", "score",
+    "__version__", "arch", "attach", "compress", "count", "kwon_prune", "load_posterior", "save_posterior",
+    "score",
 ]

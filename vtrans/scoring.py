@@ -69,4 +69,7 @@ def score(model: PreTrainedModel, scorer: str, seed: int = 0) -> Scores:
         return magnitude(model)
     if scorer == "random":
         return random(model, seed=seed)
+    if scorer == "fisher":  # needs calibration data, which this signature has not
+        raise ConfigError("scorer 'fisher' needs calibration batches: use vtrans.fisher.fisher_scores(model, batches) "
+                          "or vtrans.kwon_prune(vib, batches, budget) (Kwon et al. 2022, the whole method)")
     raise ConfigError(f"scorer must be one of {list(SCORERS)}, got {scorer!r}")
