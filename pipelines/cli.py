@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides (sweep.* for the sweep section)")
     swp.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
 
+    rel = sub.add_parser("relog", help="upload to MLflow what a pipeline run could not log while it was down",
+                         description="Complete the MLflow side of a finished pipeline run from its records on the "
+                         "output root (parent run, stage runs, curves, artifacts, model); idempotent.",
+                         epilog="example: vtrans relog runs/minilm-rt-faster50")
+    rel.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder <output>/<name> (with summary.json)")
+    rel.add_argument("--tracking-uri", help="log there instead of the recorded tracking URI")
+
     val = sub.add_parser("validate", help="check a pipeline config without running it",
                          description="Load and check a pipeline config (keys, types, model, budget) without Ray; "
                          "print the resolved config and which stages are already finished.")
@@ -203,10 +210,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     from pipelines.config import to_dict
+    from pipelines.tracking import check_server
     from pipelines.validate import finished, preflight
 
     cfg = _load_config(args)
     checked = preflight(cfg)
+    uri = cfg.tracking.resolved_uri()
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)  # what `vtrans run` asks next (Tracker.connect); a local SQLite store is made on first use
     if args.quiet:
         return 0
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
@@ -233,6 +244,19 @@ def _highlights(name: str, r) -> str:
         q = [k for k in ("accuracy", "perplexity") if k in m]
         return ", ".join(f"{k} {m[k]:.4f} (dense {m['dense_' + k]:.4f})" for k in q)
     return ""
+
+
+def cmd_relog(args: argparse.Namespace) -> int:
+    from pipelines.relog import relog
+
+    done = relog(args.run_dir, args.tracking_uri)
+    for line in done["created"]:
+        print(f"created {line}")
+    for line in done["completed"]:
+        print(f"logged {line}")
+    if not done["created"] and not done["completed"]:
+        print(f"{args.run_dir}: everything is in MLflow already (parent run {done['parent']})")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -265,9 +289,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pipelines.sweep_runner import run_sweep
 
     sweep = load_sweep(args.config, args.overrides)
-    run = run_sweep(sweep, resume=args.resume)
+    run = run_sweep(sweep, resume=args.resume)  # checks every model and point (preflight) before Ray
     print()
-    print(f"sweep {run.name}: {len(run.rows)} trials finished, {run.errors} failed")
+    stopped = f", {run.stopped} stopped early (ASHA)" if run.stopped else ""
+    print(f"sweep {run.name}: {len(run.rows)} trials finished, {run.errors} failed{stopped}")
     for label, versions in run.registered.items():
         for v in versions:
             print(f"registered {label}: version {v.get('version')} {v.get('aliases')} {v.get('model_uri')}")
@@ -283,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from vtrans.errors import VtransError
 
     handlers = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "inspect": cmd_inspect,
-                "compress": cmd_compress}
+                "compress": cmd_compress, "relog": cmd_relog}
     try:
         return handlers[args.command](args)
     except VtransError as e:

@@ -52,6 +52,7 @@ import yaml
 
 from pipelines.train_jobs import RayConfig
 from vtrans.assets import DATASETS, MODELS
+from vtrans.checkpoint import TOKENIZER_FILES, has_tokenizer
 from vtrans.config import Budget
 from vtrans.errors import ConfigError
 from vtrans.train import TASKS, FinetuneConfig, PruneConfig
@@ -166,6 +167,10 @@ class ModelConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"model.name must be a built-in model {sorted(MODELS)}, a local Hugging Face "
                                   f"directory or a hub id org/name, got {self.name!r} (no such directory){hint}")
+        elif self.name not in MODELS and (path / "config.json").is_file() and not has_tokenizer(path):
+            # the calibrate stage tokenizes with the dense model's tokenizer: refuse before anything starts
+            raise ConfigError(f"model.name={self.name!r} has no tokenizer (none of {list(TOKENIZER_FILES)}); save "
+                              f"one into it with tokenizer.save_pretrained({self.name!r})")
         _choice("model.task", self.task, (*TASKS, "auto"))
         if self.num_labels is not None:
             _int("model.num_labels", self.num_labels, 2)

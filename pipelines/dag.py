@@ -28,7 +28,7 @@ import yaml
 from pipelines.config import PipelineConfig, config_hash, flatten, to_dict
 from pipelines.stages import BY_NAME, NAMES, STAGES
 from pipelines.stages.base import StageContext, StageResult, execute
-from pipelines.tracking import TAG_MODEL_URI, TAG_PIPELINE, Tracker, ui_hint
+from pipelines.tracking import TAG_LOGGED, TAG_MODEL_URI, TAG_PIPELINE, Tracker, ui_hint
 from pipelines.validate import preflight, with_absolute_paths
 from vtrans.errors import ConfigError
 
@@ -87,14 +87,15 @@ def launch(ctx: StageContext, stages: tuple[str, ...] = NAMES) -> dict:
     return refs
 
 
-def _write_summary(path: Path, run: PipelineRun, cfg: PipelineConfig) -> None:
+def _write_summary(path: Path, run: PipelineRun, cfg: PipelineConfig, logged: bool = False) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     summary = {"name": run.name, "run_id": run.run_id, "experiment_id": run.experiment_id,
                "tracking_uri": run.tracking_uri, "model_uri": run.model_uri, "wall_s": run.wall_s,
-               "metrics": run.metrics,
+               "metrics": run.metrics, "logged": logged,
                "stages": {n: {"status": r.status, "key": r.key, "dir": r.dir, "wall_s": r.wall_s, "run_id": r.run_id,
-                              "finished_at": r.finished_at, "metrics": r.metrics} for n, r in run.results.items()}}
+                              "finished_at": r.finished_at, "metrics": r.metrics, "logged": r.logged}
+                          for n, r in run.results.items()}}
     tmp = path / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, path / "summary.json")
@@ -111,7 +112,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
     root = Path(cfg.output).expanduser().resolve()
     tags = {TAG_PIPELINE: cfg.name, "vtrans.config_hash": config_hash(cfg),
             **{f"vtrans.key.{n}": k for n, k in checked.keys.items()}}
-    run_id = tracker.start_run(cfg.name, params=flatten(cfg), tags=tags)
+    run_id = tracker.start_run(cfg.name, params=flatten(cfg), tags=tags)  # None if the store died right after connect
     print(f"[pipeline] {cfg.name}: MLflow run {run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})",
           flush=True)
     t0 = time.time()
@@ -137,7 +138,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
                           results=results, metrics=dict(evaluation.metrics), model_uri=evaluation.model_uri,
                           wall_s=time.time() - t0)
         summary_dir = root / cfg.name
-        _write_summary(summary_dir, run, cfg)
+        _write_summary(summary_dir, run, with_absolute_paths(cfg))
         run.summary_path = str(summary_dir / "summary.json")
         tracker.log_metrics(run_id, dict(run.metrics, wall_s=run.wall_s))
         tracker.set_tags(run_id, {**{f"vtrans.status.{n}": r.status for n, r in results.items()},
@@ -145,6 +146,13 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
         tracker.log_artifacts(run_id, summary_dir / "config.yaml")
         tracker.log_artifacts(run_id, summary_dir / "summary.json")
         tracker.log_artifacts(run_id, evaluation.outputs["report_md"], "evaluation")
+        complete = tracker.online and run_id is not None and all(r.logged for r in results.values())
+        if complete:
+            tracker.set_tags(run_id, {TAG_LOGGED: "complete"})
+        _write_summary(summary_dir, run, with_absolute_paths(cfg), logged=complete and tracker.online)
+        if not (complete and tracker.online):
+            print(f"[pipeline] MLflow at {tracker.uri} did not take everything; the results are complete under "
+                  f"{root}. Once it answers: vtrans relog {summary_dir}", flush=True)
         status = "FINISHED"
         return run
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ splits = split_and_sample(table, test_fraction=0.1, seed=0, max_train_samples=No
                           stratified=True)        # {"train", "test", "calibration"}, rows keep their sample_id
 write_parquet(splits["train"], "runs/x/data/train.parquet")
 describe(splits)                                  # {"train": {"rows": 11477, "label_counts": {"0": ..., "1": ...}}}
+check_data(cfg)                                   # all of the above on a pipeline's local files, before Ray starts
 ```
 
 Sources: the built-in ``rotten_tomatoes`` (seq-cls) and ``wikipedia`` (causal-lm, one row per document), or local
@@ -41,7 +42,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from pipelines.config import FILE_FORMATS, DataConfig, is_uri
+from pipelines.config import FILE_FORMATS, DataConfig, PipelineConfig, is_uri
 from vtrans import assets
 from vtrans.data import stratified_subset, train_test_split
 from vtrans.errors import ConfigError
@@ -50,6 +51,7 @@ from vtrans.train import TASKS
 __all__ = [
     "LABEL_NAMES_KEY",
     "SPLITS",
+    "check_data",
     "describe",
     "label_names",
     "read_parquet",
@@ -466,6 +468,55 @@ def split_and_sample(
         rows = random_rows(len(train), fraction=calibration_fraction, count=calibration_count, seed=cal_seed)
         calibration = [train[j] for j in rows]
     return {"train": table.take(train), "test": table.take(test), "calibration": table.take(calibration)}
+
+
+def check_data(cfg: PipelineConfig) -> None:
+    """Read and check a pipeline's local data files before anything starts, as its stages will use them: columns,
+    texts and labels (:func:`read_source`), class ids below ``model.num_labels``, the train / test / calibration
+    split (:func:`split_and_sample`) and, for seq-cls, enough samples for each training job's batch. A one-line
+    ConfigError naming the key and the value otherwise.
+
+    Built-in data sets are known to be good; files read with Ray Data (URIs, ``data.reader: ray``, more than
+    :data:`RAY_DATA_THRESHOLD` bytes) are checked by the calibrate stage, which reads them on the cluster."""
+    data, task = cfg.data, cfg.task
+    if data.files is None or uses_ray_data(data):
+        return
+    table = read_source(data, task)
+    source = f"data.files={data.files!r}"
+    if task == "causal-lm":
+        if table.num_rows < 2:
+            raise ConfigError(f"{source} holds {table.num_rows} document(s); causal-lm needs at least 2 to hold "
+                              f"some out (data.test_fraction)")
+        return
+    labels = table.column("label").to_numpy()
+    num_labels = cfg.model.num_labels
+    if num_labels is not None and labels.max() >= num_labels:
+        row = int(np.flatnonzero(labels >= num_labels)[0])
+        names = label_names(table)
+        found = f"{names[labels[row]]!r} (class id {labels[row]}; {len(names)} classes {names})" if names else \
+            f"class id {labels[row]}"
+        raise ConfigError(f"data.label_column={data.label_column!r} holds {found} at row {row}, but model.num_labels="
+                          f"{num_labels} allows class ids 0..{num_labels - 1}; set model.num_labels="
+                          f"{int(labels.max()) + 1} (or null: from the data)")
+    c = cfg.calibration
+    splits = split_and_sample(table, test_fraction=data.test_fraction, seed=data.seed,
+                              max_train_samples=data.max_train_samples, calibration_fraction=c.fraction,
+                              calibration_count=c.count, stratified=bool(c.stratified), calibration_seed=c.seed)
+    train, calibration = splits["train"].num_rows, splits["calibration"].num_rows
+    ft = cfg.finetune
+    split, rows = ("calibration", calibration) if cfg.calibrates else ("training", train)
+    jobs = [("prune.batch_size", cfg.prune.batch_size, split, rows)]  # (key, batch, the samples it draws from)
+    if cfg.model.teacher is None and cfg.teacher.steps > 0:
+        jobs.append(("teacher.batch_size", cfg.teacher.batch_size, "training", train))
+    if ft.steps > 0 and ft.eval_every > 0:
+        jobs.append(("finetune.batch_size", ft.batch_size, f"training (less finetune.eval_samples={ft.eval_samples})",
+                     train - ft.eval_samples))
+    elif ft.steps > 0:
+        jobs.append(("finetune.batch_size", ft.batch_size, "training", train))
+    for key, batch, split, rows in jobs:
+        if batch > rows:
+            raise ConfigError(f"{key}={batch} is larger than the {rows} {split} samples {source} gives (of "
+                              f"{table.num_rows} rows); lower {key} or give more data")
 
 
 def describe(tables: Mapping[str, pa.Table]) -> dict[str, dict[str, Any]]:

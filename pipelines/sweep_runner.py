@@ -11,6 +11,7 @@ models on the (quality, block params) front are registered (:mod:`pipelines.regi
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,8 @@ def _trial(config: dict, sweep: Sweep, tracker: Tracker, parent: str, root: str,
         tune.report(_finished_result(run, label))
         return
     ctx = StageContext(config=with_absolute_paths(cfg), root=root, keys=plan(cfg), tracker=tracker,
-                       parent_run_id=run_id, model_path=model_paths[label], single_run=True)
+                       parent_run_id=run_id, model_path=model_paths[label], single_run=True,
+                       report_to_tune=sweep.config.early_stopping is not None)
     results: dict[str, StageResult] = {}
     try:
         for stage in STAGES:
@@ -173,6 +175,10 @@ def _tuner(sweep: Sweep, label: str, trainable, storage: Path, concurrent: int, 
         search_alg = OptunaSearch(metric=[k for k, _ in objectives], mode=[g for _, g in objectives],
                                   seed=sweep.config.seed)
     scheduler = None
+    if sweep.config.early_stopping == "asha" and search_alg is not None:
+        # the fine-tune's reports reach Tune without the search's objectives (the trial's last report has them), and
+        # Tune's check that every result carries them would fail the trial; multi-objective Optuna ignores them
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if sweep.config.early_stopping == "asha":
         from pipelines.early_stopping import BudgetASHA
         from pipelines.sweep import asha_grace_period, asha_group_keys

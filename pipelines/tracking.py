@@ -40,9 +40,33 @@ TAG_KEY = "vtrans.key"
 TAG_SOURCE_RUN = "vtrans.source_run_id"
 TAG_MODEL_URI = "vtrans.model_uri"
 TAG_PIPELINE = "vtrans.pipeline"
+TAG_LOGGED = "vtrans.logged"  # "complete" on a pipeline's parent run once it and its stages are all in MLflow
 
 # MLflow prints tqdm bars for artifact downloads; in log files they are noise.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's HTTP client retries a dead server for minutes per request (7 retries, backoff factor 2, 120 s timeout);
+# vtrans retries each write itself (Tracker.retries) and then goes on without tracking.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+#: Substrings of the errors of a tracking server or database that does not answer (or answers 5xx).
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted", "timed out",
+               "Read timed out", "RemoteDisconnected", "Temporary failure in name resolution", "database is locked",
+               "error code 502", "error code 503", "error code 504", "TEMPORARILY_UNAVAILABLE")
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) says the tracking store could not be reached, as opposed to
+    a request it refused (a programming error, which must surface)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (ConnectionError, TimeoutError)) or any(m in str(e) for m in UNREACHABLE):
+            return True
+        if type(e).__module__.startswith(("requests", "urllib3")) and "Error" in type(e).__name__:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
@@ -103,11 +127,44 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 @dataclass
 class Tracker:
-    """An MLflow client bound to one tracking URI and experiment; picklable (it travels into Ray stage tasks)."""
+    """An MLflow client bound to one tracking URI and experiment; picklable (it travels into Ray stage tasks).
+
+    Every write is retried with backoff (``retries`` times: 1, 2, 4, ... s) when the store does not answer; after
+    that the tracker goes **offline** for the rest of the process: writes return None at once and the work goes on.
+    Nothing is lost: every stage's outputs, metrics and curves are on the output root, and ``vtrans relog`` uploads
+    what is missing once the store is back (:mod:`pipelines.relog`)."""
 
     uri: str
     experiment_id: str
     experiment: str
+    retries: int = 3
+    offline: bool = False
+
+    @property
+    def online(self) -> bool:
+        return not self.offline
+
+    def call(self, what: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, retried with backoff while the store does not answer; None once offline."""
+        if self.offline:
+            return None
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                if attempt == self.retries:
+                    self.offline = True
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                    print(f"warning: MLflow at {self.uri} does not answer ({what}: {first}); going on without "
+                          f"tracking: every output stays on the output root, and `vtrans relog` uploads what is "
+                          f"missing once it is back", flush=True)
+                    return None
+                time.sleep(delay)
+                delay *= 2
+        return None
 
     @classmethod
     def connect(cls, uri: str | None, experiment: str, artifact_location: str | None = None) -> Tracker:
@@ -115,7 +172,7 @@ class Tracker:
         unusable store is a :class:`ConfigError` naming the URI."""
         resolved = resolve_tracking_uri(uri)
         if resolved.startswith(("http://", "https://")):
-            _check_server(resolved)
+            check_server(resolved)
         client = _client(resolved)
         try:
             exp = client.get_experiment_by_name(experiment)
@@ -138,29 +195,33 @@ class Tracker:
         return _client(self.uri)
 
     def start_run(self, name: str, parent_run_id: str | None = None, params: Mapping[str, str] | None = None,
-                  tags: Mapping[str, str] | None = None) -> str:
-        """Create a run (nested under ``parent_run_id``) and log its params; returns the run id."""
+                  tags: Mapping[str, str] | None = None) -> str | None:
+        """Create a run (nested under ``parent_run_id``) and log its params; returns the run id (None offline)."""
         all_tags = dict(tags or {})
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self.call("create run", self.client.create_run, self.experiment_id, run_name=name, tags=all_tags)
+        if run is None:
+            return None
         if params:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, _clip(str(v))) for k, v in params.items()]
         for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=chunk)
+            if run_id is not None:
+                self.call("log params", self.client.log_batch, run_id, params=chunk)
 
-    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, _clip(str(v))) for k, v in tags.items()]
         for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, tags=chunk)
+            if run_id is not None:
+                self.call("set tags", self.client.log_batch, run_id, tags=chunk)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         """Scalar metrics at one step (non-numbers are skipped)."""
@@ -179,25 +240,30 @@ class Tracker:
                     continue
                 items.append(Metric(prefix + k, float(v), now, step))
         for chunk in _chunks(items, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=chunk)
+            if run_id is not None:
+                self.call("log metrics", self.client.log_batch, run_id, metrics=chunk)
         return len(items)
 
-    def log_artifacts(self, run_id: str, local: str | os.PathLike, artifact_path: str | None = None) -> None:
+    def log_artifacts(self, run_id: str | None, local: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file or a directory (recursively) as run artifacts."""
         local = Path(local)
+        if run_id is None:
+            return
         if local.is_dir():
-            self.client.log_artifacts(run_id, str(local), artifact_path)
+            self.call("log artifacts", self.client.log_artifacts, run_id, str(local), artifact_path)
         else:
-            self.client.log_artifact(run_id, str(local), artifact_path)
+            self.call("log artifact", self.client.log_artifact, run_id, str(local), artifact_path)
 
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+    def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
+        if run_id is not None:
+            self.call("log text", self.client.log_text, run_id, text, artifact_file)
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+    def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if run_id is not None:
+            self.call("end run", self.client.set_terminated, run_id, status=status)
 
     def run_exists(self, run_id: str | None) -> bool:
-        if not run_id:
+        if not run_id or self.offline:
             return False
         try:
             self.client.get_run(run_id)
@@ -207,7 +273,7 @@ class Tracker:
 
     def model_exists(self, model_uri: str | None) -> bool:
         """Whether a ``models:/m-...`` logged model exists in this store."""
-        if not model_uri or not model_uri.startswith("models:/m-"):
+        if not model_uri or not model_uri.startswith("models:/m-") or self.offline:
             return False
         try:
             self.client.get_logged_model(model_uri[len("models:/"):])
@@ -216,7 +282,7 @@ class Tracker:
             return False
 
 
-def _check_server(uri: str, timeout: float = 10.0) -> None:
+def check_server(uri: str, timeout: float = 10.0) -> None:
     """Fail fast on a server that does not answer (MLflow's own client retries for minutes)."""
     import urllib.error
     import urllib.request
@@ -238,4 +304,4 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-__all__ = ["Tracker", "default_artifact_location", "resolve_tracking_uri", "ui_hint"]
+__all__ = ["Tracker", "check_server", "default_artifact_location", "resolve_tracking_uri", "ui_hint"]

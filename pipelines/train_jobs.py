@@ -168,11 +168,26 @@ class _LiveCurves:
     """Rank 0's training curves streamed to an MLflow run while the job runs (``{"uri", "run_id"}``); a tracking
     failure is reported once and never stops training (the curves are also in ``history.json``)."""
 
-    def __init__(self, tracking: dict | None) -> None:
+    def __init__(self, tracking: dict | None, resumed: bool = False) -> None:
         self.tracking, self.pending, self.failed = tracking, [], False
+        self.logged_through = self._last_logged_step() if resumed else -1
+        """A job restarted from a checkpoint re-runs the steps after it; those already in the run are not logged
+        again (the same seeds give the same values), so its curves continue rather than restart."""
+
+    def _last_logged_step(self) -> int:
+        if self.tracking is None:
+            return -1
+        try:
+            from mlflow import MlflowClient
+
+            key = self.tracking.get("prefix", "") + "loss"
+            return max((m.step for m in MlflowClient(self.tracking["uri"]).get_metric_history(
+                self.tracking["run_id"], key)), default=-1)
+        except Exception:  # noqa: BLE001 - the store is down: flush will find out and say so
+            return -1
 
     def add(self, metrics: dict) -> None:
-        if self.tracking is not None and not self.failed:
+        if self.tracking is not None and not self.failed and metrics.get("step", 0) > self.logged_through:
             self.pending.append(dict(metrics))
 
     def flush(self) -> None:
@@ -181,8 +196,9 @@ class _LiveCurves:
         try:
             from pipelines.tracking import Tracker
 
-            Tracker(self.tracking["uri"], "", "").log_history(self.tracking["run_id"], self.pending,
-                                                              prefix=self.tracking.get("prefix", ""))
+            tracker = Tracker(self.tracking["uri"], "", "")
+            tracker.log_history(self.tracking["run_id"], self.pending, prefix=self.tracking.get("prefix", ""))
+            self.failed = tracker.offline  # it said so once; the curves stay in history.json for `vtrans relog`
         except Exception as e:  # noqa: BLE001
             self.failed = True
             print(f"warning: streaming curves to MLflow failed ({type(e).__name__}: {e}); they stay in history.json",
@@ -216,6 +232,35 @@ def _node_ids(world: int) -> list[str]:
     return nodes
 
 
+def load_latest_state(latest: str | os.PathLike, run_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """The training state of checkpoint ``latest``; when its checksum fails, the newest other checkpoint of the run
+    (``run_dir/checkpoint_*``, Ray keeps two) that loads, with a warning: a corrupted checkpoint costs the steps since
+    the previous one, never a silently wrong model. :class:`~vtrans.errors.CheckpointError` when none loads."""
+    from vtrans.checkpoint import STATE_META, CheckpointError, load_state
+
+    try:
+        return load_state(latest)
+    except CheckpointError as e:
+        failure = str(e)
+    others = []
+    for d in Path(run_dir).glob("checkpoint_*"):
+        if d.resolve() == Path(latest).resolve() or not (d / STATE_META).is_file():
+            continue
+        try:
+            others.append((json.loads((d / STATE_META).read_text())["step"], d))
+        except (OSError, ValueError, KeyError):
+            continue
+    for step, d in sorted(others, key=lambda x: x[0], reverse=True):
+        try:
+            state = load_state(d)
+        except CheckpointError:
+            continue
+        print(f"warning: {failure}; resuming from the previous checkpoint {d} (step {step}) instead", flush=True)
+        return state
+    raise CheckpointError(f"{failure}, and no other checkpoint of {str(run_dir)!r} loads; remove that folder to "
+                          f"start the job over")
+
+
 def _quiet_ray_train_logs() -> None:
     """Ray Train logs every report and checkpoint of every worker at INFO; keep the job's log about the job
     (``VTRANS_VERBOSE=1`` keeps them)."""
@@ -234,7 +279,7 @@ def _train_loop(loop_config: dict) -> None:
     from ray.train import Checkpoint
 
     from vtrans import compress
-    from vtrans.checkpoint import load_state, load_tokenizer, save_state, write_atomically
+    from vtrans.checkpoint import load_tokenizer, save_state, write_atomically
     from vtrans.posterior import save_masks, save_posterior
     from vtrans.train import Finetuner, Pruner, step_seed
 
@@ -255,7 +300,7 @@ def _train_loop(loop_config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            tensors, meta = load_state(d)
+            tensors, meta = load_latest_state(d, Path(loop_config["output_dir"]).parent)
         module.load_state_tensors(tensors, meta)
         start, history = meta["step"] + 1, meta.get("history", [])
     device = ray.train.torch.get_device()
@@ -265,7 +310,7 @@ def _train_loop(loop_config: dict) -> None:
     total = cfg.total_steps
     every, report_every = loop_config["checkpoint_every"], loop_config["report_every"]
     fault = loop_config.get("fault")
-    curves = _LiveCurves(loop_config.get("tracking")) if rank == 0 else None
+    curves = _LiveCurves(loop_config.get("tracking"), resumed=start > 0) if rank == 0 else None
     label = loop_config.get("label") or kind
     eval_every = getattr(cfg, "eval_every", 0) if kind == "finetune" and spec.eval_dataset is not None else 0
     bar = Progress(total=total - start, desc=label + (f" (resumed at step {start})" if start else ""),
@@ -344,7 +389,7 @@ def _train_loop(loop_config: dict) -> None:
 
 def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
          checkpoint_every: int, report_every: int, threads_per_worker: int | None, fault: dict | None,
-         tracking: dict | None = None, label: str | None = None) -> JobResult:
+         tracking: dict | None = None, label: str | None = None, report_to_tune: bool = False) -> JobResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -356,9 +401,12 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
     check_resources(ray_cfg)
     out = storage / name / OUTPUT
     callbacks = []
-    if _in_tune_trial():  # the job's reports reach the trial (what a sweep's ASHA scheduler reads)
+    if report_to_tune:  # the job's reports reach the Tune trial that runs it (what a sweep's ASHA scheduler reads)
         from ray.tune.integration.ray_train import TuneReportCallback
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session  # Ray 2.60 (pinned): no public equivalent
 
+        if not _in_tune_session():
+            raise ConfigError("report_to_tune=True needs a Ray Tune trial to report to (the job runs outside Tune)")
         callbacks.append(TuneReportCallback())
     threads = threads_per_worker or max(1, int(ray_cfg.cpus_per_worker))
     trainer = TorchTrainer(
@@ -385,13 +433,6 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
     used = json.loads((out / "resources.json").read_text()) if (out / "resources.json").is_file() else {}
     return JobResult(name=name, path=str(result.path), output=str(out), history=history, wall_time_s=wall,
                      node_ids=used.get("node_ids", []))
-
-
-def _in_tune_trial() -> bool:
-    """Whether this process runs a Ray Tune trial (a sweep's trial launches its Train jobs itself)."""
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session  # Ray 2.60 (pinned): no public equivalent
-
-    return _in_tune_session()
 
 
 def _vtrans_error(e: BaseException, depth: int = 0) -> BaseException | None:
@@ -427,8 +468,10 @@ def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_
 
 def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                      checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                     fault: dict | None = None, tracking: dict | None = None, label: str | None = None) -> JobResult:
-    """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``."""
+                     fault: dict | None = None, tracking: dict | None = None, label: str | None = None,
+                     report_to_tune: bool = False) -> JobResult:
+    """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``;
+    ``report_to_tune`` hands its reports to the Tune trial that runs it (ASHA)."""
     from vtrans.train import FinetuneConfig
 
     if not isinstance(config, FinetuneConfig):
@@ -436,7 +479,7 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
     return _run("finetune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, fault, tracking, label)
+                threads_per_worker, fault, tracking, label, report_to_tune)
 
 
 __all__ = ["JobResult", "JobSpec", "RayConfig", "check_budget_reachable", "check_resources", "geometry_of",

@@ -47,13 +47,16 @@ def resolve_model_path(name: str) -> Path:
 
 
 def with_absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
-    """A copy of ``cfg`` whose local paths (data files, teacher, output) are absolute: stage tasks run in Ray workers
-    whose working directory is not the driver's."""
+    """A copy of ``cfg`` whose local paths (a model directory, data files, teacher, output) are absolute: stage tasks
+    run in Ray workers whose working directory is not the driver's, and a run's recorded config must load anywhere."""
     import copy
 
     from pipelines.config import is_uri
+    from vtrans.assets import MODELS
 
     out = copy.deepcopy(cfg)
+    if out.model.name not in MODELS and Path(out.model.name).expanduser().is_dir():
+        out.model.name = str(Path(out.model.name).expanduser().resolve())
     if out.data.files is not None:
         out.data.files = [f if is_uri(f) else str(Path(f).expanduser().resolve()) for f in out.data.files]
     if out.model.teacher is not None:
@@ -76,24 +79,103 @@ def finished(cfg: PipelineConfig, keys: dict[str, str]) -> dict[str, bool]:
     return {name: read_record(ctx.stage_dir(name)) is not None for name in NAMES}
 
 
+def _check_tokenizer(name: str) -> None:
+    """The dense model's tokenizer (the calibrate stage's) yields only ids its embeddings have: a tokenizer of another
+    model fails deep inside a training job otherwise. A model that does not resolve is left to ``preflight``."""
+    import vtrans
+    from vtrans.assets import MODELS, resolve_model
+    from vtrans.checkpoint import load_tokenizer, read_config
+
+    if name not in MODELS and not Path(name).expanduser().is_dir():
+        return  # a hub id: resolved (downloaded) by preflight
+    try:
+        path = resolve_model(name)
+        config = read_config(path)
+        vtrans.arch.for_config(config)
+        tokenizer = load_tokenizer(path)
+    except vtrans.VtransError:
+        return  # preflight reports it, naming model.name
+    vocab = getattr(config, "vocab_size", None)
+    if tokenizer is not None and isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise vtrans.ConfigError(f"model.name={name!r}: its tokenizer has {len(tokenizer)} tokens, more than the "
+                                 f"model's vocab_size={vocab} embeddings; save the model's own tokenizer with it")
+
+
+def check_before_start(cfg: PipelineConfig) -> None:
+    """What a run must refuse before it touches MLflow or starts Ray, beyond the config's own checks: the contents
+    of local data files, a tokenizer that fits the model, GPUs for a local Ray, a Ray cluster that answers at the
+    address (``ray.address``, else ``$RAY_ADDRESS``, as ``init_ray`` chooses)."""
+    import vtrans
+    from pipelines.ray_runtime import check_cluster
+    from pipelines.sources import check_data
+
+    check_data(cfg)
+    _check_tokenizer(cfg.model.name)
+    r = cfg.ray
+    key, address = ("ray.address", r.address) if r.address else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS") or None)
+    if address and address != "local":
+        check_cluster(address, key)
+    elif r.use_gpu and _cuda_devices() < r.num_workers:
+        raise vtrans.ConfigError(f"ray.use_gpu=true needs {r.num_workers} GPU(s) for ray.num_workers={r.num_workers} "
+                                 f"on a local Ray, but this machine has {_cuda_devices()}; set "
+                                 f"ray.use_gpu=false, or ray.address to a cluster with GPUs")
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+#: Copies of the dense model's weights a pipeline writes at most (teacher, posterior, compressed and fine-tuned
+#: models, two Train checkpoints per job with optimizer states, logged models), plus room for data and logs.
+WEIGHT_COPIES = 10
+SPARE_BYTES = 200 * 2**20
+
+
+def check_output_root(output: str, model_path: str | os.PathLike) -> None:
+    """The output root can be created and written, and its disk has room for a pipeline of this model: a
+    :class:`ConfigError` naming ``output`` before any compute, rather than a full disk mid-training."""
+    import shutil
+    import tempfile
+
+    root = Path(output).expanduser().resolve()
+    existing = next(p for p in (root, *root.parents) if p.exists())  # checked where it will be created, not made
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".vtrans-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output={output!r} cannot be written ({type(e).__name__}: {e.strerror or e})") from None
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+    need = WEIGHT_COPIES * weights + SPARE_BYTES
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(f"output={output!r} has {free / 2**20:,.0f} MiB free; a pipeline of this model needs about "
+                          f"{need / 2**20:,.0f} MiB ({WEIGHT_COPIES} copies of its {weights / 2**20:,.0f} MiB of "
+                          f"weights and room for data); free space or choose another output")
+
+
 def preflight(cfg: PipelineConfig) -> Preflight:
     """Check everything that needs no cluster; raise a one-line :class:`ConfigError` (or ``BudgetError``)."""
     import vtrans
     from pipelines.train_jobs import check_budget_reachable
     from vtrans.checkpoint import read_config
 
+    check_before_start(cfg)
     model_path = resolve_model_path(cfg.model.name)
     try:
         config = read_config(model_path)
         vtrans.arch.for_config(config)
-    except VtransError as e:
-        raise ConfigError(f"model.name={cfg.model.name!r}: {e}") from None
+    except VtransError as e:  # its own type (CheckpointError, UnsupportedModelError), naming the key
+        raise type(e)(f"model.name={cfg.model.name!r}: {e}") from None
     teacher_path = Path(cfg.model.teacher).expanduser().resolve() if cfg.model.teacher else model_path
     if cfg.model.teacher is not None:
         try:
             vtrans.arch.for_config(read_config(teacher_path))
         except VtransError as e:
-            raise ConfigError(f"model.teacher={cfg.model.teacher!r}: {e}") from None
+            raise type(e)(f"model.teacher={cfg.model.teacher!r}: {e}") from None
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int):
         for key, values in (("evaluate.latency_seq_lens", cfg.evaluate.latency_seq_lens),
@@ -103,7 +185,7 @@ def preflight(cfg: PipelineConfig) -> Preflight:
             for v in values:
                 if v > limit:
                     raise ConfigError(f"{key} has {v}, more than the model's {limit} positions")
-    if cfg.ray.address is None:  # a local Ray gets this machine's CPUs: check the widths before starting it
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):  # a local Ray gets this machine's CPUs
         cpus = os.cpu_count() or 1
         need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
         if not cfg.ray.use_gpu and need > cpus:
@@ -111,6 +193,7 @@ def preflight(cfg: PipelineConfig) -> Preflight:
                               f"{cfg.ray.cpus_per_worker:g} needs {need:g} CPUs, this machine has {cpus}")
         if (cfg.evaluate.threads or 1) > cpus:
             raise ConfigError(f"evaluate.threads={cfg.evaluate.threads} is more than this machine's {cpus} CPUs")
+    check_output_root(cfg.output, model_path)
     check_budget_reachable(str(teacher_path), cfg.task, cfg.prune.budget, cfg.model.num_labels)
     if cfg.posterior is not None:
         try:

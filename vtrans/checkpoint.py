@@ -1,7 +1,8 @@
 """Loading Hugging Face checkpoints safely and writing compressed ones atomically.
 
-User checkpoints load as safetensors only (no pickle). ``trust_remote_code`` is used only for checkpoints vtrans
-wrote itself: their ``modeling_vtrans.py`` must hash to the ``modeling_sha256`` recorded in compression.json.
+User checkpoints load as safetensors only (no pickle), checked to be complete before anything reads them
+(:func:`verify_weights`). ``trust_remote_code`` is used only for checkpoints vtrans wrote itself: their
+``modeling_vtrans.py`` must hash to the ``modeling_sha256`` recorded in compression.json.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,11 @@ TASKS = ("auto", "base", "seq-cls", "causal-lm")
 AUTO_CLASSES = {"base": AutoModel, "seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint - model weights or a training state - is missing, truncated, corrupted, in a refused format
+    (pickle) or carries modified code."""
+
+
 def infer_task(config) -> str:
     """``seq-cls``, ``causal-lm`` or ``base`` from the checkpoint's ``architectures``."""
     archs = " ".join(getattr(config, "architectures", None) or [])
@@ -52,23 +59,84 @@ def verify_vtrans_checkpoint(path: str | Path) -> None:
     try:
         recorded = json.loads((path / COMPRESSION_FILE).read_text()).get("modeling_sha256")
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path / COMPRESSION_FILE} cannot be read: {e}") from None
+        raise CheckpointError(f"{path / COMPRESSION_FILE} cannot be read: {e}") from None
     actual = hashlib.sha256((path / MODELING_FILE).read_bytes()).hexdigest()
     if recorded != actual:
-        raise ConfigError(
+        raise CheckpointError(
             f"{path / MODELING_FILE} has sha256 {actual[:12]}… but compression.json records {str(recorded)[:12]}…; "
             "refusing to run modified remote code"
         )
 
 
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+#: Weight files vtrans refuses to load: pickle (arbitrary code on load) and formats of other frameworks.
+REFUSED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack")
+
+
+def _check_safetensors_file(file: Path) -> None:
+    """A safetensors file whose header parses and whose tensors all lie inside the file (a truncated download or
+    copy fails here, before a loader reads garbage or crashes)."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"its header claims {n:,} bytes, the file has {size - 8:,} after the length")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file ({e}); the checkpoint is "
+                              f"corrupted or incomplete: copy or save it again") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{str(file)!r} is truncated or corrupted: its header needs {8 + n + end:,} bytes, "
+                              f"the file has {size:,}; copy or save the checkpoint again")
+
+
+def verify_weights(path: str | Path) -> None:
+    """Check that a checkpoint directory holds complete safetensors weights (``model.safetensors`` or the shards of
+    ``model.safetensors.index.json``), raising :class:`CheckpointError` naming the file otherwise - a pickle-only
+    checkpoint (``pytorch_model.bin``) is refused, never loaded."""
+    path = Path(path)
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{str(index)!r} cannot be read as a safetensors index ({e})") from None
+        files = [path / s for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{str(path)!r} lacks the safetensors shard(s) {missing} listed in "
+                                  f"{SAFETENSORS_INDEX}; the checkpoint is incomplete")
+    elif (path / SAFETENSORS).is_file():
+        files = [path / SAFETENSORS]
+    else:
+        refused = sorted({f.name for pattern in REFUSED_WEIGHTS for f in path.glob(pattern)})
+        if refused:
+            raise CheckpointError(f"{str(path)!r} holds {refused} but no {SAFETENSORS}: vtrans loads safetensors "
+                                  f"only, never pickle; load it where you trust it and save it with "
+                                  f"save_pretrained(dir), which writes {SAFETENSORS}")
+        raise CheckpointError(f"{str(path)!r} has no model weights ({SAFETENSORS} or {SAFETENSORS_INDEX})")
+    for file in files:
+        _check_safetensors_file(file)
+
+
 def read_config(path: str | Path):
-    """The config of a local checkpoint (vtrans checkpoints verified first)."""
+    """The config of a local checkpoint, after checking that it loads safely: a vtrans checkpoint's code hash
+    (:func:`verify_vtrans_checkpoint`) and complete safetensors weights (:func:`verify_weights`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UnknownModelError(f"model directory {str(path)!r} has no config.json")
     remote = is_vtrans_checkpoint(path)
     if remote:
         verify_vtrans_checkpoint(path)
+    verify_weights(path)
     return AutoConfig.from_pretrained(path, trust_remote_code=remote)
 
 
@@ -86,10 +154,19 @@ def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None
     return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=remote, use_safetensors=True, **kwargs)
 
 
+#: Files of which a model directory holding a tokenizer has at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a model directory holds tokenizer files (:data:`TOKENIZER_FILES`)."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a model directory, or None when there is none."""
     path = Path(path)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+    if not has_tokenizer(path):
         return None
     remote = is_vtrans_checkpoint(path)
     if remote:
@@ -138,10 +215,6 @@ def write_atomically(out: str | Path, write: Callable[[Path], None], overwrite: 
 
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
-
-
-class CheckpointError(ConfigError):
-    """A training-state checkpoint is missing, truncated or corrupted."""
 
 
 def save_state(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:

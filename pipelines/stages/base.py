@@ -78,6 +78,10 @@ class StageResult:
     """The MLflow run that computed it."""
     model_uri: str | None = None
     """``models:/m-...`` of the logged model, if the stage logged one."""
+    logged: bool = True
+    """Whether everything of the stage reached MLflow (false: the store stopped answering; ``vtrans relog``)."""
+    logging: dict[str, Any] = field(default_factory=dict)
+    """What the stage logs (params, tags, artifacts, model), kept so that ``vtrans relog`` can log it later."""
 
     def record(self) -> dict:
         d = asdict(self)
@@ -103,6 +107,9 @@ class StageContext:
     single_run: bool = False
     """Log every stage into ``parent_run_id`` itself (metrics as ``<stage>.<key>``, artifacts under ``<stage>/``)
     instead of opening a child run per stage: a sweep trial is one MLflow run."""
+    report_to_tune: bool = False
+    """Hand the fine-tune job's reports (its held-out quality) to the Tune trial running this pipeline: what a
+    sweep's ASHA early stopping reads."""
     log_as: str | None = None
     """The name the stage logs under (its child run's name, or its prefix in a shared run); None: the stage's name.
     A stage run on behalf of another (the posterior a prune stage re-thresholds) logs under its own role."""
@@ -140,6 +147,11 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def save_record(result: StageResult) -> None:
+    """Rewrite a finished stage's ``stage.json`` (after its MLflow side changed)."""
+    _write_json(Path(result.dir) / RECORD, result.record())
 
 
 @contextlib.contextmanager
@@ -262,9 +274,13 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
                     tracker.log_text(run_id, traceback.format_exc(), "error.txt")
             raise
         finished = time.time()
+        plan = {"params": _stage_params(stage, ctx), "tags": {**_tags(stage, ctx, "ran"), **out.tags},
+                "artifacts": [list(a) for a in out.artifacts], "model_dir": out.model_dir,
+                "model_metrics": dict(out.model_metrics), "history": out.history}
         result = StageResult(stage=name, key=ctx.keys[name], dir=str(work), status="ran", outputs=out.outputs,
                              metrics={k: float(v) for k, v in out.metrics.items()}, info=out.info,
-                             started_at=started, finished_at=finished, wall_s=finished - started, run_id=run_id)
+                             started_at=started, finished_at=finished, wall_s=finished - started, run_id=run_id,
+                             logged=tracker is None, logging=plan)
         # the output is complete and recorded before anything is logged: a tracking failure never loses it
         _write_json(work / RECORD, result.record())
         _log(name, f"done in {result.wall_s:.0f}s")
@@ -276,10 +292,15 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
                 tracker.log_history(run_id, out.history, prefix=run.prefix)
             for path, artifact_path in out.artifacts:
                 tracker.log_artifacts(run_id, path, run.folder(artifact_path))
-            if out.model_dir is not None:
+            if out.model_dir is not None and run_id is not None:
                 result.model_uri = log_model(tracker, run_id, out.model_dir, out.model_metrics)
-                tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
-                _write_json(work / RECORD, result.record())
+                if result.model_uri:
+                    tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
+            result.logged = tracker.online and run_id is not None
+            _write_json(work / RECORD, result.record())
+            if not result.logged:
+                _log(name, "not (fully) logged to MLflow: its outputs and record are in this folder; "
+                           "`vtrans relog` uploads them once the store answers")
     return result
 
 
@@ -294,9 +315,12 @@ def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
     with _closing(tracker, run):
         tracker.log_metrics(run_id, run.metrics(dict(result.metrics, wall_s=result.wall_s)))
         model_dir = result.outputs.get("logged_model_dir")
-        if model_dir and not tracker.model_exists(result.model_uri) and Path(model_dir).is_dir():
-            result.model_uri = log_model(tracker, run_id, model_dir, result.info.get("model_metrics", {}))
-            _write_json(Path(result.dir) / RECORD, result.record())
+        if model_dir and run_id and tracker.online and not tracker.model_exists(result.model_uri) and \
+                Path(model_dir).is_dir():
+            uri = log_model(tracker, run_id, model_dir, result.info.get("model_metrics", {}))
+            if uri:  # offline: the record keeps the model it knew
+                result.model_uri = uri
+                _write_json(Path(result.dir) / RECORD, result.record())
         if result.model_uri:
             tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
 
@@ -314,9 +338,13 @@ def model_requirements() -> list[str]:
     return reqs
 
 
-def log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float]) -> str:
+def log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float]) -> str | None:
     """Log a compressed model directory as an MLflow pyfunc of ``run_id`` (see :mod:`pipelines.mlflow_model`);
-    returns its ``models:/m-...`` URI."""
+    returns its ``models:/m-...`` URI (None when the store stopped answering)."""
+    return tracker.call("log model", _log_model, tracker, run_id, model_dir, metrics)
+
+
+def _log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float]) -> str:
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema

@@ -86,7 +86,8 @@ def test_asha_stops_the_wrecked_trials_of_each_budget(swept) -> None:
         # the wrecked one: stopped at the first rung, no evaluation
         assert bad.info.status == "KILLED" and bad.data.tags["vtrans.early_stopped"] == f"fine-tune step {EVERY}"
         curve = client.get_metric_history(bad.info.run_id, "finetune.val_perplexity")
-        assert [m.step for m in curve] == [EVERY - 1]
+        # its job may get one more evaluation in while Tune stops the trial, never all four
+        assert [m.step for m in curve][:1] == [EVERY - 1] and len(curve) < STEPS // EVERY
         first_good = client.get_metric_history(good.info.run_id, "finetune.val_perplexity")[0].value
         assert curve[0].value > first_good
         assert "perplexity" not in bad.data.metrics

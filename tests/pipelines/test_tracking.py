@@ -102,3 +102,54 @@ def test_rerun_sets() -> None:
     assert rerun_set(False, "prune") == {"prune", "finetune", "evaluate"}
     with pytest.raises(ConfigError, match=r"--from must be one of .*, got 'prunes'; did you mean 'prune'\?"):
         rerun_set(False, "prunes")
+
+
+def test_what_counts_as_an_unreachable_store() -> None:
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import unreachable
+
+    refused = ConnectionRefusedError(111, "Connection refused")
+    wrapped = MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/create failed with exception "
+                              "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded with url")
+    assert unreachable(refused) and unreachable(wrapped)
+    try:
+        try:
+            raise refused
+        except OSError as e:
+            raise RuntimeError("logging failed") from e
+    except RuntimeError as chained:
+        assert unreachable(chained)
+    assert unreachable(MlflowException("API request to /runs/log-batch failed with error code 503 != 200"))
+    assert not unreachable(MlflowException("Run 'abc' not found"))  # a request the store refused: a real error
+    assert not unreachable(ValueError("bad metric value"))
+
+
+def test_a_dead_store_is_retried_then_the_tracker_goes_offline(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import time
+
+    from pipelines.ray_runtime import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "0", "x", retries=3)
+    assert tracker.start_run("r") is None and tracker.offline and not tracker.online
+    assert sleeps == [1.0, 2.0, 4.0]  # backoff between the 4 attempts
+    out = capsys.readouterr().out
+    assert out.count("does not answer") == 1 and "vtrans relog" in out
+    t0 = time.perf_counter()  # offline: every later write returns at once, without a request
+    tracker.log_metrics("some-run", {"a": 1.0})
+    tracker.set_tags("some-run", {"t": "v"})
+    tracker.end_run("some-run")
+    assert time.perf_counter() - t0 < 0.05 and sleeps == [1.0, 2.0, 4.0]
+    assert not tracker.run_exists("some-run") and capsys.readouterr().out == ""
+
+
+def test_a_refused_request_is_raised_not_swallowed(tmp_path: Path) -> None:
+    from mlflow.exceptions import MlflowException
+
+    tracker = Tracker.connect(f"sqlite:///{tmp_path / 'm.db'}", "e")
+    with pytest.raises(MlflowException):
+        tracker.log_metrics("0" * 32, {"a": 1.0})  # no such run
+    assert tracker.online

@@ -127,6 +127,73 @@ def test_failure_recovery_and_resume_end_with_the_uninterrupted_masks(ray_local,
     _assert_same(_masks(ref.output), _masks(res.output), atol=1e-6)
 
 
+def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, capsys) -> None:
+    from pipelines.train_jobs import load_latest_state
+    from vtrans.checkpoint import CheckpointError, save_state
+
+    run = tmp_path / "run"
+    for step in (4, 9):
+        save_state(run / f"checkpoint_{step}", {"w": torch.full((3,), float(step))}, {"step": step})
+    tensors, meta = load_latest_state(run / "checkpoint_9", run)
+    assert meta["step"] == 9 and "warning" not in capsys.readouterr().out
+    data = (run / "checkpoint_9" / "state.safetensors").read_bytes()
+    (run / "checkpoint_9" / "state.safetensors").write_bytes(data[:-4] + b"\x00" * 4)
+    tensors, meta = load_latest_state(run / "checkpoint_9", run)
+    assert meta["step"] == 4 and torch.equal(tensors["w"], torch.full((3,), 4.0))
+    out = capsys.readouterr().out
+    assert "is corrupted" in out and "resuming from the previous checkpoint" in out and "(step 4)" in out
+    (run / "checkpoint_4" / "state.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"corrupted.*no other checkpoint of .* loads; remove that folder"):
+        load_latest_state(run / "checkpoint_9", run)
+
+
+@pytest.mark.integration
+def test_resume_past_a_corrupted_checkpoint_ends_with_the_uninterrupted_masks(ray_local, tiny_dir: str,
+                                                                             tmp_path: Path) -> None:
+    """The job dies after its step-14 checkpoint; that checkpoint is then corrupted on disk. Started again, the job
+    detects it by checksum, resumes from the step-9 one and ends exactly where an uninterrupted run ends."""
+    from ray.train import TrainingFailedError
+
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    cfg = _cfg(steps=20)
+    ref = run_prune_job(spec, cfg, RayConfig(num_workers=1), "ref", tmp_path, checkpoint_every=5)
+    with pytest.raises(TrainingFailedError):
+        run_prune_job(spec, cfg, RayConfig(num_workers=1), "bad", tmp_path, checkpoint_every=5,
+                      fault={"step": 17, "marker": str(tmp_path / "f")})
+    import json as _json
+
+    ckpts = sorted((d for d in (tmp_path / "bad").glob("checkpoint_*") if d.is_dir()),
+                   key=lambda d: _json.loads((d / "state.json").read_text())["step"])
+    assert [_json.loads((d / "state.json").read_text())["step"] for d in ckpts] == [9, 14]
+    data = (ckpts[-1] / "state.safetensors").read_bytes()
+    (ckpts[-1] / "state.safetensors").write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+    res = run_prune_job(spec, cfg, RayConfig(num_workers=1), "bad", tmp_path, checkpoint_every=5)
+    _assert_same(_masks(ref.output), _masks(res.output), atol=1e-6)
+    assert [m["step"] for m in res.history] == list(range(20))
+
+
+@pytest.mark.integration
+def test_a_killed_worker_recovers_with_one_continuing_curve(ray_local, tiny_dir: str, tmp_path: Path) -> None:
+    """SIGKILL of a worker at step 10: FailureConfig restarts the group from the step-7 checkpoint; the masks end as
+    an uninterrupted run's, and the MLflow run's curve has every step once (steps 8-9, streamed before the kill and
+    computed again after it, are not logged twice)."""
+    from pipelines.tracking import Tracker
+
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    cfg = _cfg(steps=16)
+    tracker = Tracker.connect(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")
+    run_id = tracker.start_run("prune")
+    ref = run_prune_job(spec, cfg, RayConfig(num_workers=2), "ref", tmp_path, checkpoint_every=4)
+    rec = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1), "killed", tmp_path, checkpoint_every=4,
+                        report_every=2, tracking={"uri": tracker.uri, "run_id": run_id},
+                        fault={"step": 10, "marker": str(tmp_path / "killed-once"), "rank": 1, "kill": True})
+    assert (tmp_path / "killed-once").exists()
+    _assert_same(_masks(ref.output), _masks(rec.output), atol=1e-6)
+    client = tracker.client
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(16))
+    assert len(client.search_runs([tracker.experiment_id])) == 1
+
+
 @pytest.mark.integration
 def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path: Path) -> None:
     spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)

@@ -1,0 +1,57 @@
+"""The output root is checked before any compute: writable, and room for the pipeline's copies of the model."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from pipelines.validate import SPARE_BYTES, WEIGHT_COPIES, check_output_root
+from vtrans.errors import ConfigError
+
+
+@pytest.fixture()
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)  # 3 MiB of "weights"
+    return d
+
+
+def test_a_writable_root_with_room_passes_and_nothing_is_written(model_dir: Path, tmp_path: Path) -> None:
+    before = sorted(tmp_path.rglob("*"))
+    check_output_root(str(tmp_path / "new" / "runs"), model_dir)  # checked at tmp_path, where it would be created
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_unwritable_root_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")  # not a directory (root ignores permission bits, so no chmod test)
+    with pytest.raises(ConfigError, match=r"^output='.*a-file/runs' cannot be written \((FileExistsError|"
+                                          r"NotADirectoryError)"):
+        check_output_root(str(tmp_path / "a-file" / "runs"), model_dir)
+
+
+def test_a_full_disk_is_refused_before_any_compute(model_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    usage = namedtuple("usage", "total used free")
+    need = WEIGHT_COPIES * 3 * 2**20 + SPARE_BYTES
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 * need, 9 * need, need - 1))
+    with pytest.raises(ConfigError) as e:
+        check_output_root(str(tmp_path / "runs"), model_dir)
+    assert str(e.value) == (f"output={str(tmp_path / 'runs')!r} has {(need - 1) / 2**20:,.0f} MiB free; a pipeline of "
+                            f"this model needs about {need / 2**20:,.0f} MiB ({WEIGHT_COPIES} copies of its 3 MiB of "
+                            f"weights and room for data); free space or choose another output")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 * need, 9 * need, need))
+    check_output_root(str(tmp_path / "runs"), model_dir)
+
+
+def test_vtrans_validate_reports_it(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.cli import main
+    from tests.pipelines.test_config import MINILM
+
+    (tmp_path / "a-file").write_text("x")
+    assert main(["validate", str(MINILM), f"output={tmp_path / 'a-file' / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vtrans: error: output=") and "cannot be written" in err and "\n" not in err

@@ -1,0 +1,356 @@
+"""Catalogue of bad input (issue 8): what a user can get wrong on the command line, in a config, in the data and in a
+model, each run through the real ``vtrans`` entry point.
+
+Every row must give a typed :class:`~vtrans.errors.VtransError` (its class is checked with ``--debug``, which
+re-raises), exit 2 with exactly one stderr line ``vtrans: error: ...`` that names the key and the offending value (the
+row's needles), show no traceback, and start nothing: no Ray, no MLflow store, no file written. Rows of a pipeline
+config go through ``vtrans run`` and ``vtrans validate`` alike (validate reports what run would). A few rows also run
+as a real ``python -m pipelines.cli`` subprocess, with no Ray process appearing under it.
+
+Models are tiny (tests/tiny.py) with the MiniLM tokenizer, data are small CSVs, all written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification, T5Config, T5Model
+
+from pipelines.cli import main
+from tests.tiny import tiny
+from vtrans.checkpoint import CheckpointError
+from vtrans.errors import BudgetError, ConfigError, UnknownModelError, UnsupportedModelError, VtransError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "pipelines" / "configs" / "minilm-rotten-tomatoes.yaml")
+SWEEP = str(REPO / "pipelines" / "configs" / "sweep-minilm.yaml")
+LM_CONFIG = str(REPO / "pipelines" / "configs" / "smollm2-wikipedia.yaml")
+RAY_PROCESSES = ("raylet", "gcs_server", "ray::", "dashboard")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the files the rows point at: {w} in a row is this folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label") -> None:
+    path.write_text("\n".join([header, *(f'"{t}",{label}' for t, label in rows)]) + "\n")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models (good, pickle-only, truncated, unsupported, tampered, without tokenizer), CSVs and YAMLs."""
+    from vtrans.assets import resolve_model
+    from vtrans.checkpoint import load_tokenizer
+
+    w = tmp_path_factory.mktemp("bad-input")
+    tokenizer = load_tokenizer(resolve_model("minilm"))
+
+    def model_dir(name: str, model, with_tokenizer: bool = True) -> Path:
+        d = w / name
+        model.save_pretrained(d)
+        if with_tokenizer:
+            tokenizer.save_pretrained(d)
+        return d
+
+    def bert(**kw):  # the MiniLM tokenizer's vocabulary, 512 positions: the shipped config's lengths (128) fit
+        kw = {"vocab_size": 30522, **kw}
+        return tiny("bert", BertForSequenceClassification, num_labels=2, max_position_embeddings=512, **kw)
+
+    model_dir("bert", bert())
+    model_dir("smallvocab", bert(vocab_size=60))
+    model_dir("notok", bert(), with_tokenizer=False)
+    pickled = model_dir("pickled", bert())  # transformers 5 writes safetensors only: a pickle checkpoint by hand
+    (pickled / "model.safetensors").unlink()
+    torch.save(bert().state_dict(), pickled / "pytorch_model.bin")
+    truncated = model_dir("truncated", bert()) / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    model_dir("t5", T5Model(T5Config(vocab_size=60, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)))
+    (w / "empty").mkdir()
+    assert main(["compress", "--model", str(w / "bert"), "--budget", "params=0.6", "--out", str(w / "tampered")]) == 0
+    with (w / "tampered" / "modeling_vtrans.py").open("a") as f:
+        f.write("\nimport os  # injected\n")
+
+    good = [(f"a fine film number {i}", i % 2) for i in range(40)]
+    _csv(w / "ok.csv", good)
+    _csv(w / "nocol.csv", good, header="review,label")
+    _csv(w / "header.csv", [])
+    _csv(w / "label5.csv", good[:3] + [("a sixth kind of film", 5)] + good[3:])
+    _csv(w / "oneclass.csv", [(t, 1) for t, _ in good])
+    _csv(w / "nolabel.csv", good[:7] + [("no label here", "")] + good[7:])
+    (w / "data.tsv").write_text("text\tlabel\ngood\t1\n")
+    (w / "one-document.jsonl").write_text('{"text": "the only article there is"}\n')
+
+    base = Path(CONFIG).read_text()
+    (w / "typo-section.yaml").write_text(base.replace("\nfinetune:\n", "\nfinetun:\n"))
+    (w / "typo-nested.yaml").write_text(base.replace("kl_weight: 0.01", "kl_wieght: 0.01"))
+    (w / "repeated.yaml").write_text(base + "\nprune:\n  steps: 3\n")
+    (w / "tabs.yaml").write_text(base.replace("  steps: 250", "\tsteps: 250"))
+    sweep = Path(SWEEP).read_text()
+    space = "  space:\n    prune.budget.params: [0.7, 0.5, 0.3, 0.2]\n    prune.vib.kl_weight: [0.01, 0.1]\n"
+    assert space in sweep
+    (w / "sweep-empty.yaml").write_text(sweep.replace(space, "  space: {}\n"))
+    return w
+
+
+def files(name: str, *more: str) -> tuple[str, ...]:
+    """Overrides reading ``{w}/name`` instead of the built-in data (enough rows per split for every job's batch)."""
+    return ("data.name=", f"data.files=[{{w}}/{name}]", "data.max_train_samples=", "calibration.count=16", *more)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the catalogue
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    argv: tuple[str, ...]
+    """``vtrans`` arguments; a CONFIG first means ``run`` and ``validate`` both; ``{w}`` is the world folder."""
+    error: type[VtransError]
+    """The class ``--debug`` re-raises."""
+    needles: tuple[str, ...]
+    """Text the one-line message must contain: the key (or argument) and the offending value."""
+
+    def commands(self, w: Path) -> list[list[str]]:
+        args = [a.replace("{w}", str(w)) for a in self.argv]
+        if args[0].endswith(".yaml"):
+            return [["run", *args], ["validate", *args]]
+        return [args]
+
+
+def pipe(rid: str, overrides: tuple[str, ...] | list[str], error: type[VtransError], *needles: str,
+         config: str = CONFIG) -> Row:
+    """A row of a pipeline config (the shipped MiniLM one unless ``config``) with ``overrides``: run and validate."""
+    return Row(rid, (config, *overrides), error, needles)
+
+
+ROWS: list[Row] = [
+    # --- typo keys: the file's top level, a nested key in the file, an override; each suggests the key meant
+    pipe("typo-section-in-file", [], ConfigError, "unknown key 'finetun'", "did you mean 'finetune'?",
+         config="{w}/typo-section.yaml"),
+    pipe("typo-nested-in-file", [], ConfigError, "unknown key 'prune.vib.kl_wieght'", "'prune.vib.kl_weight'",
+         config="{w}/typo-nested.yaml"),
+    pipe("typo-section-override", ["finetnue.steps=10"], ConfigError, "unknown key 'finetnue'", "'finetune'"),
+    pipe("typo-nested-override", ["finetune.distill.temprature=3"], ConfigError,
+         "unknown key 'finetune.distill.temprature'", "did you mean 'finetune.distill.temperature'?"),
+    # --- malformed files and overrides
+    pipe("key-repeated-in-file", [], ConfigError, "found key 'prune' twice", "repeated.yaml",
+         config="{w}/repeated.yaml"),
+    pipe("tab-in-file", [], ConfigError, "tabs.yaml", "is not valid YAML", "line ", config="{w}/tabs.yaml"),
+    # --- wrong types
+    pipe("string-for-int", ["finetune.steps=ten"], ConfigError, "finetune.steps must be an int", "'ten'"),
+    pipe("list-for-number", ["prune.lr_masks=[0.1, 0.2]"], ConfigError, "prune.lr_masks must be a number",
+         "[0.1, 0.2]"),
+    pipe("bool-for-int", ["teacher.steps=true"], ConfigError, "teacher.steps must be an int", "True"),
+    pipe("number-for-bool", ["ray.use_gpu=1"], ConfigError, "ray.use_gpu must be a bool", "got 1"),
+    # --- budgets
+    pipe("budget-params-zero", ["prune.budget.params=0"], ConfigError, "prune.budget.params", "got 0"),
+    pipe("budget-flops-negative", ["prune.budget.flops=-0.1"], ConfigError, "prune.budget.flops", "-0.1"),
+    pipe("budget-tolerance", ["prune.budget.tolerance=1.5"], ConfigError, "prune.budget.tolerance", "1.5"),
+    pipe("budget-unreachable", ["prune.budget.flops=1.0e-6"], BudgetError, "flops=1e-06", "cannot be met"),
+    # --- fractions
+    pipe("calibration-fraction-above-1", ["calibration.fraction=1.5"], ConfigError, "calibration.fraction", "1.5"),
+    pipe("test-fraction-zero", ["data.test_fraction=0"], ConfigError, "data.test_fraction", "got 0"),
+    # --- model names
+    pipe("unknown-model", ["model.name=bert-tiny"], ConfigError, "model.name", "'bert-tiny'", "'minilm'"),
+    pipe("missing-model-dir", ["model.name={w}/nowhere"], ConfigError, "model.name", "nowhere'"),
+    pipe("model-dir-without-config", ["model.name={w}/empty"], ConfigError, "model.name=", "empty'", "config.json"),
+    pipe("tokenizer-larger-than-vocab", ["model.name={w}/smallvocab"], ConfigError, "model.name=", "smallvocab'",
+         "30522 tokens", "vocab_size=60"),
+    pipe("model-dir-without-tokenizer", ["model.name={w}/notok"], ConfigError, "model.name=", "notok'",
+         "no tokenizer"),
+    Row("inspect-unknown-model", ("inspect", "no-such-model"), UnknownModelError, ("'no-such-model'", "'minilm'")),
+    # --- data sets and files
+    pipe("unknown-dataset", ["data.name=rotten-tomatoes"], ConfigError, "data.name", "'rotten-tomatoes'",
+         "'rotten_tomatoes'"),
+    pipe("data-file-missing", files("missing.csv"), ConfigError, "data.files[0] does not exist", "missing.csv'"),
+    pipe("data-file-extension", files("data.tsv"), ConfigError, "data.files[0] must end in", "data.tsv'"),
+    pipe("text-column-missing", files("nocol.csv"), ConfigError, "data.text_column='text'", "nocol.csv'",
+         "['review', 'label']"),
+    pipe("label-column-missing", files("ok.csv", "data.label_column=target"), ConfigError,
+         "data.label_column='target'", "ok.csv'", "['text', 'label']"),
+    pipe("label-column-null", files("ok.csv", "data.label_column=", "model.task=seq-cls"), ConfigError,
+         "data.label_column is required", "model.task='seq-cls'", "None"),
+    pipe("label-empty", files("nolabel.csv"), ConfigError, "data.label_column='label'", "1 null or empty label",
+         "row 7"),
+    pipe("data-header-only", files("header.csv"), ConfigError, "data.files=", "header.csv'", "no rows"),
+    pipe("label-outside-classes", files("label5.csv"), ConfigError, "data.label_column='label'", "class id 5",
+         "model.num_labels=2"),
+    pipe("single-class", files("oneclass.csv"), ConfigError, "data.label_column='label'", "1 class(es) [1]",
+         "at least 2"),
+    pipe("batch-larger-than-data", files("ok.csv", "prune.batch_size=32"), ConfigError, "prune.batch_size=32",
+         "16 calibration samples"),
+    pipe("finetune-hold-out-too-large", files("ok.csv", "finetune.eval_every=10", "finetune.eval_samples=30"),
+         ConfigError, "finetune.batch_size=16", "6 training (less finetune.eval_samples=30)"),
+    pipe("one-document-for-causal-lm", ["data.name=", "data.files=[{w}/one-document.jsonl]"], ConfigError,
+         "data.files=", "one-document.jsonl'", "1 document(s)", config=LM_CONFIG),
+    # --- architectures and checkpoints
+    pipe("unsupported-architecture", ["model.name={w}/t5"], UnsupportedModelError, "model.name=", "t5'", "'t5' is not supported",
+         "'bert'"),
+    Row("inspect-unsupported-architecture", ("inspect", "{w}/t5"), UnsupportedModelError,
+        ("model_type 't5'", "vtrans.arch.register")),
+    pipe("pickle-checkpoint", ["model.name={w}/pickled"], ConfigError, "model.name=", "pickled'",
+         "['pytorch_model.bin']", "safetensors only"),
+    Row("compress-pickle-checkpoint", ("compress", "--model", "{w}/pickled", "--budget", "params=0.5", "--out",
+                                       "out"), CheckpointError, ("pickled'", "pytorch_model.bin", "never pickle")),
+    pipe("truncated-checkpoint", ["model.name={w}/truncated"], ConfigError, "model.name=",
+         "truncated/model.safetensors'", "truncated or corrupted"),
+    Row("inspect-truncated-checkpoint", ("inspect", "{w}/truncated"), CheckpointError,
+        ("truncated/model.safetensors'", "bytes")),
+    pipe("tampered-vtrans-checkpoint", ["model.name={w}/tampered"], ConfigError, "model.name=",
+         "modeling_vtrans.py", "refusing to run modified remote code"),
+    # --- resources, Ray and MLflow
+    pipe("more-workers-than-cpus", ["ray.num_workers=64", "prune.batch_size=64", "finetune.batch_size=64",
+                                    "teacher.batch_size=64"], ConfigError, "ray.num_workers=64", "needs 64 CPUs"),
+    pipe("workers-do-not-divide-batch", ["ray.num_workers=64"], ConfigError, "prune.batch_size=16",
+         "ray.num_workers=64"),
+    pipe("ray-address-unreachable", ["ray.address=127.0.0.1:1"], ConfigError, "ray.address='127.0.0.1:1'",
+         "nothing answers"),
+    pipe("ray-address-is-dashboard", ["ray.address=http://127.0.0.1:8265"], ConfigError,
+         "ray.address='http://127.0.0.1:8265'", "dashboard"),
+    pipe("mlflow-unreachable", ["tracking.uri=http://127.0.0.1:1"], ConfigError, "tracking.uri='http://127.0.0.1:1'",
+         "no MLflow server answers"),
+    # --- sweeps
+    Row("sweep-space-empty", ("sweep", "{w}/sweep-empty.yaml"), ConfigError, ("sweep.space is empty",)),
+    Row("sweep-space-unknown-key", ("sweep", SWEEP, "sweep.space={prune.vib.kl_wieght: [0.1]}"), ConfigError,
+        ("unknown key 'prune.vib.kl_wieght'", "'prune.vib.kl_weight'")),
+    Row("sweep-model-twice", ("sweep", SWEEP, "sweep.models={small: {}, again: {}}"), ConfigError,
+        ("sweep.models lists the same model twice", "'minilm'", "'small'")),
+    Row("sweep-bad-data", ("sweep", SWEEP, *files("label5.csv")), ConfigError,
+        ("data.label_column='label'", "class id 5", "model.num_labels=2")),
+    Row("sweep-budget-out-of-range", ("sweep", SWEEP, "sweep.space={prune.budget.params: [0.5, 1.5]}"), ConfigError,
+        ("prune.budget.params", "1.5")),
+    # --- compress
+    Row("compress-budget-not-a-number", ("compress", "--model", "{w}/bert", "--budget", "params=half", "--out", "out"),
+        ConfigError, ("budget.params", "'half'")),
+    Row("compress-budget-flops-negative", ("compress", "--model", "{w}/bert", "--budget", "flops=-0.1", "--out",
+                                           "out"), ConfigError, ("budget.flops", "-0.1")),
+]
+if not torch.cuda.is_available():  # the GPU row needs a machine without one
+    ROWS.append(pipe("gpu-without-one", ["ray.use_gpu=true"], ConfigError, "ray.use_gpu=true", "2 GPU(s)",
+                     "this machine has 0"))
+
+
+@pytest.fixture
+def clean_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty working directory; Ray must not start (init_ray fails the test); afterwards no Ray, no MLflow store,
+    no output."""
+    import ray
+
+    import pipelines.ray_runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a bad input went as far as starting Ray")
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(pipelines.ray_runtime, "init_ray", no_ray)
+    assert not ray.is_initialized()
+    yield tmp_path
+    assert not ray.is_initialized(), "Ray was started"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "something was written (MLflow store, output)"
+
+
+def test_the_catalogue_is_large() -> None:
+    assert len(ROWS) >= 30 and len({r.id for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(row: Row, world: Path, clean_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import ray
+
+    for argv in row.commands(world):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, code, err)
+        assert len(err.splitlines()) == 1 and err.startswith("vtrans: error: "), err
+        assert "Traceback" not in err
+        for needle in row.needles:
+            assert needle in err, (argv[0], needle, err)
+        assert not ray.is_initialized()
+    for argv in row.commands(world):
+        with pytest.raises(row.error) as info:
+            main(["--debug", *argv])
+        assert "\n" not in str(info.value)
+    capsys.readouterr()
+
+
+def test_the_rows_break_a_valid_setup(world: Path, clean_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The controls: the base of the rows is valid, so each row fails for its own reason."""
+    for overrides in ([], [f"model.name={world}/bert"], [a.replace("{w}", str(world)) for a in files("ok.csv")]):
+        assert main(["validate", "--quiet", CONFIG, *overrides]) == 0, capsys.readouterr().err
+    assert main(["inspect", str(world / "bert")]) == 0
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# as a user sees it: a real process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
+def _run_watched(commands: list[tuple[list[str], Path]], logs: Path) -> list[tuple[int, str, set[str]]]:
+    """Run ``python -m pipelines.cli ARGV`` in ``cwd`` for each command, side by side; each one's exit status, its
+    stderr and the command lines of every process seen under it while it ran."""
+    import psutil
+
+    procs, errs = [], []
+    for i, (argv, cwd) in enumerate(commands):
+        errs.append(logs / f"{i}.stderr")  # a file, not a pipe: a chatty process cannot block on a full pipe
+        with open(errs[-1], "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-m", "pipelines.cli", *argv], cwd=cwd, env=_env(),
+                                          stdout=subprocess.DEVNULL, stderr=err))
+    seen: list[set[str]] = [set() for _ in procs]
+    t0 = time.monotonic()
+    while any(p.poll() is None for p in procs):
+        for p, names in zip(procs, seen):
+            try:
+                names |= {" ".join(c.cmdline()[:3]) or c.name() for c in psutil.Process(p.pid).children(recursive=True)}
+            except psutil.Error:  # it exited (or a child did) while being looked at
+                pass
+        if time.monotonic() - t0 > 300:
+            for p in procs:
+                p.kill()
+            pytest.fail("a command hung")
+        time.sleep(0.25)  # a Ray head lives for seconds: no need to look more often
+    return [(p.returncode, err.read_text(), names) for p, err, names in zip(procs, errs, seen)]
+
+
+#: One row of each kind: a config typo (validate), bad data and an unreachable Ray (run), a pickle checkpoint (compress)
+SUBPROCESS_ROWS = ("typo-nested-override", "text-column-missing", "ray-address-unreachable",
+                   "compress-pickle-checkpoint")
+
+
+@pytest.mark.slow  # fresh interpreters import torch and transformers: about 5 s of CPU each
+def test_as_a_user_sees_it(world: Path, tmp_path: Path) -> None:
+    rows = {r.id: r for r in ROWS}
+    commands = []
+    for rid in SUBPROCESS_ROWS:
+        (tmp_path / rid).mkdir()
+        argv = rows[rid].commands(world)
+        commands.append((argv[-1] if rid.startswith("typo") else argv[0], tmp_path / rid))  # validate / run
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for rid, (argv, cwd), (code, err, seen) in zip(SUBPROCESS_ROWS, commands, _run_watched(commands, logs)):
+        err = err.strip()
+        assert code == 2, (argv, code, err)
+        assert len(err.splitlines()) == 1 and err.startswith("vtrans: error: "), err
+        for needle in rows[rid].needles:
+            assert needle in err, (needle, err)
+        assert not [name for name in seen if any(r in name for r in RAY_PROCESSES)], seen
+        assert [p for p in cwd.rglob("*") if p.is_file()] == [], "something was written"
