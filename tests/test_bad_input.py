@@ -193,8 +193,8 @@ ROWS: list[Row] = [
     pipe("one-document-for-causal-lm", ["data.name=", "data.files=[{w}/one-document.jsonl]"], ConfigError,
          "data.files=", "one-document.jsonl'", "1 document(s)", config=LM_CONFIG),
     # --- architectures and checkpoints
-    pipe("unsupported-architecture", ["model.name={w}/t5"], UnsupportedModelError, "model.name=", "t5'", "'t5' is not supported",
-         "'bert'"),
+    pipe("unsupported-architecture", ["model.name={w}/t5"], UnsupportedModelError, "model.name=", "t5'",
+         "'t5' is not supported", "'bert'"),
     Row("inspect-unsupported-architecture", ("inspect", "{w}/t5"), UnsupportedModelError,
         ("model_type 't5'", "vtrans.arch.register")),
     pipe("pickle-checkpoint", ["model.name={w}/pickled"], ConfigError, "model.name=", "pickled'",

@@ -27,16 +27,11 @@ from transformers import (
     PreTrainedModel,
 )
 
-from vtrans.errors import ConfigError, OutputError, UnknownModelError
+from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError
 from vtrans.modeling_vtrans import COMPRESSION_FILE, MODELING_FILE
 
 TASKS = ("auto", "base", "seq-cls", "causal-lm")
 AUTO_CLASSES = {"base": AutoModel, "seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint - model weights or a training state - is missing, truncated, corrupted, in a refused format
-    (pickle) or carries modified code."""
 
 
 def infer_task(config) -> str:

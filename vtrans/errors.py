@@ -29,3 +29,8 @@ class BudgetError(VtransError, ValueError):
 
 class OutputError(VtransError, OSError):
     """An output location cannot be written (missing parent, exists, read-only)."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint - model weights or a training state - is missing, truncated, corrupted, in a refused format
+    (pickle) or carries modified code."""

@@ -296,6 +296,8 @@ def test_resume_after_the_driver_is_killed_continues_the_same_experiment(tmp_pat
     steps = [m.step for m in loss]
     assert set(steps) == set(range(PRUNE_STEPS))
     assert all(steps.count(s) == 1 for s in range(ckpt + 1)), "steps before the checkpoint were trained again"
+    # and the steps after it, streamed before the kill and computed again after it, are logged once
+    assert sorted(steps) == list(range(PRUNE_STEPS)), steps
     history = json.loads((interrupted / "train" / "output" / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(PRUNE_STEPS))
     ratio = resumed.data.metrics["params_blocks_ratio"]
