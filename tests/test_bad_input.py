@@ -147,6 +147,8 @@ ROWS: list[Row] = [
     pipe("tab-in-file", [], ConfigError, "tabs.yaml", "is not valid YAML", "line ", config="{w}/tabs.yaml"),
     # --- wrong types
     pipe("string-for-int", ["finetune.steps=ten"], ConfigError, "finetune.steps must be an int", "'ten'"),
+    pipe("unknown-kl-normalisation", ["prune.vib.kl_normalisation=layer"], ConfigError,
+         "prune.vib.kl_normalisation must be one of ['group', 'unit']", "'layer'"),
     pipe("list-for-number", ["prune.lr_masks=[0.1, 0.2]"], ConfigError, "prune.lr_masks must be a number",
          "[0.1, 0.2]"),
     pipe("bool-for-int", ["teacher.steps=true"], ConfigError, "teacher.steps must be an int", "True"),

@@ -13,6 +13,9 @@ from vtrans.errors import ConfigError
 #: ``neurons``: FFN intermediate neurons; ``mha`` / ``ffn``: whole attention / FFN blocks of a layer.
 STRUCTURES: tuple[str, ...] = ("hidden", "heads", "neurons", "mha", "ffn")
 
+#: What a mask group's KL is divided by (:attr:`VIBConfig.kl_normalisation`).
+KL_NORMALISATIONS: tuple[str, ...] = ("group", "unit")
+
 #: Budget scopes: ``blocks`` counts the transformer layers only (as CoFi does); ``total`` the whole model.
 SCOPES: tuple[str, ...] = ("blocks", "total")
 
@@ -45,6 +48,12 @@ class VIBConfig:
     """Global KL weight (beta); each structure type's KL is scaled by it times its multiplier."""
     kl_multipliers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STRUCTURES, 1.0))
     """Per-structure-type KL multipliers; missing types default to 1."""
+    kl_normalisation: str = "group"
+    """What a group's KL is divided by. ``group``: its own width ``r_i`` (METHOD.md), so a unit of a small group
+    (one of a layer's 12 heads, the 6 block gates) carries up to ``ffn / r_i`` times the KL pressure of an FFN
+    neuron. ``unit``: the FFN width for every group, so every unit carries the same pressure (equivalent to
+    multipliers ``r_i / ffn`` under ``group``). On MiniLM at <= 50% of block parameters ``group`` closed whole
+    blocks and collapsed the model to the majority class; ``unit`` did not (README, "Benchmarks")."""
     seed: int | None = 0
     """Seed of the mask initialisation (None: from torch's global generator)."""
 
@@ -63,6 +72,9 @@ class VIBConfig:
                 raise ConfigError(f"vib.{key} must be >= 0, got {getattr(self, key)!r}")
         if self.keep_sharpness <= 0:
             raise ConfigError(f"vib.keep_sharpness must be > 0, got {self.keep_sharpness!r}")
+        if self.kl_normalisation not in KL_NORMALISATIONS:
+            raise ConfigError(f"vib.kl_normalisation must be one of {list(KL_NORMALISATIONS)}, "
+                              f"got {self.kl_normalisation!r}")
         if not isinstance(self.kl_multipliers, dict):
             raise ConfigError(f"vib.kl_multipliers must map structure -> float, got {self.kl_multipliers!r}")
         merged = dict.fromkeys(STRUCTURES, 1.0)

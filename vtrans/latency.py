@@ -2,6 +2,7 @@
 
 ```python
 t = time_forward(model, batch_size=8, seq_len=128)      # Timing(median_ms=..., throughput=..., ...)
+op_times(model, batch_size=1, seq_len=128)             # {"matmul": ms, "attention": ms, "norm": ms, "other": ms}
 out, peak = measure_peak_memory(lambda: model(**batch), device="cuda")
 model_bytes(model)                                      # parameters + buffers
 ```
@@ -69,19 +70,11 @@ def _cuda_devices(model: nn.Module, device: torch.device) -> list[torch.device]:
     return sorted(devices, key=str)
 
 
-def time_forward(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 20, warmup: int = 3,
-                 vocab_size: int | None = None, device: str | torch.device | None = None, seed: int = 0) -> Timing:
-    """Time ``repeats`` forward passes of ``model`` on random token ids of shape (batch_size, seq_len).
-
-    Inputs are seeded random ids in ``[0, vocab_size)`` (default ``model.config.vocab_size``) with an all-ones
-    attention mask, placed on ``device`` (default: the device of the model's first parameter; the model is not moved).
-    Runs under ``torch.inference_mode()`` with the model in eval mode; every module's train/eval mode is restored
-    afterwards. On CUDA each pass is bracketed by ``torch.cuda.synchronize()`` so the wall clock covers the kernels.
-    """
+def _random_inputs(model: nn.Module, batch_size: int, seq_len: int, vocab_size: int | None,
+                   device: str | torch.device | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
+    """Seeded random token ids (batch, seq) in ``[0, vocab_size)``, an all-ones attention mask, and their device."""
     _check_int("batch_size", batch_size, 1)
     _check_int("seq_len", seq_len, 1)
-    _check_int("repeats", repeats, 1)
-    _check_int("warmup", warmup, 0)
     _check_int("seed", seed, 0)
     config = getattr(model, "config", None)
     if vocab_size is None:
@@ -100,6 +93,21 @@ def time_forward(model: nn.Module, batch_size: int, seq_len: int, repeats: int =
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(dev)  # (batch, seq)
     attention_mask = torch.ones_like(input_ids)  # (batch, seq)
+    return input_ids, attention_mask, dev
+
+
+def time_forward(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 20, warmup: int = 3,
+                 vocab_size: int | None = None, device: str | torch.device | None = None, seed: int = 0) -> Timing:
+    """Time ``repeats`` forward passes of ``model`` on random token ids of shape (batch_size, seq_len).
+
+    Inputs are seeded random ids in ``[0, vocab_size)`` (default ``model.config.vocab_size``) with an all-ones
+    attention mask, placed on ``device`` (default: the device of the model's first parameter; the model is not moved).
+    Runs under ``torch.inference_mode()`` with the model in eval mode; every module's train/eval mode is restored
+    afterwards. On CUDA each pass is bracketed by ``torch.cuda.synchronize()`` so the wall clock covers the kernels.
+    """
+    _check_int("repeats", repeats, 1)
+    _check_int("warmup", warmup, 0)
+    input_ids, attention_mask, dev = _random_inputs(model, batch_size, seq_len, vocab_size, device, seed)
     cuda_devices = _cuda_devices(model, dev)
 
     def sync() -> None:
@@ -155,3 +163,56 @@ def model_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+#: Operator categories of :func:`op_times`: aten op names (without ``aten::``) in each; the rest is ``other`` (a norm
+#: written as element-wise ops, as transformers' ``LlamaRMSNorm`` is, lands there too).
+OP_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "matmul": ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "addmv", "mv", "_addmm_activation"),
+    "attention": ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                  "_scaled_dot_product_cudnn_attention", "softmax", "_softmax"),
+    "norm": ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"),
+}
+
+
+def op_times(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 3, warmup: int = 1,
+             vocab_size: int | None = None, device: str | torch.device | None = None, seed: int = 0
+             ) -> dict[str, float]:
+    """Where a forward pass spends its time: milliseconds per pass in each :data:`OP_CATEGORIES` category and
+    ``other`` (embeddings, activations, adds, copies, views), from ``torch.profiler`` self times (device time on
+    CUDA, CPU time otherwise), averaged over ``repeats`` passes; ``total`` is their sum.
+
+    Matrix multiplications are what FLOPs count, so ``matmul`` should shrink with the FLOPs of a compressed model;
+    whatever does not (the rest) is why a measured speedup falls short of the FLOPs reduction. The profiler adds its
+    own overhead: compare these shares, and time with :func:`time_forward`.
+    """
+    _check_int("repeats", repeats, 1)
+    _check_int("warmup", warmup, 0)
+    input_ids, attention_mask, dev = _random_inputs(model, batch_size, seq_len, vocab_size, device, seed)
+    cuda = bool(_cuda_devices(model, dev))
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(input_ids=input_ids, attention_mask=attention_mask)
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(repeats):
+                    model(input_ids=input_ids, attention_mask=attention_mask)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+    finally:
+        for m, training in modes:
+            m.training = training
+    category = {op: cat for cat, ops in OP_CATEGORIES.items() for op in ops}
+    out = dict.fromkeys([*OP_CATEGORIES, "other"], 0.0)
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if not us:
+            continue
+        name = e.key.split("::", 1)[-1]
+        out[category.get(name, "other")] += us / 1000 / repeats
+    out["total"] = sum(out.values())
+    return out

@@ -83,12 +83,14 @@ class VIB(nn.Module):
         return [p for _, m in self.masks() for p in (m.mu, m.logvar)]
 
     def kl(self) -> torch.Tensor:
-        """``sum_i beta_i / r_i * KL_i`` over all mask groups (beta_i = kl_weight * multiplier of its type)."""
+        """``sum_i beta_i / r_i * KL_i`` over all mask groups (beta_i = kl_weight * multiplier of its type); with
+        ``kl_normalisation="unit"`` every ``r_i`` is the FFN width instead of the group's own."""
         total = torch.zeros((), device=self._device())
+        unit = self.config.kl_normalisation == "unit"
         for name, m in self.masks():
             beta = self.config.kl_weight * self.config.kl_multipliers[name]
             if beta:
-                total = total + beta * m.kl() / m.n
+                total = total + beta * m.kl() / (self.geometry.ffn if unit else m.n)
         return total
 
     # --- keep decisions ------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from vtrans.errors import ConfigError
-from vtrans.latency import Timing, measure_peak_memory, model_bytes, time_forward
+from vtrans.latency import Timing, measure_peak_memory, model_bytes, op_times, time_forward
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -121,3 +121,27 @@ def test_model_bytes_of_tiny_bert() -> None:
     # buffers: position_ids and token_type_ids, int64, one row of max_position_embeddings each
     buffers = 2 * c.max_position_embeddings * 8
     assert model_bytes(model) == params * 4 + buffers
+
+
+def test_op_times_split_a_forward_pass_into_categories() -> None:
+    model = tiny_bert()
+    model.train()
+    t = op_times(model, batch_size=2, seq_len=16, repeats=2)
+    assert set(t) == {"matmul", "attention", "norm", "other", "total"}
+    assert t["total"] == pytest.approx(t["matmul"] + t["attention"] + t["norm"] + t["other"])
+    assert t["matmul"] > 0 and t["norm"] > 0 and t["attention"] > 0 and all(v >= 0 for v in t.values())
+    assert model.training  # mode restored
+
+
+def test_op_times_matmul_grows_with_the_matmuls_and_nothing_else() -> None:
+    """Widening only the FFN (the matmuls) adds matmul time; the norms stay as they were (same shapes)."""
+    torch.manual_seed(0)
+    narrow = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=2, intermediate_size=64)).eval()
+    wide = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=8192)).eval()
+    with torch.no_grad():
+        a = op_times(narrow, batch_size=8, seq_len=64, repeats=3)
+        b = op_times(wide, batch_size=8, seq_len=64, repeats=3)
+    assert b["matmul"] > 5 * a["matmul"]
+    assert b["matmul"] / b["total"] > a["matmul"] / a["total"]

@@ -75,6 +75,29 @@ def test_kl_weights_and_normalisation() -> None:
     assert vib.kl().item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_unit_kl_normalisation_equals_width_ratio_multipliers() -> None:
+    """``kl_normalisation="unit"`` divides every group by the FFN width: the same as multipliers r_i / ffn under
+    ``group``, so a head, a block gate and a neuron each carry the same KL weight."""
+    model = tiny("bert", BertModel)
+    unit = vtrans.attach(model, vtrans.VIBConfig(kl_weight=0.5, kl_normalisation="unit", seed=3))
+    g = unit.geometry
+    widths = {"hidden": g.hidden, "heads": g.n_groups, "neurons": g.ffn, "mha": g.n_layers, "ffn": g.n_layers}
+    assert len(set(widths.values())) > 2  # the tiny model's groups really differ in width
+    ratios = {k: r / g.ffn for k, r in widths.items()}
+    group = vtrans.attach(tiny("bert", BertModel), vtrans.VIBConfig(kl_weight=0.5, kl_multipliers=ratios, seed=3))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(unit.masks(), group.masks(), strict=True):
+            b.mu.copy_(a.mu * 0.3)
+            a.mu.mul_(0.3)
+    per_unit = sum(0.5 * m.kl() / g.ffn for _, m in unit.masks())
+    assert unit.kl().item() == pytest.approx(per_unit.item(), rel=1e-6)
+    assert unit.kl().item() == pytest.approx(group.kl().item(), rel=1e-6)
+    by_group = sum(0.5 * m.kl() / m.n for _, m in unit.masks())
+    assert unit.kl().item() < by_group.item()  # the small groups weigh less per unit
+    with pytest.raises(vtrans.ConfigError, match="vib.kl_normalisation must be one of .* got 'layer'"):
+        vtrans.VIBConfig(kl_normalisation="layer")
+
+
 def test_expected_size_at_init_is_the_dense_size() -> None:
     model = tiny("bert", BertModel)
     vib = vtrans.attach(model)
