@@ -1337,6 +1337,7 @@ def run_bench(profile: Profile, out: Path, device: str = "cpu", tracking_uri: st
     ``readme`` its section of this profile (:func:`bench_report.readme_markers`) is replaced by the results."""
     from pipelines.tracking import Tracker
 
+    check_local_resources(profile)
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.connect(tracking_uri, experiment)
@@ -1461,6 +1462,19 @@ def write_outputs(results: dict, out: Path) -> None:
     for label, task in results["tasks"].items():
         bench_report.plot_pareto(task, out / f"pareto-{label}.png")
     (out / "results.md").write_text(bench_report.render_markdown(results))
+
+
+def check_local_resources(profile: Profile, cpus: int | None = None) -> None:
+    """With ``executor=ray`` and no cluster to join (no ``$RAY_ADDRESS``), the local Ray has this machine's CPUs: a
+    cell asking for more would wait forever, so that is a :class:`ConfigError` before any work. A cluster joined
+    through ``$RAY_ADDRESS`` is not checked (it may autoscale)."""
+    if profile.executor != "ray" or os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
+        return
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    if profile.cpus_per_cell > cpus:
+        raise ConfigError(f"cpus_per_cell={profile.cpus_per_cell:g} is more than the {cpus} CPUs of the local Ray "
+                          f"this run would start (no $RAY_ADDRESS): no cell could ever start; set cpus_per_cell={cpus} "
+                          f"or lower, or join a cluster")
 
 
 def render_only(out: Path, readme: str = "auto") -> dict:

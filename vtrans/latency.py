@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -206,13 +206,17 @@ def op_times(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 3, 
     finally:
         for m, training in modes:
             m.training = training
+    return categorise(((e.key, e.self_device_time_total if cuda else e.self_cpu_time_total)
+                       for e in prof.key_averages()), repeats)
+
+
+def categorise(self_times_us: Iterable[tuple[str, float]], repeats: int = 1) -> dict[str, float]:
+    """``(op name, self time in µs)`` pairs (``aten::addmm``, ...) summed into milliseconds per pass for each
+    :data:`OP_CATEGORIES` category, ``other`` and ``total``."""
     category = {op: cat for cat, ops in OP_CATEGORIES.items() for op in ops}
     out = dict.fromkeys([*OP_CATEGORIES, "other"], 0.0)
-    for e in prof.key_averages():
-        us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if not us:
-            continue
-        name = e.key.split("::", 1)[-1]
-        out[category.get(name, "other")] += us / 1000 / repeats
+    for key, us in self_times_us:
+        if us:
+            out[category.get(key.split("::", 1)[-1], "other")] += us / 1000 / repeats
     out["total"] = sum(out.values())
     return out

@@ -302,6 +302,24 @@ def test_cell_key_depends_on_what_changes_the_rows():
          "version": bench.CELL_VERSION})
 
 
+def test_a_cell_bigger_than_the_local_ray_is_refused_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    full = bench.load_profile("full")  # 4 CPUs per cell
+    with pytest.raises(ConfigError, match=r"cpus_per_cell=4 is more than the 2 CPUs of the local Ray .* set "
+                                          r"cpus_per_cell=2 or lower"):
+        bench.check_local_resources(full, cpus=2)
+    bench.check_local_resources(full, cpus=4)
+    bench.check_local_resources(bench.load_profile("full", ["executor=local"]), cpus=2)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster may autoscale: not checked
+    bench.check_local_resources(full, cpus=2)
+    monkeypatch.delenv("RAY_ADDRESS")
+    cpus = len(__import__("os").sched_getaffinity(0))
+    big = bench.load_profile("smoke", [f"cpus_per_cell={cpus + 1}"])
+    with pytest.raises(ConfigError, match="no cell could ever start"):
+        bench.run_bench(big, tmp_path / "out", "cpu", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()  # before any work
+
+
 def test_readme_section_is_replaced_between_its_markers(tmp_path):
     readme = tmp_path / "README.md"
     start, end = bench_report.readme_markers("unit")
@@ -482,6 +500,16 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert by_id[ov["dag"]["run_id"]].data.tags["bench.role"] == "ray-overhead-dag"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "results.md", "pareto-minilm.png", "pareto-smollm2.png", "rows.json"} <= artifacts
+
+    # one VIB training per budget (the full profile's way): its own run per budget, each budget met
+    per = bench.run_bench(bench.load_profile("smoke", [*overrides, "overhead=null", "decoder=null",
+                                                       "encoder.methods=[faster]", "encoder.shared_posterior=false"]),
+                          tmp_path / "per-budget", "cpu", uri)
+    rows = per["tasks"]["minilm"]["rows"]
+    assert sorted((r["budget"], r["finetuned"]) for r in rows) == [(0.3, False), (0.3, True), (0.5, False),
+                                                                    (0.5, True)]
+    assert all(r["budget_met"] and r.get("compress_group") is None and r["prune_steps"] == 3 for r in rows)
+    assert "one run per budget" in (tmp_path / "per-budget" / "results.md").read_text()
 
     # a re-run reuses the data, the teacher and every cell
     again = bench.run_bench(bench.load_profile("smoke", [*overrides, "overhead=null"]), out, "cpu", uri)

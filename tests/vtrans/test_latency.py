@@ -8,7 +8,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from vtrans.errors import ConfigError
-from vtrans.latency import Timing, measure_peak_memory, model_bytes, op_times, time_forward
+from vtrans.latency import Timing, categorise, measure_peak_memory, model_bytes, op_times, time_forward
 
 
 def tiny_bert() -> BertForSequenceClassification:
@@ -133,15 +133,23 @@ def test_op_times_split_a_forward_pass_into_categories() -> None:
     assert model.training  # mode restored
 
 
-def test_op_times_matmul_grows_with_the_matmuls_and_nothing_else() -> None:
-    """Widening only the FFN (the matmuls) adds matmul time; the norms stay as they were (same shapes)."""
+def test_op_times_categories_by_hand() -> None:
+    t = categorise([("aten::addmm", 3000.0), ("aten::linear", 200.0), ("aten::native_layer_norm", 1000.0),
+                    ("aten::_softmax", 500.0), ("aten::_scaled_dot_product_flash_attention_for_cpu", 700.0),
+                    ("aten::gelu", 500.0), ("aten::embedding", 0.0), ("aten::add", 100.0)], repeats=2)
+    assert t == pytest.approx({"matmul": 1.6, "attention": 0.6, "norm": 0.5, "other": 0.3, "total": 3.0})
+
+
+def test_op_times_matmul_grows_with_the_matmuls() -> None:
+    """An FFN 128x wider has about 40x the matmul FLOPs: its matmul time is larger (timing under load is noisy, so
+    only the direction is asserted)."""
     torch.manual_seed(0)
     narrow = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
                                                       num_attention_heads=2, intermediate_size=64)).eval()
     wide = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
                                                     num_attention_heads=2, intermediate_size=8192)).eval()
     with torch.no_grad():
-        a = op_times(narrow, batch_size=8, seq_len=64, repeats=3)
-        b = op_times(wide, batch_size=8, seq_len=64, repeats=3)
-    assert b["matmul"] > 5 * a["matmul"]
-    assert b["matmul"] / b["total"] > a["matmul"] / a["total"]
+        op_times(narrow, batch_size=1, seq_len=8, repeats=1)  # the profiler's first use in this process
+        a = op_times(narrow, batch_size=8, seq_len=64, repeats=3, warmup=2)
+        b = op_times(wide, batch_size=8, seq_len=64, repeats=3, warmup=2)
+    assert b["matmul"] > a["matmul"] > 0
