@@ -369,7 +369,7 @@ PROFILES: dict[str, Profile] = {
         encoder=TaskProfile(label="minilm", model="minilm", budgets=[0.7, 0.5, 0.3, 0.2], methods=_ALL,
                             train_samples=4000, test_samples=1000, seq_len=64,
                             prune_steps={"vtrans": 200, "fast": 100, "faster": 100}, finetune_steps=50, seeds=3,
-                            trained_seeds=1, finetune_seeds=1, calibration_fraction=0.03, teacher_steps=200,
+                            trained_seeds=3, finetune_seeds=1, calibration_fraction=0.03, teacher_steps=200,
                             teacher_batch=32, prune_batch=16, kwon_samples=128, kwon_batch=32, finetune_batch=16,
                             kl_normalisation="unit",
                             latency=LatencyProfile(batch_sizes=[1, 32], seq_len=128, repeats=5, warmup=1)),

@@ -218,6 +218,7 @@ def test_every_profile_is_valid_and_round_trips(name):
 def test_quick_profile_keeps_the_issue_grid():
     q = bench.load_profile("quick")
     assert q.encoder.budgets == [0.7, 0.5, 0.3, 0.2]
+    assert all(q.encoder.seeds_of(m) == 3 for m in ("random", "kwon", "vtrans", "fast", "faster"))
     assert q.encoder.latency.batch_sizes == [1, 32] and q.encoder.latency.seq_len == 128
     assert q.executor == "ray" and q.threads == 1 and q.cpus_per_cell == 1.0 and q.teacher_workers == 2
 
@@ -234,7 +235,8 @@ def test_overrides():
     (["encoder.budgets=[0.5, 1.5]"], r"budgets\[1\] must be a fraction in \(0, 1\), got 1.5"),
     (["encoder.budgets=[0.5, 0.5]"], "budgets lists a budget twice"),
     (["encoder.methods=[random, bogus]"], r"methods\[1\] must be one of .*'kwon'.*got 'bogus'"),
-    (["encoder.finetune_seeds=2"], "finetune_seeds=2 must be <= seeds=3 and trained_seeds=1"),
+    (["encoder.finetune_seeds=2", "encoder.trained_seeds=1"],
+     "finetune_seeds=2 must be <= seeds=3 and trained_seeds=1"),
     (["encoder.prune_steps.random=3"], "prune_steps has 'random'; only"),
     (["encoder.calibration_count=10"], "exactly one of calibration_fraction and calibration_count"),
     (["encoder.finetune_steps=0"], "must be both 0"),
