@@ -513,16 +513,6 @@ def _log(message: str) -> None:
     print(f"[bench] {message}", flush=True)
 
 
-def kwon_pruner() -> Callable | None:
-    """``vtrans.fisher.kwon_prune(vib, batches, budget, rearrange=True, tune=True)``, or None while the module is
-    missing: the ``kwon`` rows are then skipped and the report says so."""
-    try:
-        from vtrans.fisher import kwon_prune
-    except ImportError:
-        return None
-    return kwon_prune
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # in-process training and the in-process stages
 # ---------------------------------------------------------------------------------------------------------------------
@@ -829,7 +819,8 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
         return load_model(s.teacher_dir, s.task, s.num_labels, spec.device)
 
     if m in TRAINING_FREE:
-        kwon = kwon_pruner() if m == "kwon" else None
+        from vtrans.fisher import kwon_prune
+
         batches = _kwon_batches(train, t, spec.seed, s.pad_token_id) if m == "kwon" else None
         for b in budgets:
             with PeakRSS() as rss:
@@ -837,7 +828,7 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
                 model = fresh().eval()
                 vib = vtrans.attach(model)
                 if m == "kwon":
-                    kwon(vib, batches, _budget(t, b))
+                    kwon_prune(vib, batches, _budget(t, b))
                 else:
                     vib.apply_budget(_budget(t, b), scores=vtrans.score(model, m, seed=spec.seed), method=m)
                 small = vtrans.compress(vib).eval()
@@ -1202,7 +1193,7 @@ def machine() -> str:
             f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
-def what_ran(profile: Profile, setups: dict[str, TaskSetup], kwon_ok: bool, device: str = "cpu") -> list[str]:
+def what_ran(profile: Profile, setups: dict[str, TaskSetup], device: str = "cpu") -> list[str]:
     """The profile's settings in words, with the data sizes it found: what the markdown states it did."""
     if profile.executor == "ray":
         where = (f"Executor `ray`: every (task, method, seed) cell a Ray task holding {profile.cpus_per_cell:g} CPU(s)"
@@ -1237,7 +1228,7 @@ def what_ran(profile: Profile, setups: dict[str, TaskSetup], kwon_ok: bool, devi
             + ("one posterior per (method, seed) trained at the smallest budget and re-thresholded to the others. "
                if t.shared_posterior else "one training per budget. ")
             + (f"Kwon: Fisher on {t.kwon_samples} training samples drawn with the seed, mask search, rearrangement "
-               f"and least-squares mask tuning. " if "kwon" in t.methods and kwon_ok else "")
+               f"and least-squares mask tuning. " if "kwon" in t.methods else "")
             + (f"Fine-tune: {t.finetune_steps} steps (batch {t.finetune_batch}, lr {t.finetune_lr:g}, logit "
                f"distillation from the teacher) of seeds 0..{t.finetune_seeds - 1} of every method. "
                if t.finetune_seeds else "No fine-tune. ")
@@ -1275,12 +1266,9 @@ class Executor:
             yield spec, ray.get(done[0])
 
 
-def _cell_specs(setup: TaskSetup, t: TaskProfile, out: Path, device: str, threads: int | None,
-                kwon_ok: bool) -> list[CellSpec]:
+def _cell_specs(setup: TaskSetup, t: TaskProfile, out: Path, device: str, threads: int | None) -> list[CellSpec]:
     specs = []
     for m in t.methods:
-        if m == "kwon" and not kwon_ok:
-            continue
         for seed in range(t.seeds_of(m)):
             ft = seed < t.finetune_seeds
             key = cell_key(setup, t, m, seed, ft, device)
@@ -1349,13 +1337,12 @@ def run_bench(profile: Profile, out: Path, device: str = "cpu", tracking_uri: st
     _log(f"MLflow parent run {parent} in {tracker.uri} (experiment {experiment!r}); output {out}")
     status = "FAILED"
     try:
-        kwon_ok = kwon_pruner() is not None
         executor = Executor(profile.executor, device, profile.cpus_per_cell)
         results: dict[str, Any] = {
             "profile": profile.name, "settings": to_dict(profile), "overrides": list(overrides or []),
             "command": command, "date": time.strftime("%Y-%m-%d", time.localtime(started)),
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "machine": machine(),
-            "device": device, "executor": profile.executor, "phases": {}, "kwon_available": kwon_ok,
+            "device": device, "executor": profile.executor, "phases": {},
             "mlflow": {"uri": tracker.uri, "experiment": experiment, "run_id": parent},
             "tasks": {}, "notes": []}
         if profile.executor == "ray":
@@ -1372,7 +1359,7 @@ def run_bench(profile: Profile, out: Path, device: str = "cpu", tracking_uri: st
                                                        profile.teacher_workers)
                 results["phases"][f"{t.label} data, teacher and dense evaluation"] = time.perf_counter() - phase
                 specs = _cell_specs(setup, t, out, device, profile.threads if profile.executor == "local"
-                                    else max(1, int(profile.cpus_per_cell)), kwon_ok)
+                                    else max(1, int(profile.cpus_per_cell)))
                 phase = time.perf_counter()
                 rows = run_grid(specs, executor, tracker, parent)
                 results["phases"][f"{t.label} cells ({len(specs)})"] = time.perf_counter() - phase
@@ -1391,15 +1378,12 @@ def run_bench(profile: Profile, out: Path, device: str = "cpu", tracking_uri: st
                     "dense": setup.dense, "tolerance": t.tolerance, "teacher_dir": setup.teacher_dir,
                     "setup": setup.stages, "rows": rows, "latency": latency,
                     "stages": _stage_memory(rows, setup, latency)}
-        if not kwon_ok:
-            results["notes"].append("kwon: vtrans/fisher.py (vtrans.fisher.kwon_prune) is not in this checkout; the "
-                                    "kwon rows are missing. The hook is pipelines.bench.kwon_pruner().")
         phase = time.perf_counter()
         results["overhead"] = (ray_overhead(profile.overhead, out, tracker, parent, device)
                                if profile.overhead is not None else None)
         if profile.overhead is not None:
             results["phases"]["Ray overhead (both ways)"] = time.perf_counter() - phase
-        results["what_ran"] = what_ran(profile, setups, kwon_ok, device)
+        results["what_ran"] = what_ran(profile, setups, device)
         load.__exit__(None, None, None)
         results["load_average"] = la = load.as_dict()
         results["notes"].append(f"1-minute load average during the run: mean {la['mean']:.1f}, max {la['max']:.1f} "

@@ -13,9 +13,10 @@ exact, device-independent sizes use :func:`vtrans.count`.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -70,6 +71,19 @@ def _cuda_devices(model: nn.Module, device: torch.device) -> list[torch.device]:
     return sorted(devices, key=str)
 
 
+@contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode under ``torch.inference_mode()``; every module's train/eval mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _random_inputs(model: nn.Module, batch_size: int, seq_len: int, vocab_size: int | None,
                    device: str | torch.device | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
     """Seeded random token ids (batch, seq) in ``[0, vocab_size)``, an all-ones attention mask, and their device."""
@@ -114,21 +128,15 @@ def time_forward(model: nn.Module, batch_size: int, seq_len: int, repeats: int =
         for d in cuda_devices:  # every device the model uses: a sharded model may span several
             torch.cuda.synchronize(d)
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     times_ms: list[float] = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                sync()
-                start = time.perf_counter()
-                model(input_ids=input_ids, attention_mask=attention_mask)
-                sync()
-                if i >= warmup:
-                    times_ms.append((time.perf_counter() - start) * 1000)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with _inference(model):
+        for i in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            model(input_ids=input_ids, attention_mask=attention_mask)
+            sync()
+            if i >= warmup:
+                times_ms.append((time.perf_counter() - start) * 1000)
     median_ms = statistics.median(times_ms)
     throughput = batch_size / (median_ms / 1000)
     return Timing(batch_size=batch_size, seq_len=seq_len, median_ms=median_ms, p90_ms=_percentile(times_ms, 0.9),
@@ -192,20 +200,14 @@ def op_times(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 3, 
     input_ids, attention_mask, dev = _random_inputs(model, batch_size, seq_len, vocab_size, device, seed)
     cuda = bool(_cuda_devices(model, dev))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
+    with _inference(model):
+        for _ in range(warmup):
+            model(input_ids=input_ids, attention_mask=attention_mask)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(repeats):
                 model(input_ids=input_ids, attention_mask=attention_mask)
-            with torch.profiler.profile(activities=activities) as prof:
-                for _ in range(repeats):
-                    model(input_ids=input_ids, attention_mask=attention_mask)
-                if cuda:
-                    torch.cuda.synchronize(dev)
-    finally:
-        for m, training in modes:
-            m.training = training
+            if cuda:
+                torch.cuda.synchronize(dev)
     return categorise(((e.key, e.self_device_time_total if cuda else e.self_cpu_time_total)
                        for e in prof.key_averages()), repeats)
 
