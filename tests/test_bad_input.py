@@ -12,6 +12,7 @@ Models are tiny (tests/tiny.py) with the MiniLM tokenizer, data are small CSVs, 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -74,8 +75,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir("t5", T5Model(T5Config(vocab_size=60, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)))
     (w / "empty").mkdir()
     assert main(["compress", "--model", str(w / "bert"), "--budget", "params=0.6", "--out", str(w / "tampered")]) == 0
+    payload = f"\nopen({str(w / 'PAYLOAD_RAN')!r}, 'w').close()\n"  # never run: its marker must never appear
+    (w / "tampered" / "evil.py").write_text(payload + "class SomeClass:\n    pass\n")
+    config = json.loads((w / "tampered" / "config.json").read_text())
+    config["auto_map"]["AutoConfig"] = "evil.SomeClass"
+    (w / "tampered" / "config.json").write_text(json.dumps(config))
     with (w / "tampered" / "modeling_vtrans.py").open("a") as f:
-        f.write("\nimport os  # injected\n")
+        f.write(payload)
 
     good = [(f"a fine film number {i}", i % 2) for i in range(40)]
     _csv(w / "ok.csv", good)
@@ -208,7 +214,9 @@ ROWS: list[Row] = [
     Row("inspect-truncated-checkpoint", ("inspect", "{w}/truncated"), CheckpointError,
         ("truncated/model.safetensors'", "bytes")),
     pipe("tampered-vtrans-checkpoint", ["model.name={w}/tampered"], ConfigError, "model.name=",
-         "modeling_vtrans.py", "refusing to run modified remote code"),
+         "tampered/config.json'", "auto_map.AutoConfig='evil.SomeClass'", "would run code stored"),
+    Row("inspect-tampered-vtrans-checkpoint", ("inspect", "{w}/tampered"), CheckpointError,
+        ("tampered/config.json'", "auto_map.AutoConfig='evil.SomeClass'")),
     # --- resources, Ray and MLflow
     pipe("more-workers-than-cpus", ["ray.num_workers=64", "prune.batch_size=64", "finetune.batch_size=64",
                                     "teacher.batch_size=64"], ConfigError, "ray.num_workers=64", "needs 64 CPUs"),
@@ -284,6 +292,7 @@ def test_bad_input(row: Row, world: Path, clean_dir: Path, capsys: pytest.Captur
             main(["--debug", *argv])
         assert "\n" not in str(info.value)
     capsys.readouterr()
+    assert not (world / "PAYLOAD_RAN").exists(), "code stored with a checkpoint ran"
 
 
 def test_the_rows_break_a_valid_setup(world: Path, clean_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,11 @@
 """Loading Hugging Face checkpoints safely and writing compressed ones atomically.
 
 User checkpoints load as safetensors only (no pickle), checked to be complete before anything reads them
-(:func:`verify_weights`). ``trust_remote_code`` is used only for checkpoints vtrans wrote itself: their
-``modeling_vtrans.py`` must hash to the ``modeling_sha256`` recorded in compression.json.
+(:func:`verify_weights`). No code stored with a checkpoint is ever run: everything loads with
+``trust_remote_code=False``; a vtrans-compressed checkpoint loads with the classes of the installed vtrans, which
+:func:`register_auto_classes` maps into transformers' Auto classes when vtrans is imported (so
+``AutoModel.from_pretrained(dir)`` needs no flag either); the ``modeling_vtrans.py`` a checkpoint carries (for people
+without vtrans) is never imported, and an ``auto_map`` naming any other code is refused (:func:`check_no_remote_code`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,11 +31,30 @@ from transformers import (
     PreTrainedModel,
 )
 
+from vtrans import modeling_vtrans
 from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError
-from vtrans.modeling_vtrans import COMPRESSION_FILE, MODELING_FILE
+from vtrans.modeling_vtrans import AUTO_MAP, COMPRESSION_FILE, CONFIGS, MODELING_FILE
 
 TASKS = ("auto", "base", "seq-cls", "causal-lm")
 AUTO_CLASSES = {"base": AutoModel, "seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
+_AUTO_BY_NAME = {cls.__name__: cls for cls in AUTO_CLASSES.values()}
+#: model_type of a vtrans-compressed config -> its architecture (a key of ``AUTO_MAP``)
+VTRANS_MODEL_TYPES = {cfg.model_type: arch for arch, cfg in CONFIGS.items()}
+
+
+def register_auto_classes() -> None:
+    """Map every vtrans model type to the installed vtrans classes in transformers' Auto classes (idempotent).
+
+    transformers then resolves a compressed checkpoint's ``model_type`` (``vtrans_bert``, ...) to these classes and,
+    since they are registered locally, never imports the ``modeling_vtrans.py`` stored in the checkpoint, with or
+    without ``trust_remote_code`` (``resolve_trust_remote_code`` returns False for local code; with True the
+    registered class still wins because it does not live in ``transformers.``)."""
+    for arch, cfg_cls in CONFIGS.items():
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        for auto_name, ref in AUTO_MAP[arch].items():
+            if auto_name != "AutoConfig":
+                model_cls = getattr(modeling_vtrans, ref.split(".", 1)[1])
+                _AUTO_BY_NAME[auto_name].register(cfg_cls, model_cls, exist_ok=True)
 
 
 def infer_task(config) -> str:
@@ -48,19 +71,65 @@ def is_vtrans_checkpoint(path: str | Path) -> bool:
     return (Path(path) / COMPRESSION_FILE).is_file() and (Path(path) / MODELING_FILE).is_file()
 
 
-def verify_vtrans_checkpoint(path: str | Path) -> None:
-    """Check that the modeling code next to a vtrans checkpoint is the code vtrans recorded when writing it."""
-    path = Path(path)
+def _read_json(file: Path) -> dict:
     try:
-        recorded = json.loads((path / COMPRESSION_FILE).read_text()).get("modeling_sha256")
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / COMPRESSION_FILE} cannot be read: {e}") from None
-    actual = hashlib.sha256((path / MODELING_FILE).read_bytes()).hexdigest()
-    if recorded != actual:
-        raise CheckpointError(
-            f"{path / MODELING_FILE} has sha256 {actual[:12]}… but compression.json records {str(recorded)[:12]}…; "
-            "refusing to run modified remote code"
-        )
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(file)!r} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(file)!r} is not a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_no_remote_code(path: str | Path) -> None:
+    """Refuse a checkpoint that asks for code stored with it, raising :class:`CheckpointError` naming the file, the
+    key and the value: an ``auto_map`` in config.json other than vtrans's own classes for a vtrans model type
+    (``modeling_vtrans.VtransXxx``, run from the installed vtrans, never from the directory), any ``auto_map`` in
+    tokenizer_config.json, or a ``tokenizer_class`` the installed transformers does not have. The checkpoint's
+    ``modeling_vtrans.py`` is never imported; one that is a symlink or differs from the installed file is warned
+    about (anyone loading the directory with ``trust_remote_code=True`` without vtrans would run it)."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if config_file.is_file():
+        config = _read_json(config_file)
+        auto_map = config.get("auto_map")
+        model_type = config.get("model_type")
+        allowed = AUTO_MAP.get(VTRANS_MODEL_TYPES.get(model_type, ""), {})
+        if auto_map is not None and not isinstance(auto_map, dict):
+            raise CheckpointError(f"{str(config_file)!r}: auto_map={auto_map!r} is not a mapping; vtrans never runs "
+                                  f"code stored with a checkpoint: remove auto_map")
+        for key, value in (auto_map or {}).items():
+            if allowed.get(key) != value:
+                ours = (f"model_type {model_type!r} allows only {allowed}" if allowed else
+                        f"model_type {model_type!r} is not a vtrans one")
+                raise CheckpointError(f"{str(config_file)!r}: auto_map.{key}={value!r} would run code stored with the "
+                                      f"checkpoint, which vtrans never does ({ours}); remove the entry")
+    tok_file = path / "tokenizer_config.json"
+    if tok_file.is_file():
+        tok = _read_json(tok_file)
+        if "auto_map" in tok:
+            raise CheckpointError(f"{str(tok_file)!r}: auto_map={tok['auto_map']!r} would run tokenizer code stored "
+                                  f"with the checkpoint, which vtrans never does; remove auto_map")
+        name = tok.get("tokenizer_class")
+        if name is not None and (not isinstance(name, str) or (tokenizer_class_from_name(name) is None and
+                                                              tokenizer_class_from_name(f"{name}Fast") is None)):
+            raise CheckpointError(f"{str(tok_file)!r}: tokenizer_class={name!r} is not a tokenizer of the installed "
+                                  f"transformers; vtrans never loads tokenizer code stored with a checkpoint")
+    _warn_foreign_modeling_file(path)
+
+
+def _warn_foreign_modeling_file(path: Path) -> None:
+    file = path / MODELING_FILE
+    if file.is_symlink():
+        why = "is a symlink"
+    elif file.is_file() and file.read_bytes() != Path(modeling_vtrans.__file__).read_bytes():
+        why = "differs from the installed vtrans's (another vtrans version wrote it, or it was modified)"
+    else:
+        return
+    warnings.warn(f"{str(file)!r} {why}; it is not run (vtrans loads its installed classes), but do not load this "
+                  f"directory with trust_remote_code=True where vtrans is not installed", UserWarning, stacklevel=3)
 
 
 SAFETENSORS = "model.safetensors"
@@ -123,16 +192,14 @@ def verify_weights(path: str | Path) -> None:
 
 
 def read_config(path: str | Path):
-    """The config of a local checkpoint, after checking that it loads safely: a vtrans checkpoint's code hash
-    (:func:`verify_vtrans_checkpoint`) and complete safetensors weights (:func:`verify_weights`)."""
+    """The config of a local checkpoint, after checking that it loads safely: no code stored with it would run
+    (:func:`check_no_remote_code`) and its safetensors weights are complete (:func:`verify_weights`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UnknownModelError(f"model directory {str(path)!r} has no config.json")
-    remote = is_vtrans_checkpoint(path)
-    if remote:
-        verify_vtrans_checkpoint(path)
+    check_no_remote_code(path)
     verify_weights(path)
-    return AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
 def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None = None,
@@ -141,12 +208,14 @@ def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None
     if task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
     path = Path(path)
+    if kwargs.pop("trust_remote_code", False):
+        raise ConfigError("trust_remote_code=True is not accepted: vtrans loads its installed classes, never code "
+                          "stored with a checkpoint")
     config = read_config(path)
-    remote = is_vtrans_checkpoint(path)
     task = infer_task(config) if task == "auto" else task
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=remote, use_safetensors=True, **kwargs)
+    return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=False, use_safetensors=True, **kwargs)
 
 
 #: Files of which a model directory holding a tokenizer has at least one.
@@ -159,14 +228,13 @@ def has_tokenizer(path: str | Path) -> bool:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved in a model directory, or None when there is none."""
+    """The tokenizer saved in a model directory, or None when there is none; one that asks for code stored with it
+    is refused (:func:`check_no_remote_code`)."""
     path = Path(path)
     if not has_tokenizer(path):
         return None
-    remote = is_vtrans_checkpoint(path)
-    if remote:
-        verify_vtrans_checkpoint(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+    check_no_remote_code(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
