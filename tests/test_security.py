@@ -236,3 +236,102 @@ def test_registration_is_idempotent() -> None:
 def test_trust_remote_code_is_not_accepted(ckpt: Path) -> None:
     with pytest.raises(vtrans.ConfigError, match="trust_remote_code=True is not accepted"):
         load_pretrained(ckpt, trust_remote_code=True)
+
+
+# --- MLflow: the pyfunc and the registry, on a real SQLite store ------------------------------------------------------
+
+
+@pytest.fixture
+def tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from pipelines.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return Tracker.connect(uri, "security", artifact_location=(tmp_path / "mlartifacts").as_uri())
+
+
+def _logged(tracker, ckpt: Path) -> str:
+    from pipelines.stages.base import log_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return log_model(tracker, tracker.start_run("m"), str(ckpt), {})
+
+
+def _stored_checkpoint(download_uri: str) -> Path:
+    """The checkpoint folder inside the (local) artifact store: what an attacker with write access edits."""
+    from urllib.parse import urlparse
+
+    root = Path(urlparse(download_uri).path)
+    (config,) = [c for c in root.rglob("config.json") if (c.parent / "model.safetensors").is_file()]
+    return config.parent
+
+
+def _tamper(d: Path, marker: Path) -> None:
+    """Modified modeling code (its hash updated) and an auto_map to another module, both carrying the payload."""
+    code = d / "modeling_vtrans.py"
+    code.write_text(code.read_text() + _payload(marker))
+    _edit_json(d / "compression.json", modeling_sha256=hashlib.sha256(code.read_bytes()).hexdigest())
+    (d / "evil.py").write_text(_payload(marker) + "class SomeClass:\n    pass\n")
+    config = json.loads((d / "config.json").read_text())
+    _edit_json(d / "config.json", auto_map={**config["auto_map"], "AutoConfig": "evil.SomeClass"})
+
+
+@pytest.mark.integration
+def test_pyfunc_loads_only_through_the_gated_loader(tracker, ckpt: Path, tmp_path: Path, marker: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import mlflow
+
+    from pipelines.registry import load_checkpoint
+
+    uri = _logged(tracker, ckpt)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    assert type(pyfunc.unwrap_python_model().model) is vtrans.modeling_vtrans.VtransBertForSequenceClassification
+    assert len(pyfunc.predict(["a gripping film", "dull"])) == 2
+    model, tokenizer = load_checkpoint(uri, tmp_path / "dl-good")
+    assert torch.equal(model.classifier.weight, pyfunc.unwrap_python_model().model.classifier.weight)
+
+    with monkeypatch.context() as m:  # without an installed vtrans the pyfunc refuses, in one line
+        m.setitem(sys.modules, "vtrans", None)
+        with pytest.raises(ImportError) as e:
+            mlflow.pyfunc.load_model(uri)
+        _one_line(e.value, "needs vtrans installed")
+
+    _tamper(_stored_checkpoint(tracker.client.get_logged_model(uri.removeprefix("models:/")).artifact_location),
+            marker)
+    with pytest.raises(CheckpointError) as e:
+        mlflow.pyfunc.load_model(uri)
+    _one_line(e.value, "config.json'", "auto_map.AutoConfig='evil.SomeClass'")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(uri, tmp_path / "dl-bad")
+    _one_line(e.value, "config.json'", "auto_map.AutoConfig='evil.SomeClass'")
+
+
+@pytest.mark.integration
+def test_registry_alias_repointed_to_a_tampered_version(tracker, ckpt: Path, tmp_path: Path, marker: Path) -> None:
+    import mlflow
+
+    from pipelines.registry import load_checkpoint
+
+    client = tracker.client
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        versions = [mlflow.register_model(_logged(tracker, ckpt), "sec-model").version for _ in range(2)]
+    client.set_registered_model_alias("sec-model", "best", versions[0])
+    model, _ = load_checkpoint("models:/sec-model@best", tmp_path / "dl-1")
+    assert type(model) is vtrans.modeling_vtrans.VtransBertForSequenceClassification
+
+    _tamper(_stored_checkpoint(client.get_model_version_download_uri("sec-model", versions[1])), marker)
+    client.set_registered_model_alias("sec-model", "best", versions[1])  # the attacker re-points the alias
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint("models:/sec-model@best", tmp_path / "dl-2")
+    _one_line(e.value, "config.json'", "auto_map.AutoConfig='evil.SomeClass'")
+    with pytest.raises(CheckpointError) as e:
+        mlflow.pyfunc.load_model("models:/sec-model@best")
+    _one_line(e.value, "auto_map.AutoConfig='evil.SomeClass'")
+    assert load_checkpoint(f"models:/sec-model/{versions[0]}", tmp_path / "dl-3")[0] is not None  # v1 untouched

@@ -325,12 +325,13 @@ def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
             tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
 
 
-#: pip requirements of the logged pyfunc (MLflow's inference would add torchvision, which has no CPU build here).
+#: pip requirements of the logged pyfunc (MLflow's inference would add torchvision, which has no CPU build here);
+#: vtrans is one: the pyfunc loads its checkpoint with the installed vtrans (no copy of vtrans is logged with it).
 def model_requirements() -> list[str]:
     import importlib.metadata as md
 
     reqs = []
-    for pkg in ("mlflow", "torch", "transformers", "safetensors", "pandas", "tokenizers"):
+    for pkg in ("mlflow", "torch", "transformers", "safetensors", "pandas", "tokenizers", "vtrans"):
         try:
             reqs.append(f"{pkg}=={md.version(pkg)}")
         except md.PackageNotFoundError:
