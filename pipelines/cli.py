@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     com = sub.add_parser("compress", help="prune a model to a budget with a training-free scorer and save it",
                          description="Prune a model to a budget with a training-free scorer; save a smaller Hugging "
-                         "Face checkpoint that loads with trust_remote_code=True.",
+                         "Face checkpoint (from_pretrained(dir) after `import vtrans`; no trust_remote_code needed).",
                          epilog="example: vtrans compress --model minilm --scorer magnitude --budget params=0.5 "
                          "--out runs/minilm-p50")
     com.add_argument("--model", required=True, help="local Hugging Face directory or built-in name (minilm, smollm2)")
@@ -196,7 +196,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(_table(rows))
     print(f"max |masked - compressed| / max |masked| = {err:.2e}")
     print(f"load {t_load:.1f}s, select + compress {t_compress:.1f}s")
-    print(f"saved: {out_dir}  (load with from_pretrained(dir, trust_remote_code=True))")
+    print(f"saved: {out_dir}  (load with vtrans.checkpoint.load_pretrained(dir), or from_pretrained(dir) after "
+          f"`import vtrans`)")
     return 0
 
 
@@ -279,8 +280,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"pipeline {run.name}: {run.wall_s:.0f}s; summary {run.summary_path}")
     print(f"MLflow run {run.run_id}: {run.ui}")
     if run.model_uri:
-        print(f"compressed model: {run.model_uri}  (mlflow.pyfunc.load_model; the HF checkpoint is its artifacts/"
-              f"checkpoint, from_pretrained(..., trust_remote_code=True))")
+        print(f"compressed model: {run.model_uri}  (mlflow.pyfunc.load_model, or its checkpoint alone: "
+              f"pipelines.registry.load_checkpoint)")
     return 0
 
 
