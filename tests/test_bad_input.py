@@ -329,7 +329,7 @@ ROWS += [
          "is a directory"),
     pipe("data-file-is-a-fifo", files("i15/fifo.csv"), ConfigError, "data.files[0]=", "fifo.csv'", "a FIFO"),
     pipe("data-file-name-too-long", files(LONG + ".csv"), ConfigError, "data.files[0]=", "File name too long",
-         "(5,006 characters)"),
+         "xxx… (5,0"),  # the world folder's path comes first: its length varies
     pipe("model-name-too-long", ["model.name=" + LONG], ConfigError, "model.name=", "File name too long",
          "(5,002 characters)"),
     Row("config-path-too-long", ("validate", "{w}/" + LONG + ".yaml"), ConfigError,
