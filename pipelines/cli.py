@@ -21,6 +21,8 @@ import time
 import torch
 
 PROG = "vtrans"
+#: ``--seq-len`` when not given: FLOPs at 128 tokens (checked against the model's positions only when given).
+DEFAULT_SEQ_LEN = 128
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                          description="Structure counts, parameters and FLOPs (blocks and total) of a model.",
                          epilog="example: vtrans inspect minilm --seq-len 128")
     ins.add_argument("model", help="local Hugging Face directory or built-in name (minilm, smollm2)")
-    ins.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs (default 128)")
+    ins.add_argument("--seq-len", type=int, help="sequence length for FLOPs (default 128; at most the model's "
+                     "positions)")
     ins.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
 
     com = sub.add_parser("compress", help="prune a model to a budget with a training-free scorer and save it",
@@ -81,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--scorer", default="magnitude", help="magnitude | random (default magnitude)")
     com.add_argument("--budget", required=True, help="params=FRACTION|COUNT or flops=FRACTION|COUNT, e.g. params=0.5")
     com.add_argument("--out", required=True, help="output directory (must not exist or be empty, or --overwrite)")
-    com.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs (default 128)")
+    com.add_argument("--seq-len", type=int, help="sequence length for FLOPs (default 128; at most the model's "
+                     "positions)")
     com.add_argument("--scope", default="blocks", help="blocks (transformer layers, default) | total")
     com.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
     com.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default 0)")
@@ -89,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(name: str, task: str, seq_len: int, dense: bool = False, budget=None):
+def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget=None):
     """Model, tokenizer and directory of ``--model`` / MODEL; everything that can be checked from the config and the
     weights' headers is, before the weights load: ``--seq-len`` within the model's positions, with ``dense`` a model
     that is not vtrans-compressed already (it cannot be pruned again), an absolute ``budget`` below the dense size."""
@@ -109,7 +113,7 @@ def _load(name: str, task: str, seq_len: int, dense: bool = False, budget=None):
     adapter = vtrans.arch.for_config(config)  # an unsupported architecture fails before the weights load
     check_weights_match_config(path)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and seq_len > limit:
+    if isinstance(limit, int) and seq_len is not None and seq_len > limit:  # the default may exceed a tiny model's
         raise vtrans.ConfigError(f"--seq-len {seq_len} is more than the {limit} positions of {quote(name)} "
                                  f"(max_position_embeddings); FLOPs at that length are of no model that can run")
     if dense and adapter.is_compressed(config):
@@ -145,9 +149,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.task not in TASKS:
         raise vtrans.ConfigError(f"--task must be one of {list(TASKS)}, got {args.task!r}")
-    if args.seq_len < 1:
+    if args.seq_len is not None and args.seq_len < 1:
         raise vtrans.ConfigError(f"--seq-len must be a positive integer, got {args.seq_len!r}")
     model, _, path = _load(args.model, args.task, args.seq_len)
+    args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
     adapter = vtrans.arch.for_model(model)
     g, keep = adapter.geometry(model), adapter.keep(model)
     c = vtrans.count(model, seq_len=args.seq_len)
@@ -171,7 +176,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from vtrans.scoring import SCORERS, score
 
     # every argument is checked before anything is loaded
-    budget = vtrans.Budget.parse(args.budget, seq_len=args.seq_len, scope=args.scope)
+    budget = vtrans.Budget.parse(args.budget, seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
+                                 scope=args.scope)
     if args.scorer not in SCORERS:
         raise vtrans.ConfigError(f"--scorer must be one of {list(SCORERS)}, got {args.scorer!r}")
     if args.task not in TASKS:
@@ -179,7 +185,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
 
     t0 = time.perf_counter()
-    model, tokenizer, path = _load(args.model, args.task, budget.seq_len, dense=True, budget=budget)
+    model, tokenizer, path = _load(args.model, args.task, args.seq_len, dense=True, budget=budget)
     t_load = time.perf_counter() - t0
     dense = vtrans.count(model, seq_len=budget.seq_len)
     # deterministic unit means: a training-free selection must not perturb the kept weights
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except (OSError, RecursionError, SafetensorError) as e:  # a path, a file or a nesting the checks did not foresee
-        if args.debug:
+        if args.debug or (isinstance(e, OSError) and e.filename is None):  # not about a path: its traceback helps
             raise
         print(f"{PROG}: error: {_unforeseen(e)} (--debug shows where)", file=sys.stderr)
         return 2
