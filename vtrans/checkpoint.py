@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -32,7 +33,7 @@ from transformers import (
 )
 
 from vtrans import modeling_vtrans
-from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError
+from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError, quote
 from vtrans.modeling_vtrans import AUTO_MAP, COMPRESSION_FILE, CONFIGS, MODELING_FILE
 
 TASKS = ("auto", "base", "seq-cls", "causal-lm")
@@ -189,6 +190,148 @@ def verify_weights(path: str | Path) -> None:
         raise CheckpointError(f"{str(path)!r} has no model weights ({SAFETENSORS} or {SAFETENSORS_INDEX})")
     for file in files:
         _check_safetensors_file(file)
+
+
+#: Bytes per element of each safetensors dtype (the format's list).
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors file's header alone (no tensor data is read), each entry checked as
+    the safetensors reader will (a known dtype, a shape whose bytes are its span): a one-line CheckpointError here
+    rather than a ``SafetensorError`` traceback from the loader. The file has passed :func:`_check_safetensors_file`."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    shapes = {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = v["dtype"], [int(d) for d in v["shape"]], v["data_offsets"]
+            width = SAFETENSORS_DTYPES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{str(file)!r} is corrupted: tensor {quote(name)} has the header entry {quote(v)} "
+                                  f"(dtype one of {sorted(SAFETENSORS_DTYPES)}, shape, data_offsets)") from None
+        if any(d < 0 for d in shape) or math.prod(shape) * width != end - start:
+            raise CheckpointError(f"{str(file)!r} is corrupted: tensor {quote(name)} of dtype {dtype} and shape "
+                                  f"{shape} needs {math.prod(shape) * width:,} bytes, its data_offsets span "
+                                  f"{end - start:,}")
+        shapes[name] = shape
+    return shapes
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        return [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / SAFETENSORS]
+
+
+def meta_model(path: str | Path) -> PreTrainedModel:
+    """The model a checkpoint's ``config.json`` describes, built on the meta device (no memory, no weights read): the
+    class its ``architectures`` name, for a vtrans checkpoint vtrans's own copy of the modeling code (never the
+    directory's). Its state dict has every tensor's name and shape; :func:`vtrans.count` counts it."""
+    path = Path(path)
+    import transformers
+
+    raw = json.loads((path / "config.json").read_text())
+    model_type = raw.get("model_type")
+    vtrans_configs = {c.model_type: c for c in modeling_vtrans.CONFIGS.values()}
+    if model_type in vtrans_configs:
+        config = vtrans_configs[model_type].from_pretrained(path)
+        arch = (raw.get("architectures") or [""])[0]
+        cls = getattr(modeling_vtrans, arch, None)
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            raise CheckpointError(f"{str(path / 'config.json')!r} names architecture {quote(arch)}, which is no "
+                                  f"vtrans model class; the checkpoint was not written by vtrans compress")
+        with torch.device("meta"):
+            return cls(config)
+    config = transformers.CONFIG_MAPPING[model_type].from_pretrained(path)
+    with torch.device("meta"):
+        return AUTO_CLASSES[infer_task(config)].from_config(config)
+
+
+def check_weights_match_config(path: str | Path) -> None:
+    """Check that a checkpoint's safetensors weights are the tensors its ``config.json`` declares - from the files'
+    headers and a model built on the meta device, so no tensor is read and nothing is allocated.
+
+    Raises :class:`CheckpointError` naming the file and the tensor for: weights without any tensor; a tensor the
+    config declares but the weights lack (a layer more in ``num_hidden_layers`` than was saved); a layer the weights
+    hold beyond the config's count; a tensor whose shape differs from the config's (``hidden_size``,
+    ``intermediate_size``, ``vocab_size``...). Keys are matched as transformers loads them: its renamings of legacy
+    names (``LayerNorm.gamma``), the base-model prefix added or stripped, tied weights (``lm_head.weight`` of
+    ``tie_word_embeddings``), the class's ``_keys_to_ignore_on_load_missing`` / ``_unexpected`` and old buffers
+    (``position_ids``, ``rotary_emb.inv_freq``). Modules the weights lack altogether (a new classification head, a
+    pooler) are left to transformers, which initialises them, as loading a base model for a task must. Call it after
+    :func:`verify_weights`, on a directory whose architecture is supported.
+    """
+    import re
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    path = Path(path)
+    files = _weight_files(path)
+    shapes: dict[str, list[int]] = {}
+    where: dict[str, Path] = {}
+    for file in files:
+        for name, shape in _safetensors_shapes(file).items():
+            shapes[name], where[name] = shape, file
+    if not shapes:
+        raise CheckpointError(f"{str(files[0] if len(files) == 1 else path)!r} holds no tensors; the checkpoint is "
+                              f"empty: save the model again with save_pretrained(dir)")
+    try:
+        model = meta_model(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot build a model from
+        raise CheckpointError(f"{str(path / 'config.json')!r} does not describe a model transformers can build: "
+                              f"{quote(' '.join(str(e).split()))}") from None
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    transforms = get_model_conversion_mapping(model)
+    if any(isinstance(t, WeightConverter) for t in transforms):
+        return  # tensors merged or split on load: their shapes cannot be compared from the header
+    loaded: dict[str, str] = {}  # model key -> checkpoint key
+    for name in shapes:
+        key, _ = rename_source_key(name, transforms, [], model.base_model_prefix, expected)
+        loaded[key] = name
+    ignore_missing = [re.compile(p) for p in model._keys_to_ignore_on_load_missing or ()]
+    ignore_unexpected = [re.compile(p) for p in model._keys_to_ignore_on_load_unexpected or ()]
+    ignore_unexpected += [re.compile(r"(^|\.)position_ids$"), re.compile(r"rotary_emb\.inv_freq")]
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    prefix = f"{model.base_model_prefix}."
+
+    def module(key: str) -> str:  # the top module under the base model: embeddings, encoder, layers, lm_head...
+        return key.removeprefix(prefix).split(".", 1)[0]
+
+    present = {module(k) for k in loaded}
+    for key, shape in expected.items():
+        if key in loaded:
+            have = shapes[loaded[key]]
+            if have != shape:
+                raise CheckpointError(f"{str(where[loaded[key]])!r} does not match its config.json: tensor "
+                                      f"{quote(loaded[key])} has shape {have}, the config declares {shape}; the "
+                                      f"weights belong to another model or config.json was edited")
+            continue
+        if (key in tied and tied[key] in expected) or any(t in loaded for t, src in tied.items() if src == key):
+            continue  # one of a tied pair (input embeddings and LM head): transformers fills it from the other
+        if any(p.search(key) for p in ignore_missing) or module(key) not in present:
+            continue  # a module the checkpoint does not have at all: a new head, initialised by transformers
+        missing = [k for k in expected if k not in loaded and k not in tied and module(k) in present]
+        raise CheckpointError(f"{str(path)!r} does not match its config.json: the weights lack {len(missing)} "
+                              f"tensor(s) it declares, e.g. {quote(key)}; was num_hidden_layers or another size "
+                              f"edited, or is a shard missing?")
+    stacks = {m.group(1) for k in expected if (m := re.match(r"^(.*?)\.\d+\.", k))}  # encoder.layer, model.layers
+    for key, name in loaded.items():
+        m = re.match(r"^(.*?)\.(\d+)\.", key)
+        if key in expected or not m or m.group(1) not in stacks or any(p.search(key) for p in ignore_unexpected):
+            continue
+        count = len({k.split(".")[len(m.group(1).split("."))] for k in expected if k.startswith(m.group(1) + ".")})
+        raise CheckpointError(f"{str(where[name])!r} does not match its config.json: it holds {quote(name)}, layer "
+                              f"{m.group(2)} of {m.group(1)}, but the config declares {count} layer(s); was "
+                              f"num_hidden_layers edited?")
 
 
 def read_config(path: str | Path):
