@@ -23,6 +23,9 @@ MASK = "***"
 # scheme://userinfo@ - the userinfo runs to the last "@" before the host's "/", "?", "#", a blank or a quote, so a
 # password holding a raw "@" is masked whole
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/?#\s'\"<>]*)@")
+# a password holding a raw "/" (AWS secret keys do; a valid URI would have %2F): user:pass/word@ - may over-mask a
+# "host:port/path@x", never under-mask
+_SLASHED = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/?#\s'\"<>:@]+):[^\s'\"<>@]*/[^\s'\"<>@]*@")
 # query parameters that carry credentials (libpq's password=, presigned S3 / Azure SAS / GCS signatures, tokens)
 _SECRET_PARAMS = re.compile(
     r"(?i)(?P<key>[?&;](?:password|passwd|pwd|secret|client_secret|token|access_token|auth|api[_-]?key|sig|signature"
@@ -44,6 +47,7 @@ def redact(text: str) -> str:
     if "://" not in text and "=" not in text:
         return text
     text = _USERINFO.sub(_mask_userinfo, text)
+    text = _SLASHED.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:{MASK}@", text)
     return _SECRET_PARAMS.sub(lambda m: m.group("key") + (MASK if m.group("value") else ""), text)
 
 
