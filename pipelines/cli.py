@@ -182,7 +182,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise vtrans.ConfigError(f"--scorer must be one of {list(SCORERS)}, got {args.scorer!r}")
     if args.task not in TASKS:
         raise vtrans.ConfigError(f"--task must be one of {list(TASKS)}, got {args.task!r}")
-    check_output_dir(args.out, args.overwrite)
+    # never the current directory, its ancestors, $HOME or the model read (write_atomically replaces --out whole)
+    source = [args.model] if os.path.isdir(os.path.expanduser(args.model)) else []
+    check_output_dir(args.out, args.overwrite, sources=source)
 
     t0 = time.perf_counter()
     model, tokenizer, path = _load(args.model, args.task, args.seq_len, dense=True, budget=budget)
@@ -206,7 +208,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-12)
     vib.remove()
 
-    out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite)
+    out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite, sources=source)
     comp = vtrans.count(small, seq_len=budget.seq_len)
     rows = [["", "dense", "compressed", "ratio"]]
     for metric in ("params", "flops"):
@@ -242,6 +244,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     from pipelines.config import to_dict
+    from pipelines.redact import redact_data
     from pipelines.tracking import check_server
     from pipelines.validate import finished, preflight
 
@@ -252,7 +255,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         check_server(uri)  # what `vtrans run` asks next (Tracker.connect); a local SQLite store is made on first use
     if args.quiet:
         return 0
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print(yaml.safe_dump(redact_data(to_dict(cfg)), sort_keys=False).rstrip())
     print(f"\nmodel: {checked.model_path}")
     done = finished(cfg, checked.keys)
     rows = [["stage", "key", "output"]]
@@ -360,13 +363,30 @@ def main(argv: list[str] | None = None) -> int:
     except VtransError as e:
         if args.debug:
             raise
-        print(f"{PROG}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        from pipelines.redact import redact
+
+        # one line; a message may quote a URI with credentials
+        print(f"{PROG}: error: {redact(' '.join(str(e).splitlines()))}", file=sys.stderr)
         return 2
     except (OSError, RecursionError, SafetensorError) as e:  # a path, a file or a nesting the checks did not foresee
         if args.debug or (isinstance(e, OSError) and e.filename is None):  # not about a path: its traceback helps
             raise
-        print(f"{PROG}: error: {_unforeseen(e)} (--debug shows where)", file=sys.stderr)
+        from pipelines.redact import redact
+
+        print(f"{PROG}: error: {redact(_unforeseen(e))} (--debug shows where)", file=sys.stderr)
         return 2
+    except Exception:
+        if args.debug:
+            raise
+        import traceback
+
+        from pipelines.redact import redact
+
+        text = traceback.format_exc()
+        if redact(text) == text:
+            raise  # nothing to hide: Python's own report
+        print(redact(text).rstrip(), file=sys.stderr)  # e.g. MLflow's "API request to http://user:pw@host failed"
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -1000,6 +1000,11 @@ def flatten(config: Any) -> dict[str, str]:
 
 
 def config_hash(config: Any) -> str:
-    """First 16 hex digits of the SHA-256 of the canonical JSON of a config, a section or a mapping (stage caching)."""
-    text = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    """First 16 hex digits of the SHA-256 of the canonical JSON of a config, a section or a mapping (stage caching).
+    Credentials in URIs are redacted first: a hash is recorded (tags, stage folders), and a short password could be
+    found from it by trying; the same data with other credentials is the same data."""
+    from pipelines.redact import redact_data
+
+    text = json.dumps(redact_data(_plain(config)), sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

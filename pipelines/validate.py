@@ -134,12 +134,16 @@ SPARE_BYTES = 200 * 2**20
 
 
 def check_output_root(output: str, model_path: str | os.PathLike) -> None:
-    """The output root can be created and written, and its disk has room for a pipeline of this model: a
-    :class:`ConfigError` naming ``output`` before any compute, rather than a full disk mid-training."""
+    """The output root is no protected folder (the current directory or an ancestor, ``$HOME``, the model's directory
+    or an ancestor: :func:`vtrans.checkpoint.protected_dir`), can be created and written, and its disk has room for a
+    pipeline of this model: a :class:`ConfigError` naming ``output`` before any compute, rather than a full disk
+    mid-training."""
     import shutil
     import tempfile
 
-    root = Path(output).expanduser().resolve()
+    from vtrans.checkpoint import protected_dir
+
+    root = protected_dir(output, "output", [model_path])  # an OutputError naming output=
     existing = next(p for p in (root, *root.parents) if p.exists())  # checked where it will be created, not made
     try:
         if not existing.is_dir():

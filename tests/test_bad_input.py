@@ -27,7 +27,7 @@ from transformers import BertForSequenceClassification, T5Config, T5Model
 from pipelines.cli import main
 from tests.tiny import tiny
 from vtrans.checkpoint import CheckpointError
-from vtrans.errors import BudgetError, ConfigError, UnknownModelError, UnsupportedModelError, VtransError
+from vtrans.errors import BudgetError, ConfigError, OutputError, UnknownModelError, UnsupportedModelError, VtransError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "pipelines" / "configs" / "minilm-rotten-tomatoes.yaml")
@@ -104,6 +104,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert space in sweep
     (w / "sweep-empty.yaml").write_text(sweep.replace(space, "  space: {}\n"))
     _issue15_files(w, model_dir, bert)
+    _file_access_world(w)
     return w
 
 
@@ -354,6 +355,60 @@ ROWS += [
 if not torch.cuda.is_available():  # the GPU row needs a machine without one
     ROWS.append(pipe("gpu-without-one", ["ray.use_gpu=true"], ConfigError, "ray.use_gpu=true", "2 GPU(s)",
                      "this machine has 0"))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 15: file access - outputs never replace the working directory, $HOME or the model; relog uploads only the
+# run's own files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _file_access_world(w: Path) -> None:
+    """A link to the tiny model, and two finished-looking runs for relog whose records point outside their stage
+    directories (an artifact /etc/hostname, a stage directory elsewhere)."""
+    import json
+
+    from pipelines.config import load_config, to_dict
+
+    (w / "bert-link").symlink_to(w / "bert", target_is_directory=True)
+    config = yaml_dump(to_dict(load_config(CONFIG)))
+    for run, stage_dir, artifact in (("leaky-artifact", None, "/etc/hostname"), ("leaky-dir", "/etc", None)):
+        root = w / run
+        own = root / "stages" / "evaluate" / "k"
+        own.mkdir(parents=True)
+        (root / "r").mkdir()
+        (root / "r" / "config.yaml").write_text(config)
+        summary = {"name": "r", "run_id": None, "tracking_uri": f"sqlite:///{w}/relog-never.db",
+                   "stages": {"evaluate": {"status": "ran", "key": "k", "dir": stage_dir or str(own)}}}
+        (root / "r" / "summary.json").write_text(json.dumps(summary))
+        record = {"stage": "evaluate", "key": "k", "dir": str(own), "outputs": {}, "metrics": {}, "info": {},
+                  "started_at": 0.0, "finished_at": 1.0, "wall_s": 1.0, "logged": False,
+                  "logging": {"artifacts": [[artifact or str(own / "report.json"), "evaluation"]]}}
+        (own / "stage.json").write_text(json.dumps(record))
+
+
+def yaml_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+_OUT = ("compress", "--model", "{w}/bert", "--budget", "params=0.5", "--overwrite", "--out")
+ROWS += [
+    Row("compress-out-is-cwd", (*_OUT, "."), OutputError, ("--out='.'", "is the current directory")),
+    Row("compress-out-is-an-ancestor", (*_OUT, ".."), OutputError,
+        ("--out='..'", "is an ancestor of the current directory")),
+    Row("compress-out-is-home", (*_OUT, "~"), OutputError, ("--out='~'", "is $HOME")),
+    Row("compress-out-is-the-model", (*_OUT, "{w}/bert"), OutputError, ("/bert'", "the source model directory")),
+    Row("compress-out-links-to-the-model", (*_OUT, "{w}/bert-link"), OutputError,
+        ("bert-link'", "/bert'", "the source model directory")),
+    pipe("output-is-cwd", ["output=."], OutputError, "output='.'", "is the current directory"),
+    pipe("output-is-home", [f"output={Path.home()}"], OutputError, f"output={str(Path.home())!r}", "is $HOME"),
+    Row("relog-artifact-outside-the-run", ("relog", "{w}/leaky-artifact/r"), ConfigError,
+        ("logging.artifacts path '/etc/hostname'", "outside the run's stage directories")),
+    Row("relog-stage-dir-outside-the-run", ("relog", "{w}/leaky-dir/r"), ConfigError,
+        ("dir='/etc'", "not the run's stage directory")),
+]
+
 
 
 @pytest.fixture

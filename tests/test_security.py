@@ -203,8 +203,11 @@ def test_cli_runs_installed_code_not_the_stored_copy(ckpt: Path, tmp_path: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["inspect", str(d)]) == 0
-        assert main(["validate", "--quiet", CONFIG, f"model.name={d}"]) == 0, capsys.readouterr().err
-    assert "VtransBertForSequenceClassification" in capsys.readouterr().out
+        assert "VtransBertForSequenceClassification" in capsys.readouterr().out
+        # validate reads the checkpoint (installed classes) and refuses to prune a compressed model again
+        assert main(["validate", "--quiet", CONFIG, f"model.name={d}"]) == 2
+    assert "already compressed by vtrans" in capsys.readouterr().err
+    assert not marker.exists()
 
 
 # --- what keeps working ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -380,26 +380,58 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Validate an output directory before any work: its parent exists and is writable; it is new or empty."""
-    out = Path(out).expanduser().absolute()
-    if not out.parent.is_dir():
-        raise OutputError(f"--out parent directory {str(out.parent)!r} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"--out parent directory {str(out.parent)!r} is not writable")
+def protected_dir(out: str | os.PathLike, key: str, sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """``out`` resolved (symlinks followed), after refusing a folder whose replacement or filling would destroy or
+    mix with something else: the current directory or one of its ancestors, ``$HOME``, or a source (the model being
+    read) or one of its ancestors. An :class:`OutputError` naming ``key`` and the path."""
+    given = str(out)
+    resolved = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd:
+        what = "the current directory"
+    elif cwd.is_relative_to(resolved):
+        what = f"an ancestor of the current directory {str(cwd)!r}"
+    elif resolved == Path.home().resolve():
+        what = "$HOME"
+    else:
+        what = ""
+        for src in sources:
+            src = Path(src).expanduser().resolve()
+            if src.is_relative_to(resolved):
+                what = "the source model directory" if src == resolved else f"an ancestor of the source {str(src)!r}"
+                break
+    if what:
+        where = "" if given == str(resolved) else f" ({str(resolved)!r})"
+        raise OutputError(f"{key}={given!r}{where} is {what}; give a new folder for the output (e.g. {key}=runs/out)")
+    return resolved
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False, key: str = "--out",
+                     sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Validate an output directory before any work (nothing is written): not a protected folder
+    (:func:`protected_dir`: the current directory, its ancestors, ``$HOME``, a source); its nearest existing ancestor
+    is a writable directory (missing parents are created when it is written); it is new or empty, or ``overwrite``."""
+    out = protected_dir(out, key, sources)
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{key} parent {str(existing)!r} exists and is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"{key} parent directory {str(existing)!r} is not writable")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {str(out)!r} exists and is not a directory")
+        raise OutputError(f"{key} {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+        raise OutputError(f"{key} {str(out)!r} exists and is not empty; pass --overwrite to replace it")
     return out
 
 
-def write_atomically(out: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` into a temporary directory beside ``out``, then move it into place.
+def write_atomically(out: str | Path, write: Callable[[Path], None], overwrite: bool = False, key: str = "--out",
+                     sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Run ``write(tmp_dir)`` into a temporary directory beside ``out`` (its missing parents created, as
+    ``save_pretrained`` does), then move it into place. ``out`` is checked first (:func:`check_output_dir`).
 
-    If ``write`` fails nothing is left at ``out`` (and an existing ``out`` is untouched).
-    """
-    out = check_output_dir(out, overwrite)
+    If ``write`` fails nothing is left at ``out`` (and an existing ``out`` is untouched)."""
+    out = check_output_dir(out, overwrite, key, sources)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -59,7 +59,7 @@ def test_compress_tiny_model(tiny_bert_dir: Path, tmp_path: Path, capsys) -> Non
     (["--scope", "everything"], ["budget.scope", "'everything'"]),
     (["--scorer", "fisher"], ["--scorer", "'fisher'"]),
     (["--task", "translation"], ["--task", "'translation'"]),
-    (["--out", "/no/such/parent/out"], ["--out parent directory", "'/no/such/parent'"]),
+    (["--out", "/dev/null/out"], ["--out parent", "'/dev/null'", "not a directory"]),
 ])
 def test_compress_bad_input(args, needles, tiny_bert_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
