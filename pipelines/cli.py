@@ -498,7 +498,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     if args.console is not None:
-        args.console.log_to(Path(cfg.output).expanduser() / cfg.name / "vtrans.log")
+        root = Path(cfg.output).expanduser().resolve()
+        args.console.log_to(root / cfg.name / "vtrans.log", root)
     run = run_pipeline(cfg, force=args.force, from_stage=args.from_stage)
     rows = [["stage", "status", "key", "wall", "result"]]
     for name, r in run.results.items():
@@ -524,8 +525,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.config, args.overrides)
     if args.console is not None:
-        args.console.log_to(Path(sweep.model_configs[next(iter(sweep.models))].output).expanduser() / sweep.name
-                            / "vtrans.log")
+        root = Path(sweep.model_configs[next(iter(sweep.models))].output).expanduser().resolve()
+        args.console.log_to(root / sweep.name / "vtrans.log", root)
     run = run_sweep(sweep, resume=args.resume)  # checks every model and point (preflight) before Ray
     print()
     stopped = f", {run.stopped} stopped early (ASHA)" if run.stopped else ""

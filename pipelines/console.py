@@ -116,34 +116,41 @@ class ConsoleFilter(io.TextIOBase):
 
 
 class ConsoleLog:
-    """The driver's full log: lines are held until :meth:`open` names the file, then appended to it."""
+    """The driver's full log: lines are held until :meth:`open` names the file and the run's output root exists (a
+    run that fails its checks writes nothing), then appended to it."""
 
     def __init__(self) -> None:
         self._held: list[str] = []
         self._file: TextIO | None = None
         self.path: Path | None = None
+        self._root: Path | None = None
 
-    def open(self, path: str | os.PathLike) -> None:
-        if self._file is not None:
-            return
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._file.writelines(self._held)
-        self._held.clear()
-        self._file.flush()
+    def open(self, path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+        """Log to ``path`` from when ``root`` (default: its parent) exists."""
+        if self.path is None:
+            self.path, self._root = Path(path), Path(root) if root is not None else Path(path).parent
+            self._start()
+
+    def _start(self) -> bool:
+        if self._file is None and self.path is not None and self._root is not None and self._root.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._file.writelines(self._held)
+            self._held.clear()
+        return self._file is not None
 
     def write(self, line: str) -> None:
-        if self._file is None:
+        if self._file is None and not self._start():
             self._held.append(line)
         else:
             self._file.write(line)
 
     def flush(self) -> None:
-        if self._file is not None:
+        if self._file is not None or self._start():
             self._file.flush()
 
     def close(self) -> None:
+        self._start()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -159,16 +166,16 @@ class QuietConsole:
         self._saved: tuple[TextIO, TextIO] | None = None
 
     def __enter__(self) -> QuietConsole:
-        if not self.verbose:
-            os.environ.update(quiet_env())
+        self._env = quiet_env() if not self.verbose else {}
+        os.environ.update(self._env)
         self._saved = (sys.stdout, sys.stderr)
         sys.stdout = ConsoleFilter(sys.stdout, self.log) if not self.verbose else _Tee(sys.stdout, self.log)
         sys.stderr = ConsoleFilter(sys.stderr, self.log) if not self.verbose else _Tee(sys.stderr, self.log)
         return self
 
-    def log_to(self, path: str | os.PathLike) -> None:
-        """Write the full log (from the start) to ``path`` from now on."""
-        self.log.open(path)
+    def log_to(self, path: str | os.PathLike, root: str | os.PathLike) -> None:
+        """Write the full log (from the start) to ``path`` once the run's output ``root`` exists."""
+        self.log.open(path, root)
 
     def __exit__(self, *exc) -> None:
         assert self._saved is not None
@@ -176,6 +183,8 @@ class QuietConsole:
             stream.flush()
         sys.stdout, sys.stderr = self._saved
         self.log.close()
+        for key in self._env:  # a CLI process ends here; a caller of main() gets its environment back
+            os.environ.pop(key, None)
 
 
 class _Tee(ConsoleFilter):

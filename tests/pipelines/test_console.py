@@ -55,11 +55,14 @@ def test_filter_keeps_the_console_quiet_and_the_log_complete(tmp_path) -> None:
     text = "\n".join(lines) + "\n"
     for i in range(0, len(text), 7):  # written in pieces, as print() and Ray's log forwarding do
         stream.write(text[i:i + 7])
-    log.open(tmp_path / "run" / "vtrans.log")  # lines written before the file is known are kept for it
+    log.open(tmp_path / "run" / "vtrans.log", tmp_path / "runs")  # lines before the file is known are kept
+    stream.write("x\n")
+    assert not (tmp_path / "run").exists()  # not before the run's output root exists (its checks passed)
+    (tmp_path / "runs").mkdir()
     stream.write("last line without newline")
     stream.flush()
-    assert console.getvalue().splitlines() == [*KEPT, "last line without newline"]
-    assert (tmp_path / "run" / "vtrans.log").read_text().splitlines() == [*text.splitlines(),
+    assert console.getvalue().splitlines() == [*KEPT, "x", "last line without newline"]
+    assert (tmp_path / "run" / "vtrans.log").read_text().splitlines() == [*text.splitlines(), "x",
                                                                           "last line without newline"]
 
 
@@ -68,7 +71,7 @@ def test_quiet_console_restores_the_streams_and_verbose_shows_everything(tmp_pat
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     with QuietConsole(verbose=True) as console:
-        console.log_to(tmp_path / "verbose.log")
+        console.log_to(tmp_path / "verbose.log", tmp_path)
         print(CHATTER[3])
     assert sys.stdout is out and CHATTER[3] in out.getvalue()
     assert CHATTER[3] in (tmp_path / "verbose.log").read_text()
@@ -76,4 +79,5 @@ def test_quiet_console_restores_the_streams_and_verbose_shows_everything(tmp_pat
     with QuietConsole(verbose=False):
         print(CHATTER[3])
         assert __import__("os").environ["TRANSFORMERS_VERBOSITY"] == "error"
+    assert "TRANSFORMERS_VERBOSITY" not in __import__("os").environ
     assert out.getvalue().count(CHATTER[3]) == 1
