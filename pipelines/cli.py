@@ -1,14 +1,22 @@
 """The ``vtrans`` command line.
 
-    vtrans run CONFIG [key=value ...] [--force | --from STAGE]
-    vtrans validate CONFIG [key=value ...]
+    vtrans run CONFIG [key=value ...] [--force | --from STAGE] [--verbose]
+    vtrans sweep CONFIG [key=value ...] [--resume] [--verbose]
+    vtrans validate CONFIG [key=value ...] [--quiet]
+    vtrans configs
     vtrans inspect MODEL [--seq-len 128]
     vtrans compress --model MODEL --scorer {magnitude,random} --budget params=0.5 --out DIR
                     [--seq-len 128] [--scope blocks|total] [--task auto|base|seq-cls|causal-lm] [--overwrite]
+    vtrans --version
 
-CONFIG is a pipeline YAML (``pipelines/configs/``); ``key=value`` overrides any field (``prune.budget.params=0.3``).
-MODEL is a local Hugging Face directory or a built-in name (``minilm``, ``smollm2``). Errors are one line naming the
-argument and the value (``--debug`` shows the traceback); no output directory is left half-written.
+CONFIG is a pipeline or sweep YAML, or the name of a shipped one (``vtrans configs`` lists them); ``key=value``
+overrides any field (``prune.budget.params=0.3``). MODEL is a local Hugging Face directory, a built-in name
+(``minilm``, ``smollm2``) or a hub id (``org/name``; from the local Hugging Face cache when ``HF_HUB_OFFLINE=1``).
+Options may come before, between or after the positionals. Errors are one line naming the argument and the value
+(``--debug`` shows the traceback); no output directory is left half-written.
+
+Building the parser, ``--help`` and ``--version`` import neither torch nor transformers, Ray or MLflow: every
+command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -17,41 +25,97 @@ import argparse
 import os
 import sys
 import time
-
-import torch
+from pathlib import Path
 
 PROG = "vtrans"
 #: ``--seq-len`` when not given: FLOPs at 128 tokens (checked against the model's positions only when given).
 DEFAULT_SEQ_LEN = 128
+#: Distributions whose versions ``--version`` prints after vtrans's own.
+VERSIONS_OF = ("torch", "transformers", "ray", "mlflow")
+#: Where the shipped configs live inside the installed ``pipelines`` package.
+CONFIGS_PACKAGE = "pipelines"
+CONFIGS_DIR = "configs"
+#: Longest description `vtrans configs` prints.
+DESCRIPTION_WIDTH = 100
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser that takes its options anywhere (``vtrans run CONFIG --force a=1``): argparse's
+    ``parse_intermixed_args``, which a parser with subcommands cannot use itself, applied inside each command."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        if self._inner:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+class _Version(argparse.Action):
+    """``--version``: vtrans's version and its stack's, read from the installed distributions (nothing imported)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):  # noqa: A002
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+
+        print(f"{PROG} {of('vtrans')} (python {sys.version.split()[0]}; "
+              + ", ".join(f"{n} {of(n)}" for n in VERSIONS_OF) + ")")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Compress Hugging Face transformers with VIB-guided structured "
-                                "pruning.")
+                                "pruning.", epilog="`vtrans COMMAND --help` explains a command, with an example. "
+                                "Options may come anywhere on the line.")
+    p.add_argument("--version", action=_Version, help="print the versions of vtrans, torch, transformers, ray and "
+                   "mlflow and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--verbose", action="store_true", help="show Ray's, transformers' and MLflow's log lines on the "
+                   "console too (also VTRANS_LOG=debug); they always go to the log files")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
+    def verbose(cmd: argparse.ArgumentParser) -> None:  # accepted after the command too
+        cmd.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show Ray's, transformers' and MLflow's log lines on the console too (also "
+                         "VTRANS_LOG=debug); they are always in <output>/<name>/vtrans.log and Ray's session logs")
+
+    config_help = "pipeline YAML, or the name of a shipped config (see `vtrans configs`)"
     run = sub.add_parser("run", help="run a pipeline config end to end on Ray, tracked in MLflow",
                          description="Run a pipeline (calibrate -> teacher -> prune -> finetune -> evaluate) on Ray "
-                         "with MLflow tracking. Finished stages with the same inputs are reused.",
-                         epilog="example: vtrans run pipelines/configs/minilm-rotten-tomatoes.yaml "
-                         "prune.budget.params=0.3 ray.num_workers=1")
-    run.add_argument("config", help="pipeline YAML")
+                         "with MLflow tracking. Finished stages with the same inputs are reused. The console shows "
+                         "progress, stage results and errors; --verbose adds Ray's, transformers' and MLflow's lines.",
+                         epilog="example: vtrans run minilm-rotten-tomatoes prune.budget.params=0.3 ray.num_workers=1 "
+                         "--force")
+    run.add_argument("config", help=config_help)
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (torchtune style)")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--force", action="store_true", help="re-run every stage, even finished ones")
     again.add_argument("--from", dest="from_stage", metavar="STAGE",
                        help="re-run this stage and the ones after it (calibrate|teacher|prune|finetune|evaluate)")
+    verbose(run)
 
     swp = sub.add_parser("sweep", help="a budget sweep of a config's sweep: section on Ray Tune, Pareto fronts in "
                          "MLflow, Pareto models in the registry",
                          description="Run the trials of a sweep config (a pipeline config with a sweep: section) on "
                          "Ray Tune; log the Pareto fronts and register the Pareto-optimal models in MLflow.",
-                         epilog="example: vtrans sweep pipelines/configs/sweep-minilm.yaml "
+                         epilog="example: vtrans sweep sweep-minilm "
                          "'sweep.space={prune.budget.params: [0.5, 0.3]}'")
-    swp.add_argument("config", help="sweep YAML")
+    swp.add_argument("config", help="sweep YAML, or the name of a shipped one (see `vtrans configs`)")
     swp.add_argument("overrides", nargs="*", metavar="key=value", help="overrides (sweep.* for the sweep section)")
     swp.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    verbose(swp)
 
     rel = sub.add_parser("relog", help="upload to MLflow what a pipeline run could not log while it was down",
                          description="Complete the MLflow side of a finished pipeline run from its records on the "
@@ -60,17 +124,28 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder <output>/<name> (with summary.json)")
     rel.add_argument("--tracking-uri", help="log there instead of the recorded tracking URI")
 
-    val = sub.add_parser("validate", help="check a pipeline config without running it",
+    val = sub.add_parser("validate", help="check a pipeline or sweep config without running it",
                          description="Load and check a pipeline config (keys, types, model, budget) without Ray; "
-                         "print the resolved config and which stages are already finished.")
-    val.add_argument("config", help="pipeline YAML")
-    val.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+                         "print the resolved config and which stages are already finished. A sweep config (with a "
+                         "sweep: section) is checked as `vtrans sweep` checks it before Ray starts - every model at "
+                         "every grid point - and summarised: models, trials, what is cached.",
+                         epilog="examples: vtrans validate minilm-rotten-tomatoes prune.budget.params=0.3; "
+                         "vtrans validate sweep-minilm --quiet")
+    val.add_argument("config", help="pipeline or sweep YAML, or the name of a shipped one (see `vtrans configs`)")
+    val.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (sweep.* for a sweep)")
     val.add_argument("--quiet", action="store_true", help="print only problems (exit 0 when valid)")
 
+    sub.add_parser("configs", help="list the shipped configs (usable by name in run, validate and sweep)",
+                   description="List the configs shipped with vtrans and what each one does; pass a name to "
+                   "run / validate / sweep instead of a path.", epilog="example: vtrans configs")
+
+    model_help = ("local Hugging Face directory, built-in name (minilm, smollm2) or hub id org/name (offline: from "
+                  "the local Hugging Face cache)")
     ins = sub.add_parser("inspect", help="structure counts, parameters and FLOPs of a model",
                          description="Structure counts, parameters and FLOPs (blocks and total) of a model.",
-                         epilog="example: vtrans inspect minilm --seq-len 128")
-    ins.add_argument("model", help="local Hugging Face directory or built-in name (minilm, smollm2)")
+                         epilog="examples: vtrans inspect minilm --seq-len 128; "
+                         "vtrans inspect sentence-transformers/all-MiniLM-L6-v2")
+    ins.add_argument("model", help=model_help)
     ins.add_argument("--seq-len", type=int, help="sequence length for FLOPs (default 128; at most the model's "
                      "positions)")
     ins.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
@@ -80,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
                          "Face checkpoint (from_pretrained(dir) after `import vtrans`; no trust_remote_code needed).",
                          epilog="example: vtrans compress --model minilm --scorer magnitude --budget params=0.5 "
                          "--out runs/minilm-p50")
-    com.add_argument("--model", required=True, help="local Hugging Face directory or built-in name (minilm, smollm2)")
+    com.add_argument("--model", required=True, help=model_help)
     com.add_argument("--scorer", default="magnitude", help="magnitude | random (default magnitude)")
     com.add_argument("--budget", required=True, help="params=FRACTION|COUNT or flops=FRACTION|COUNT, e.g. params=0.5")
     com.add_argument("--out", required=True, help="output directory (must not exist or be empty, or --overwrite)")
@@ -93,12 +168,81 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget=None):
+# ---------------------------------------------------------------------------------------------------------------------
+# shipped configs and models by name
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name (file stem) -> path of every config shipped in the installed package (``pipelines/configs/*.yaml``)."""
+    from importlib.resources import files
+
+    root = files(CONFIGS_PACKAGE) / CONFIGS_DIR
+    return {Path(f.name).stem: Path(str(f)) for f in sorted(root.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml")}
+
+
+def config_description(path: Path) -> str:
+    """A config's one-line description: its ``description:`` key when it has one, else the first sentence of the
+    comment block at its top."""
+    text = path.read_text(encoding="utf-8")
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("description:"):
+            return line.partition(":")[2].strip().strip("'\"")
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    head = " ".join(lines)
+    end = head.find(". ")
+    head = head[: end + 1] if end >= 0 else head
+    return head if len(head) <= DESCRIPTION_WIDTH else head[: head.rfind(" ", 0, DESCRIPTION_WIDTH - 3)] + " ..."
+
+
+def resolve_config(arg: str) -> str:
+    """CONFIG as given when such a file (or anything) exists there, else the shipped config of that name (with or
+    without ``.yaml``). A bare name that is neither is a one-line error listing the shipped names."""
+    from vtrans.errors import ConfigError, quote
+
+    if os.path.lexists(arg) or os.sep in arg or "/" in arg:  # a path: read_yaml reports what is wrong with it
+        return arg
+    name = arg[: -len(".yaml")] if arg.endswith(".yaml") else arg[: -len(".yml")] if arg.endswith(".yml") else arg
+    shipped = shipped_configs()
+    if name in shipped:
+        return str(shipped[name])
+    import difflib
+
+    close = difflib.get_close_matches(name, list(shipped), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
+    raise ConfigError(f"config file {quote(arg)} not found (relative to {Path.cwd()}), and no shipped config is named "
+                      f"{quote(name)}{hint} Shipped: {sorted(shipped)} (vtrans configs)")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None and not os.path.lexists(name)
+
+
+def resolve_model_arg(name: str, key: str) -> Path:
+    """MODEL / ``--model``: a built-in name or local directory, else a hub id (``org/name``) from the local Hugging
+    Face cache (or downloaded when the hub is reachable and ``HF_HUB_OFFLINE`` is not set)."""
+    from vtrans.assets import MODELS, resolve_model
+
+    if name in MODELS or not _looks_like_hub_id(name):
+        return resolve_model(name)
+    from pipelines.validate import resolve_model_path
+
+    return resolve_model_path(name, key=key)
+
+
+def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget=None, key: str = "MODEL"):
     """Model, tokenizer and directory of ``--model`` / MODEL; everything that can be checked from the config and the
     weights' headers is, before the weights load: ``--seq-len`` within the model's positions, with ``dense`` a model
     that is not vtrans-compressed already (it cannot be pruned again), an absolute ``budget`` below the dense size."""
+    import torch
+
     import vtrans
-    from vtrans.assets import resolve_model
     from vtrans.checkpoint import (
         check_weights_match_config,
         load_pretrained,
@@ -108,7 +252,7 @@ def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget
     )
     from vtrans.errors import quote
 
-    path = resolve_model(name)
+    path = resolve_model_arg(name, key)
     config = read_config(path)
     adapter = vtrans.arch.for_config(config)  # an unsupported architecture fails before the weights load
     check_weights_match_config(path)
@@ -171,6 +315,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
     import vtrans
     from vtrans.checkpoint import TASKS, check_output_dir, write_atomically
     from vtrans.scoring import SCORERS, score
@@ -187,7 +333,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite, sources=source)
 
     t0 = time.perf_counter()
-    model, tokenizer, path = _load(args.model, args.task, args.seq_len, dense=True, budget=budget)
+    model, tokenizer, path = _load(args.model, args.task, args.seq_len, dense=True, budget=budget, key="--model")
     t_load = time.perf_counter() - t0
     dense = vtrans.count(model, seq_len=budget.seq_len)
     # deterministic unit means: a training-free selection must not perturb the kept weights
@@ -240,7 +386,15 @@ def _load_config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)  # a malformed override is a one-line ConfigError there
 
 
+def _is_sweep(path: str) -> bool:
+    from pipelines.config import read_yaml
+
+    return "sweep" in read_yaml(path)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    if _is_sweep(args.config):
+        return _validate_sweep(args)
     import yaml
 
     from pipelines.config import to_dict
@@ -262,6 +416,54 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rows += [[n, k, "finished (will be reused)" if done[n] else "to run"] for n, k in checked.keys.items()]
     print(_table(rows))
     print(f"{args.config}: valid")
+    return 0
+
+
+def _validate_sweep(args: argparse.Namespace) -> int:
+    """A sweep config checked as ``vtrans sweep`` checks it before Ray starts; nothing runs."""
+    from pipelines.sweep import check_sweep, load_sweep
+    from pipelines.tracking import check_server
+    from pipelines.validate import finished, plan
+
+    sweep = load_sweep(args.config, args.overrides)
+    checked = check_sweep(sweep)
+    base = sweep.model_configs[next(iter(sweep.models))]
+    uri = base.tracking.resolved_uri()
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    if args.quiet:
+        return 0
+    c = sweep.config
+    grid = sweep.grid_points()
+    per_model = len(grid) * c.num_samples if c.search == "grid" else c.num_samples
+    print(f"sweep {sweep.name}: search {c.search}, {len(sweep.models)} model(s) x {per_model} trial(s) = "
+          f"{len(sweep.models) * per_model} trials" + (", early stopping: asha" if c.early_stopping else "")
+          + (", one mask training per posterior (reuse_posterior)" if c.reuse_posterior else ""))
+    print("space: " + ", ".join(f"{k}={v}" for k, v in c.space.items()))
+    rows = [["model", "model.name", "calibrate", "teacher", "trials finished"]]
+    for label, cfg in sweep.model_configs.items():
+        done = finished(cfg, checked[label].keys)
+        shared = ["cached" if done[n] else "to run" for n in ("calibrate", "teacher")]
+        if c.search == "grid":
+            points = [sweep.point_config(label, point) for point in grid]
+            n_done = sum(finished(p, plan(p))["evaluate"] for p in points)
+            trials = f"{n_done}/{len(points)}" + (f" (x{c.num_samples})" if c.num_samples > 1 else "")
+        else:
+            trials = f"- ({c.num_samples} drawn at run time)"
+        rows.append([label, cfg.model.name, *shared, trials])
+    print(_table(rows))
+    print(f"{args.config}: valid ({'every grid point' if c.search == 'grid' else 'the bounds of every dimension'} "
+          f"checked for every model; nothing was run)")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    shipped = shipped_configs()
+    width = max((len(n) for n in shipped), default=0)
+    for name, path in shipped.items():
+        print(f"{name.ljust(width)}  {config_description(path)}")
+    print("\nuse a name in place of a path: vtrans run NAME, vtrans validate NAME, vtrans sweep NAME "
+          f"(files under {next(iter(shipped.values())).parent if shipped else '?'})")
     return 0
 
 
@@ -295,11 +497,12 @@ def cmd_relog(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pipelines.dag import run_pipeline
 
     cfg = _load_config(args)
+    if args.console is not None:
+        root = Path(cfg.output).expanduser().resolve()
+        args.console.log_to(root / cfg.name / "vtrans.log", root)
     run = run_pipeline(cfg, force=args.force, from_stage=args.from_stage)
     rows = [["stage", "status", "key", "wall", "result"]]
     for name, r in run.results.items():
@@ -324,6 +527,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pipelines.sweep_runner import run_sweep
 
     sweep = load_sweep(args.config, args.overrides)
+    if args.console is not None:
+        root = Path(sweep.model_configs[next(iter(sweep.models))].output).expanduser().resolve()
+        args.console.log_to(root / sweep.name / "vtrans.log", root)
     run = run_sweep(sweep, resume=args.resume)  # checks every model and point (preflight) before Ray
     print()
     stopped = f", {run.stopped} stopped early (ASHA)" if run.stopped else ""
@@ -352,13 +558,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "configs": cmd_configs,
+                "inspect": cmd_inspect, "compress": cmd_compress, "relog": cmd_relog}
+    args.console = None
     from safetensors import SafetensorError
 
     from vtrans.errors import VtransError
 
-    handlers = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "inspect": cmd_inspect,
-                "compress": cmd_compress, "relog": cmd_relog}
     try:
+        if getattr(args, "config", None) is not None:
+            args.config = resolve_config(args.config)
+        if args.command in ("run", "sweep"):
+            from contextlib import ExitStack
+
+            from pipelines.console import QuietConsole, verbose_requested
+
+            with ExitStack() as stack:
+                args.console = stack.enter_context(QuietConsole(verbose_requested(args.verbose)))
+                return handlers[args.command](args)
         return handlers[args.command](args)
     except VtransError as e:
         if args.debug:

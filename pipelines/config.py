@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -362,6 +363,10 @@ class EvaluateConfig:
             _int("evaluate.threads", self.threads, 1)
 
 
+#: ``tracking.experiment`` when neither the config nor ``$MLFLOW_EXPERIMENT_NAME`` names one.
+DEFAULT_EXPERIMENT = "vtrans"
+
+
 @dataclass
 class TrackingConfig:
     """MLflow tracking."""
@@ -369,8 +374,9 @@ class TrackingConfig:
     uri: str | None = None
     """Tracking URI (``http://host:5000``, ``sqlite:///...``; a relative SQLite path is taken from the working
     directory); None: ``$MLFLOW_TRACKING_URI``, else an embedded ``sqlite:///<cwd>/mlflow.db``."""
-    experiment: str = "vtrans"
-    """Experiment name."""
+    experiment: str = field(default_factory=lambda: os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    """Experiment name. Not given: ``$MLFLOW_EXPERIMENT_NAME``, else ``vtrans`` (a value in the config or an override
+    wins over the variable)."""
     artifact_location: str | None = None
     """Artifact root of a newly created experiment; None: ``mlartifacts/`` next to a local SQLite file, else the
     server's default."""

@@ -43,9 +43,14 @@ WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROG
               "TOKENIZERS_PARALLELISM": "false"}
 
 
+#: Log levels of the driver passed on to the workers when set (the CLI's quiet console: pipelines/console.py).
+PASSED_ON = ("TRANSFORMERS_VERBOSITY", "MLFLOW_LOGGING_LEVEL")
+
+
 def worker_env() -> dict[str, str]:
-    """:data:`WORKER_ENV`, where the driver's environment does not already choose otherwise."""
-    return {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    """:data:`WORKER_ENV`, where the driver's environment does not already choose otherwise, and :data:`PASSED_ON`."""
+    return {**{k: os.environ.get(k, v) for k, v in WORKER_ENV.items()},
+            **{k: os.environ[k] for k in PASSED_ON if k in os.environ}}
 
 
 def driver_runtime_env() -> dict:

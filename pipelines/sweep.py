@@ -322,6 +322,20 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return sweep
 
 
+def check_sweep(sweep: Sweep) -> dict[str, Any]:
+    """Everything ``vtrans sweep`` checks before it touches the tracking store or starts Ray: every model's config and
+    every grid point of it (distributions: their bounds) through :func:`pipelines.validate.preflight`. Returns each
+    model label's :class:`~pipelines.validate.Preflight` (its model directory and stage keys)."""
+    from pipelines.validate import preflight
+
+    checked = {}
+    for label in sweep.models:
+        checked[label] = preflight(sweep.model_configs[label])
+        for point in sweep.grid_points():
+            preflight(sweep.point_config(label, point))
+    return checked
+
+
 def _check_early_stopping(sweep: Sweep) -> None:
     config, asha = sweep.config, sweep.config.asha
     if config.early_stopping is None:

@@ -20,10 +20,10 @@ from typing import Any
 from pipelines.config import flatten, to_dict
 from pipelines.stages import STAGES
 from pipelines.stages.base import StageContext, StageResult, execute
-from pipelines.sweep import Sweep
+from pipelines.sweep import Sweep, check_sweep
 from pipelines.tracking import TAG_MODEL_URI, Tracker, ui_hint
 from pipelines.train_jobs import FINETUNE_STEP
-from pipelines.validate import plan, preflight, with_absolute_paths
+from pipelines.validate import plan, with_absolute_paths
 from vtrans.errors import ConfigError
 
 TAG_SWEEP = "vtrans.sweep"
@@ -208,11 +208,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> SweepRun:
     from pipelines.sweep import max_concurrent
     from pipelines.train_jobs import check_resources
 
-    checked = {}
-    for label in sweep.models:  # every model, every grid point: before the store and Ray
-        checked[label] = preflight(sweep.model_configs[label])
-        for point in sweep.grid_points():
-            preflight(sweep.point_config(label, point))
+    checked = check_sweep(sweep)  # every model, every grid point: before the store and Ray
     base = sweep.model_configs[next(iter(sweep.models))]
     tracker = Tracker.connect(base.tracking.uri, base.tracking.experiment, base.tracking.artifact_location)
     parent = _parent_run(sweep, tracker, resume)

@@ -25,9 +25,10 @@ class Preflight:
     """Cache key of every stage."""
 
 
-def resolve_model_path(name: str) -> Path:
-    """A built-in name or local directory (:func:`vtrans.assets.resolve_model`), else a hub id when a hub is
-    reachable (downloaded into the Hugging Face cache)."""
+def resolve_model_path(name: str, key: str = "model.name") -> Path:
+    """A built-in name or local directory (:func:`vtrans.assets.resolve_model`), else a hub id (``org/name``) from the
+    local Hugging Face cache or, when a hub is reachable and ``HF_HUB_OFFLINE`` is not set, downloaded into it.
+    ``key`` is the argument errors name (``model.name``, ``--model``)."""
     from vtrans.assets import MODELS, resolve_model
 
     path = Path(name).expanduser()
@@ -35,14 +36,21 @@ def resolve_model_path(name: str) -> Path:
         try:
             return resolve_model(name)
         except VtransError as e:
-            raise ConfigError(f"model.name={name!r}: {e}") from None
-    try:
-        from huggingface_hub import snapshot_download
+            raise ConfigError(f"{key}={name!r}: {e}") from None
+    from huggingface_hub import constants, snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+                                      local_files_only=offline))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all mean the name cannot be used
+        if offline:
+            raise ConfigError(f"{key}={name!r} is neither a built-in model nor a local directory, nor in the local "
+                              f"Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 forbids "
+                              f"downloading it; download it where the hub is reachable (hf download {name}) or pass "
+                              f"a local directory") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"model.name={name!r} is neither a built-in model nor a local directory, and the hub "
+        raise ConfigError(f"{key}={name!r} is neither a built-in model nor a local directory, and the hub "
                           f"cannot provide it: {first}") from None
 
 

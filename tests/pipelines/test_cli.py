@@ -135,3 +135,98 @@ def test_minilm_end_to_end(tmp_path: Path, capsys) -> None:
     assert {"tokenizer.json", "model.safetensors", "modeling_vtrans.py"} <= {p.name for p in out.iterdir()}
     assert main(["inspect", "minilm"]) == 0
     assert "10,646,784" in capsys.readouterr().out
+
+
+HEAVY = ("torch", "ray", "mlflow", "transformers")
+
+
+def test_help_and_version_import_no_heavy_library() -> None:
+    """``vtrans --help``, ``vtrans COMMAND --help`` and ``--version`` stay fast: nothing imports torch, Ray, MLflow or
+    transformers until a command runs."""
+    code = f"""
+import contextlib, io, sys
+import pipelines.cli as cli
+parser = cli._parser()
+commands = [a for a in parser._subparsers._group_actions[0].choices]
+for argv in [["--help"], ["--version"], *[[c, "--help"] for c in commands]]:
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        cli.main(argv)
+    assert out.getvalue().strip(), argv
+print(sorted(commands))
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    commands, loaded = proc.stdout.strip().splitlines()
+    assert commands == str(["compress", "configs", "inspect", "relog", "run", "sweep", "validate"])
+    assert loaded == "[]"
+
+
+def test_version_names_vtrans_and_its_stack(capsys) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"vtrans {version('vtrans')} (python ") and len(out.splitlines()) == 1
+    for name in HEAVY:
+        assert f"{name} {version(name)}" in out
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["run", "c.yaml", "--force", "a=1", "b=2"], {"config": "c.yaml", "overrides": ["a=1", "b=2"], "force": True}),
+    (["run", "--from", "prune", "c.yaml", "a=1"], {"overrides": ["a=1"], "from_stage": "prune"}),
+    (["run", "c.yaml", "a=1", "--verbose", "b=2"], {"overrides": ["a=1", "b=2"], "verbose": True}),
+    (["--verbose", "run", "c.yaml"], {"overrides": [], "verbose": True}),
+    (["run", "c.yaml"], {"verbose": False, "force": False}),
+    (["validate", "c.yaml", "a=1", "--quiet", "b=2"], {"overrides": ["a=1", "b=2"], "quiet": True}),
+    (["sweep", "s.yaml", "sweep.seed=1", "--resume"], {"overrides": ["sweep.seed=1"], "resume": True}),
+    (["inspect", "minilm", "--seq-len", "64"], {"model": "minilm", "seq_len": 64}),
+    (["relog", "runs/x", "--tracking-uri", "http://h:1"], {"run_dir": "runs/x", "tracking_uri": "http://h:1"}),
+])
+def test_options_go_anywhere(argv, expected) -> None:
+    from pipelines.cli import _parser
+
+    args = vars(_parser().parse_args(argv))
+    assert {k: args[k] for k in expected} == expected
+
+
+def test_bad_option_after_positionals_is_still_an_error(capsys) -> None:
+    from pipelines.cli import _parser
+
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["run", "c.yaml", "a=1", "--forse"])
+    assert e.value.code == 2 and "unrecognized arguments: --forse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["compress", "--budget", "params=0.5", "--out", "OUT", "--model"]])
+def test_hub_id_not_in_the_offline_cache_is_one_line(command, tmp_path: Path, monkeypatch, capsys) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    err = _bad([*argv, "fake-org/no-such-model"], capsys)
+    assert "'fake-org/no-such-model'" in err and "HF_HUB_OFFLINE=1" in err and "local Hugging Face cache" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_from_the_local_cache(tiny_bert_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A hub id resolves to its snapshot in the Hugging Face cache layout (offline), then loads like a directory."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-bert"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_bert_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["inspect", "tiny-org/tiny-bert"]) == 0
+    direct = capsys.readouterr().out
+    assert f"model: {repo / 'snapshots' / commit}" in direct
+    assert main(["inspect", str(tiny_bert_dir)]) == 0
+    assert capsys.readouterr().out.split("\n", 1)[1] == direct.split("\n", 1)[1]  # the same counts

@@ -80,3 +80,49 @@ def test_validate_prints_the_resolved_config_and_the_plan(capsys) -> None:
     assert out.rstrip().endswith("minilm-rotten-tomatoes.yaml: valid")
     assert main(["validate", "--quiet", MINILM]) == 0
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("name", ["minilm-rotten-tomatoes", "minilm-rotten-tomatoes.yaml"])
+def test_a_shipped_config_by_name(name: str, capsys) -> None:
+    from pipelines.cli import resolve_config
+
+    assert Path(resolve_config(name)) == CONFIGS / "minilm-rotten-tomatoes.yaml"  # no such file in the cwd
+    assert main(["validate", name, "prune.budget.params=0.3", "--quiet"]) == 0, capsys.readouterr().err
+
+
+def test_a_local_file_wins_over_a_shipped_name(tmp_path: Path) -> None:
+    from pipelines.cli import resolve_config
+
+    (tmp_path / "sweep-minilm").write_text("model: {}\n")
+    assert resolve_config("sweep-minilm") == "sweep-minilm"
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(capsys) -> None:
+    assert main(["run", "minilm-rotten-tomato", "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'minilm-rotten-tomato'" in err
+    assert "did you mean 'minilm-rotten-tomatoes'?" in err
+    assert "['minilm-rotten-tomatoes', 'smollm2-wikipedia', 'sweep-minilm']" in err
+
+
+def test_configs_lists_every_shipped_config_with_its_description(capsys) -> None:
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shipped = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    assert [line.split()[0] for line in lines[: len(shipped)]] == shipped
+    assert lines[0].split(None, 1)[1].startswith("all-MiniLM-L6-v2 on Rotten Tomatoes: fine-tune a dense teacher")
+    assert all(len(line) < 140 for line in lines[: len(shipped)])
+
+
+def test_validate_checks_a_sweep_without_running_it(capsys) -> None:
+    over = ["sweep.space={prune.budget.params: [0.5, 0.3]}", "sweep.models={minilm: {}, minilm-fast: "
+            "{prune.method: fast}}"]
+    assert main(["validate", "sweep-minilm", *over]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "2 model(s) x 4 trial(s) = 8 trials" in out  # budgets x the file's two KL weights
+    assert "minilm-fast" in out and "0/4" in out and ": valid" in out
+    assert main(["validate", "sweep-minilm", *over, "--quiet"]) == 0 and capsys.readouterr().out == ""
+    # a grid point that cannot be met fails as `vtrans sweep` would, naming the point
+    assert main(["validate", "sweep-minilm", "sweep.space={prune.budget.params: [1.0e-5]}"]) == 2
+    err = capsys.readouterr().err
+    assert "params=1e-05" in err and "cannot be met" in err

@@ -383,3 +383,17 @@ def test_import_loads_neither_ray_nor_mlflow() -> None:
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_mlflow_experiment_name_fills_in_an_experiment_the_config_leaves_out(monkeypatch) -> None:
+    from pipelines.config import PipelineConfig, from_dict
+
+    raw = {"model": {"name": "minilm"}, "data": {"name": "rotten_tomatoes"}}
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert from_dict(PipelineConfig, raw).tracking.experiment == "vtrans"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert from_dict(PipelineConfig, raw).tracking.experiment == "from-env"
+    assert from_dict(PipelineConfig, {**raw, "tracking": {"experiment": "pinned"}}).tracking.experiment == "pinned"
+    assert load_config(CONFIGS / "minilm-rotten-tomatoes.yaml").tracking.experiment == "from-env"
+    assert load_config(CONFIGS / "minilm-rotten-tomatoes.yaml",
+                       ["tracking.experiment=over"]).tracking.experiment == "over"
