@@ -501,8 +501,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     if args.console is not None:
-        root = Path(cfg.output).expanduser().resolve()
-        args.console.log_to(root / cfg.name / "vtrans.log", root)
+        run_dir = Path(cfg.output).expanduser().resolve() / cfg.name  # made by the run once its checks passed
+        args.console.log_to(run_dir / "vtrans.log", run_dir)
     run = run_pipeline(cfg, force=args.force, from_stage=args.from_stage)
     rows = [["stage", "status", "key", "wall", "result"]]
     for name, r in run.results.items():
@@ -528,8 +528,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.config, args.overrides)
     if args.console is not None:
-        root = Path(sweep.model_configs[next(iter(sweep.models))].output).expanduser().resolve()
-        args.console.log_to(root / sweep.name / "vtrans.log", root)
+        run_dir = Path(sweep.model_configs[next(iter(sweep.models))].output).expanduser().resolve() / sweep.name
+        args.console.log_to(run_dir / "vtrans.log", run_dir)
     run = run_sweep(sweep, resume=args.resume)  # checks every model and point (preflight) before Ray
     print()
     stopped = f", {run.stopped} stopped early (ASHA)" if run.stopped else ""

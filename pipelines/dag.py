@@ -111,6 +111,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
     rerun = rerun_set(force, from_stage)
     checked = preflight(cfg)  # every config problem surfaces here, before the tracking store and Ray
     tracker = Tracker.connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    (Path(cfg.output).expanduser().resolve() / cfg.name).mkdir(parents=True, exist_ok=True)  # the driver's log
     root = Path(cfg.output).expanduser().resolve()
     tags = {TAG_PIPELINE: cfg.name, "vtrans.config_hash": config_hash(cfg),
             **{f"vtrans.key.{n}": k for n, k in checked.keys.items()}}

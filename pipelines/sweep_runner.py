@@ -211,6 +211,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> SweepRun:
     checked = check_sweep(sweep)  # every model, every grid point: before the store and Ray
     base = sweep.model_configs[next(iter(sweep.models))]
     tracker = Tracker.connect(base.tracking.uri, base.tracking.experiment, base.tracking.artifact_location)
+    (Path(base.output).expanduser().resolve() / sweep.name).mkdir(parents=True, exist_ok=True)  # the driver's log
     parent = _parent_run(sweep, tracker, resume)
     root = Path(base.output).expanduser().resolve()
     t0 = time.time()
