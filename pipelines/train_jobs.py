@@ -157,6 +157,16 @@ def worker_batch(dataset, batch_size: int, seed: int, step: int, rank: int, worl
     return collate([dataset[i] for i in idx[rank * share : (rank + 1) * share]], pad_token_id)
 
 
+def calibration_batches(dataset, count: int, batch_size: int, seed: int, pad_token_id: int) -> list[dict]:
+    """``count`` samples of ``dataset`` drawn with ``seed`` (all of it when smaller), collated in batches: the data of
+    a least-squares reconstruction or a Fisher estimate."""
+    from pipelines.sources import random_rows
+
+    rows = random_rows(len(dataset), count=min(count, len(dataset)), seed=seed)
+    return [collate([dataset[i] for i in rows[s : s + batch_size]], pad_token_id)
+            for s in range(0, len(rows), batch_size)]
+
+
 def _load_model(model_dir: str, task: str, num_labels: int | None):
     from vtrans.checkpoint import load_pretrained
 
@@ -369,10 +379,13 @@ def _train_loop(loop_config: dict) -> None:
 
         if kind == "prune":
             module.finish()
-            save_masks(module.vib, out / "masks.safetensors")
-            write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
             # the trained weights and masks, before compression: other budgets re-threshold them (vtrans.posterior)
             save_posterior(module.vib, out / "posterior", tokenizer, task=spec.task, overwrite=True)
+            if cfg.reconstruct:  # after the posterior: it rescales the kept units' means
+                module.reconstruct([{k: v.to(device) for k, v in b.items()} for b in calibration_batches(
+                    spec.dataset, cfg.reconstruct_samples, cfg.batch_size, cfg.seed, spec.pad_token_id)])
+            save_masks(module.vib, out / "masks.safetensors")
+            write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
         else:
             model.eval()
             write_atomically(out / "model", save_with_tokenizer(model), overwrite=True)

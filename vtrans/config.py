@@ -16,6 +16,9 @@ STRUCTURES: tuple[str, ...] = ("hidden", "heads", "neurons", "mha", "ffn")
 #: What a mask group's KL is divided by (:attr:`VIBConfig.kl_normalisation`).
 KL_NORMALISATIONS: tuple[str, ...] = ("group", "unit")
 
+#: How :meth:`vtrans.vib.VIB.apply_budget` turns the trained masks into hard masks (:attr:`VIBConfig.selection`).
+SELECTIONS: tuple[str, ...] = ("threshold", "quota")
+
 #: Budget scopes: ``blocks`` counts the transformer layers only (as CoFi does); ``total`` the whole model.
 SCOPES: tuple[str, ...] = ("blocks", "total")
 
@@ -54,6 +57,12 @@ class VIBConfig:
     neuron. ``unit``: the FFN width for every group, so every unit carries the same pressure (equivalent to
     multipliers ``r_i / ffn`` under ``group``). On MiniLM at <= 50% of block parameters ``group`` closed whole
     blocks and collapsed the model to the majority class; ``unit`` did not (README, "Benchmarks")."""
+    selection: str = "threshold"
+    """How the trained masks meet a budget. ``threshold``: one global threshold on ``-log_alpha`` over all units
+    (a neuron, a head and a hidden dimension compete on the same scale although their costs differ ~100x).
+    ``quota``: every group keeps its expected keep count (the sum of its keep probabilities, what the budget
+    Lagrangian trained) of its best units by ``-log_alpha``, all counts scaled by one factor to meet the budget
+    exactly (:func:`vtrans.budget.quota_scores`)."""
     seed: int | None = 0
     """Seed of the mask initialisation (None: from torch's global generator)."""
 
@@ -72,6 +81,8 @@ class VIBConfig:
                 raise ConfigError(f"vib.{key} must be >= 0, got {getattr(self, key)!r}")
         if self.keep_sharpness <= 0:
             raise ConfigError(f"vib.keep_sharpness must be > 0, got {self.keep_sharpness!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"vib.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
         if self.kl_normalisation not in KL_NORMALISATIONS:
             raise ConfigError(f"vib.kl_normalisation must be one of {list(KL_NORMALISATIONS)}, "
                               f"got {self.kl_normalisation!r}")

@@ -71,6 +71,13 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     metrics["job_wall_s"] = job.wall_time_s
     output = _summarise(cfg, work, out, inputs, metrics, {"split": split, "samples": len(dataset),
                                                                    "node_ids": job.node_ids})
+    stalled = next((h for h in job.history if h.get("stalled")), None)
+    if stalled is not None:
+        from vtrans.train import stall_message
+
+        message = stall_message(stalled)
+        print(f"[{NAME}] warning: {message}", flush=True)
+        output.tags["vtrans.stalled"] = message[:250]
     output.outputs["posterior"] = str(out / "posterior")
     output.artifacts.append((str(out / "history.json"), "train"))
     return output
@@ -124,6 +131,14 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
     t0 = time.perf_counter()
     vib = load_posterior(posterior)
     vib.apply_budget(cfg.prune.budget, method=cfg.prune.method)
+    if cfg.prune.reconstruct:
+        from pipelines.train_jobs import calibration_batches
+        from vtrans.fisher import tune_masks
+
+        data = inputs["calibrate"]
+        dataset = load_split(data, "calibration" if cfg.calibrates else "train", cfg.task)
+        tune_masks(vib, calibration_batches(dataset, cfg.prune.reconstruct_samples, cfg.prune.batch_size,
+                                            cfg.prune.seed, data.info["pad_token_id"]))
     tokenizer = load_tokenizer(posterior)
     out = work / "output"
     out.mkdir(parents=True, exist_ok=True)
