@@ -21,6 +21,8 @@ import time
 import torch
 
 PROG = "vtrans"
+#: ``--seq-len`` when not given: FLOPs at 128 tokens (checked against the model's positions only when given).
+DEFAULT_SEQ_LEN = 128
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,19 +71,21 @@ def _parser() -> argparse.ArgumentParser:
                          description="Structure counts, parameters and FLOPs (blocks and total) of a model.",
                          epilog="example: vtrans inspect minilm --seq-len 128")
     ins.add_argument("model", help="local Hugging Face directory or built-in name (minilm, smollm2)")
-    ins.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs (default 128)")
+    ins.add_argument("--seq-len", type=int, help="sequence length for FLOPs (default 128; at most the model's "
+                     "positions)")
     ins.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
 
     com = sub.add_parser("compress", help="prune a model to a budget with a training-free scorer and save it",
                          description="Prune a model to a budget with a training-free scorer; save a smaller Hugging "
-                         "Face checkpoint that loads with trust_remote_code=True.",
+                         "Face checkpoint (from_pretrained(dir) after `import vtrans`; no trust_remote_code needed).",
                          epilog="example: vtrans compress --model minilm --scorer magnitude --budget params=0.5 "
                          "--out runs/minilm-p50")
     com.add_argument("--model", required=True, help="local Hugging Face directory or built-in name (minilm, smollm2)")
     com.add_argument("--scorer", default="magnitude", help="magnitude | random (default magnitude)")
     com.add_argument("--budget", required=True, help="params=FRACTION|COUNT or flops=FRACTION|COUNT, e.g. params=0.5")
     com.add_argument("--out", required=True, help="output directory (must not exist or be empty, or --overwrite)")
-    com.add_argument("--seq-len", type=int, default=128, help="sequence length for FLOPs (default 128)")
+    com.add_argument("--seq-len", type=int, help="sequence length for FLOPs (default 128; at most the model's "
+                     "positions)")
     com.add_argument("--scope", default="blocks", help="blocks (transformer layers, default) | total")
     com.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
     com.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default 0)")
@@ -89,13 +93,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(name: str, task: str):
+def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget=None):
+    """Model, tokenizer and directory of ``--model`` / MODEL; everything that can be checked from the config and the
+    weights' headers is, before the weights load: ``--seq-len`` within the model's positions, with ``dense`` a model
+    that is not vtrans-compressed already (it cannot be pruned again), an absolute ``budget`` below the dense size."""
     import vtrans
     from vtrans.assets import resolve_model
-    from vtrans.checkpoint import load_pretrained, load_tokenizer, read_config
+    from vtrans.checkpoint import (
+        check_weights_match_config,
+        load_pretrained,
+        load_tokenizer,
+        meta_model,
+        read_config,
+    )
+    from vtrans.errors import quote
 
     path = resolve_model(name)
-    vtrans.arch.for_config(read_config(path))  # an unsupported architecture fails before the weights load
+    config = read_config(path)
+    adapter = vtrans.arch.for_config(config)  # an unsupported architecture fails before the weights load
+    check_weights_match_config(path)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and seq_len is not None and seq_len > limit:  # the default may exceed a tiny model's
+        raise vtrans.ConfigError(f"--seq-len {seq_len} is more than the {limit} positions of {quote(name)} "
+                                 f"(max_position_embeddings); FLOPs at that length are of no model that can run")
+    if dense and adapter.is_compressed(config):
+        raise vtrans.ConfigError(f"--model {quote(name)} is already compressed by vtrans (model_type="
+                                 f"{config.model_type!r}); compress the dense model it came from to the new budget")
+    if budget is not None and isinstance(budget.value, int):  # an absolute count: against the dense size, on meta
+        size = vtrans.count(meta_model(path), seq_len=budget.seq_len).get(budget.metric, budget.scope)
+        if budget.value >= size:
+            raise vtrans.BudgetError(f"--budget {budget.metric}={budget.value} is not below the dense model's "
+                                     f"{size:,} {budget.metric} ({budget.scope}); give a smaller count or a fraction "
+                                     f"such as {budget.metric}=0.5")
     model = load_pretrained(path, task=task, dtype=torch.float32).eval()
     return model, load_tokenizer(path), path
 
@@ -120,9 +149,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.task not in TASKS:
         raise vtrans.ConfigError(f"--task must be one of {list(TASKS)}, got {args.task!r}")
-    if args.seq_len < 1:
+    if args.seq_len is not None and args.seq_len < 1:
         raise vtrans.ConfigError(f"--seq-len must be a positive integer, got {args.seq_len!r}")
-    model, _, path = _load(args.model, args.task)
+    model, _, path = _load(args.model, args.task, args.seq_len)
+    args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
     adapter = vtrans.arch.for_model(model)
     g, keep = adapter.geometry(model), adapter.keep(model)
     c = vtrans.count(model, seq_len=args.seq_len)
@@ -146,15 +176,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from vtrans.scoring import SCORERS, score
 
     # every argument is checked before anything is loaded
-    budget = vtrans.Budget.parse(args.budget, seq_len=args.seq_len, scope=args.scope)
+    budget = vtrans.Budget.parse(args.budget, seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
+                                 scope=args.scope)
     if args.scorer not in SCORERS:
         raise vtrans.ConfigError(f"--scorer must be one of {list(SCORERS)}, got {args.scorer!r}")
     if args.task not in TASKS:
         raise vtrans.ConfigError(f"--task must be one of {list(TASKS)}, got {args.task!r}")
-    check_output_dir(args.out, args.overwrite)
+    # never the current directory, its ancestors, $HOME or the model read (write_atomically replaces --out whole)
+    source = [args.model] if os.path.isdir(os.path.expanduser(args.model)) else []
+    check_output_dir(args.out, args.overwrite, sources=source)
 
     t0 = time.perf_counter()
-    model, tokenizer, path = _load(args.model, args.task)
+    model, tokenizer, path = _load(args.model, args.task, args.seq_len, dense=True, budget=budget)
     t_load = time.perf_counter() - t0
     dense = vtrans.count(model, seq_len=budget.seq_len)
     # deterministic unit means: a training-free selection must not perturb the kept weights
@@ -175,7 +208,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-12)
     vib.remove()
 
-    out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite)
+    out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite, sources=source)
     comp = vtrans.count(small, seq_len=budget.seq_len)
     rows = [["", "dense", "compressed", "ratio"]]
     for metric in ("params", "flops"):
@@ -196,7 +229,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(_table(rows))
     print(f"max |masked - compressed| / max |masked| = {err:.2e}")
     print(f"load {t_load:.1f}s, select + compress {t_compress:.1f}s")
-    print(f"saved: {out_dir}  (load with from_pretrained(dir, trust_remote_code=True))")
+    print(f"saved: {out_dir}  (load with vtrans.checkpoint.load_pretrained(dir), or from_pretrained(dir) after "
+          f"`import vtrans`)")
     return 0
 
 
@@ -210,6 +244,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     from pipelines.config import to_dict
+    from pipelines.redact import redact_data
     from pipelines.tracking import check_server
     from pipelines.validate import finished, preflight
 
@@ -220,7 +255,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         check_server(uri)  # what `vtrans run` asks next (Tracker.connect); a local SQLite store is made on first use
     if args.quiet:
         return 0
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    print(yaml.safe_dump(redact_data(to_dict(cfg)), sort_keys=False).rstrip())
     print(f"\nmodel: {checked.model_path}")
     done = finished(cfg, checked.keys)
     rows = [["stage", "key", "output"]]
@@ -279,8 +314,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"pipeline {run.name}: {run.wall_s:.0f}s; summary {run.summary_path}")
     print(f"MLflow run {run.run_id}: {run.ui}")
     if run.model_uri:
-        print(f"compressed model: {run.model_uri}  (mlflow.pyfunc.load_model; the HF checkpoint is its artifacts/"
-              f"checkpoint, from_pretrained(..., trust_remote_code=True))")
+        print(f"compressed model: {run.model_uri}  (mlflow.pyfunc.load_model, or its checkpoint alone: "
+              f"pipelines.registry.load_checkpoint)")
     return 0
 
 
@@ -300,11 +335,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if not run.errors else 1
 
 
+def _unforeseen(e: BaseException) -> str:
+    """One line for an exception no check turned into a VtransError: its kind, its reason and the path it names."""
+    from vtrans.errors import quote
+
+    if isinstance(e, OSError) and e.strerror:
+        where = " ".join(quote(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        return f"{type(e).__name__}: {e.strerror}{': ' + where if where else ''}"
+    if isinstance(e, RecursionError):
+        return "RecursionError: an input is nested too deeply"
+    return f"{type(e).__name__}: {quote(' '.join(str(e).split()))[1:-1]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vtrans`` console script; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from safetensors import SafetensorError
+
     from vtrans.errors import VtransError
 
     handlers = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "inspect": cmd_inspect,
@@ -314,8 +363,30 @@ def main(argv: list[str] | None = None) -> int:
     except VtransError as e:
         if args.debug:
             raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        from pipelines.redact import redact
+
+        # one line; a message may quote a URI with credentials
+        print(f"{PROG}: error: {redact(' '.join(str(e).splitlines()))}", file=sys.stderr)
         return 2
+    except (OSError, RecursionError, SafetensorError) as e:  # a path, a file or a nesting the checks did not foresee
+        if args.debug or (isinstance(e, OSError) and e.filename is None):  # not about a path: its traceback helps
+            raise
+        from pipelines.redact import redact
+
+        print(f"{PROG}: error: {redact(_unforeseen(e))} (--debug shows where)", file=sys.stderr)
+        return 2
+    except Exception:
+        if args.debug:
+            raise
+        import traceback
+
+        from pipelines.redact import redact
+
+        text = traceback.format_exc()
+        if redact(text) == text:
+            raise  # nothing to hide: Python's own report
+        print(redact(text).rstrip(), file=sys.stderr)  # e.g. MLflow's "API request to http://user:pw@host failed"
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -54,8 +54,8 @@ from pipelines.train_jobs import RayConfig
 from vtrans.assets import DATASETS, MODELS
 from vtrans.checkpoint import TOKENIZER_FILES, has_tokenizer
 from vtrans.config import Budget
-from vtrans.errors import ConfigError
-from vtrans.train import TASKS, FinetuneConfig, PruneConfig
+from vtrans.errors import KIND_WORDS, ConfigError, path_kind, quote
+from vtrans.train import MAX_STEPS, TASKS, FinetuneConfig, PruneConfig
 
 __all__ = [
     "CalibrationConfig",
@@ -76,6 +76,14 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Most classes of a classification head (``model.num_labels``, or the largest class id + 1 in the data).
+MAX_NUM_LABELS = 10_000
+#: Most timed forward passes per latency cell (``evaluate.latency_repeats``) and untimed ones (``evaluate.warmup``).
+MAX_LATENCY_REPEATS = 10_000
+#: Largest batch at which latency is timed (``evaluate.latency_batch_sizes``) or quality evaluated
+#: (``evaluate.batch_size``).
+MAX_EVAL_BATCH = 4096
 
 #: Quality metrics of each task (``evaluate.metrics``).
 METRICS: dict[str, tuple[str, ...]] = {"seq-cls": ("accuracy",), "causal-lm": ("perplexity",)}
@@ -100,24 +108,26 @@ def is_uri(path: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _int(key: str, value: object, minimum: int | None = None) -> None:
+def _int(key: str, value: object, minimum: int | None = None, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an int, got {value!r}")
+        raise ConfigError(f"{key} must be an int, got {quote(value)}")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{key} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{key} must be an int >= {minimum}, got {quote(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be at most {maximum:,}, got {quote(value)}")
 
 
 def _number(key: str, value: object, low: float, high: float, low_open: bool = True, high_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        raise ConfigError(f"{key} must be a finite number, got {quote(value)}")
     if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ConfigError(f"{key} must be in {interval}, got {value!r}")
+        raise ConfigError(f"{key} must be in {interval}, got {quote(value)}")
 
 
 def _text(key: str, value: object) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{key} must be a non-empty string, got {quote(value)}")
 
 
 def _choice(key: str, value: object, choices: Iterable[str]) -> None:
@@ -125,14 +135,14 @@ def _choice(key: str, value: object, choices: Iterable[str]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key} must be one of {choices}, got {value!r}{hint}")
+        raise ConfigError(f"{key} must be one of {choices}, got {quote(value)}{hint}")
 
 
-def _int_list(key: str, values: object, minimum: int) -> None:
+def _int_list(key: str, values: object, minimum: int, maximum: int | None = None) -> None:
     if not isinstance(values, list) or not values:
-        raise ConfigError(f"{key} must be a non-empty list of ints, got {values!r}")
+        raise ConfigError(f"{key} must be a non-empty list of ints, got {quote(values)}")
     for i, v in enumerate(values):
-        _int(f"{key}[{i}]", v, minimum)
+        _int(f"{key}[{i}]", v, minimum, maximum)
     if len(set(values)) != len(values):
         raise ConfigError(f"{key} lists a value twice: {values!r}")
 
@@ -153,32 +163,37 @@ class ModelConfig:
     """``seq-cls`` (sequence classification head), ``causal-lm`` or ``auto`` (from the data: labels -> seq-cls).
     Owns the task of every stage: ``prune.task`` and ``finetune.task`` follow it."""
     num_labels: int | None = None
-    """Classes of the classification head (>= 2); None: from the data. Must be None for causal-lm."""
+    """Classes of the classification head (>= 2, at most :data:`MAX_NUM_LABELS` = 10,000); None: from the data (its
+    largest class id + 1, the same maximum). Must be None for causal-lm."""
     teacher: str | None = None
     """Local directory of an already fine-tuned dense teacher; None: the ``teacher`` section fine-tunes one."""
 
     def __post_init__(self) -> None:
         _text("model.name", self.name)
         path = Path(self.name).expanduser()
-        if self.name not in MODELS and not path.is_dir():
+        kind = None if self.name in MODELS else path_kind("model.name", self.name)
+        if self.name not in MODELS and kind != "dir":
             # org/name is a hub id unless it names a file or "org" is a local directory (then it is a wrong path)
-            if not _HUB_ID.match(self.name) or path.exists() or path.parent.is_dir():
+            if not _HUB_ID.match(self.name) or kind or path_kind("model.name", str(path.parent)) == "dir":
                 close = difflib.get_close_matches(self.name, list(MODELS), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"model.name must be a built-in model {sorted(MODELS)}, a local Hugging Face "
-                                  f"directory or a hub id org/name, got {self.name!r} (no such directory){hint}")
+                                  f"directory or a hub id org/name, got {quote(self.name)} "
+                                  f"({'no such directory' if kind is None else KIND_WORDS[kind]}){hint}")
         elif self.name not in MODELS and (path / "config.json").is_file() and not has_tokenizer(path):
             # the calibrate stage tokenizes with the dense model's tokenizer: refuse before anything starts
             raise ConfigError(f"model.name={self.name!r} has no tokenizer (none of {list(TOKENIZER_FILES)}); save "
                               f"one into it with tokenizer.save_pretrained({self.name!r})")
         _choice("model.task", self.task, (*TASKS, "auto"))
         if self.num_labels is not None:
-            _int("model.num_labels", self.num_labels, 2)
+            _int("model.num_labels", self.num_labels, 2, MAX_NUM_LABELS)
         if self.teacher is not None:
             _text("model.teacher", self.teacher)
-            if not Path(self.teacher).expanduser().is_dir():
+            kind = path_kind("model.teacher", self.teacher)
+            if kind != "dir":
                 raise ConfigError(f"model.teacher must be a local directory holding a fine-tuned teacher, got "
-                                  f"{self.teacher!r} (no such directory)")
+                                  f"{quote(self.teacher)} "
+                                  f"({'no such directory' if kind is None else KIND_WORDS[kind]})")
 
 
 @dataclass
@@ -222,20 +237,23 @@ class DataConfig:
             _choice("data.name", self.name, DATASETS)
         if self.files is not None:
             if not isinstance(self.files, list) or not self.files:
-                raise ConfigError(f"data.files must be a non-empty list of paths, got {self.files!r}")
+                raise ConfigError(f"data.files must be a non-empty list of paths, got {quote(self.files)}")
             formats = set()
             for i, f in enumerate(self.files):
                 _text(f"data.files[{i}]", f)
                 path = Path(f).expanduser()
                 suffix = path.suffix.lower()
                 if suffix not in FILE_FORMATS:
-                    raise ConfigError(f"data.files[{i}] must end in one of {sorted(FILE_FORMATS)}, got {f!r}")
+                    raise ConfigError(f"data.files[{i}] must end in one of {sorted(FILE_FORMATS)}, got {quote(f)}")
                 if is_uri(f):
                     if self.reader == "pyarrow":
                         raise ConfigError(f"data.files[{i}]={f!r} is a URI, which data.reader='pyarrow' cannot read; "
                                           f"use data.reader=ray (or auto)")
-                elif not path.is_file():
-                    raise ConfigError(f"data.files[{i}] does not exist: {f!r} (relative to {Path.cwd()})")
+                elif (kind := path_kind(f"data.files[{i}]", f)) is None:
+                    raise ConfigError(f"data.files[{i}] does not exist: {quote(f)} (relative to {Path.cwd()})")
+                elif kind != "file":
+                    raise ConfigError(f"data.files[{i}]={quote(f)} is {KIND_WORDS[kind]}, not a data file; give "
+                                      f"the files themselves (a FIFO or device cannot be read twice)")
                 formats.add(FILE_FORMATS[suffix])
             if len(formats) > 1:
                 raise ConfigError(f"data.files must all have one format, got {sorted(formats)} in {self.files!r}")
@@ -244,7 +262,8 @@ class DataConfig:
         if self.label_column is not None:
             _text("data.label_column", self.label_column)
             if self.label_column == self.text_column:
-                raise ConfigError(f"data.label_column must differ from data.text_column, got {self.label_column!r}")
+                raise ConfigError(f"data.label_column must differ from data.text_column, got "
+                                  f"{quote(self.label_column)}")
         _number("data.test_fraction", self.test_fraction, 0.0, 1.0, high_open=True)
         _int("data.max_length", self.max_length, 1)
         _int("data.seq_len", self.seq_len, 2)
@@ -279,7 +298,7 @@ class CalibrationConfig:
         if self.count is not None:
             _int("calibration.count", self.count, 1)
         if self.stratified is not None and not isinstance(self.stratified, bool):
-            raise ConfigError(f"calibration.stratified must be true, false or null, got {self.stratified!r}")
+            raise ConfigError(f"calibration.stratified must be true, false or null, got {quote(self.stratified)}")
         _int("calibration.seed", self.seed)
 
 
@@ -288,7 +307,8 @@ class TeacherConfig:
     """Fine-tuning of the dense model into the distillation teacher (only when ``model.teacher`` is not given)."""
 
     steps: int = 0
-    """Fine-tuning steps; 0: the dense model is the teacher as it is (e.g. a pretrained LM)."""
+    """Fine-tuning steps (at most ``vtrans.train.MAX_STEPS`` = 1,000,000); 0: the dense model is the teacher as it is
+    (e.g. a pretrained LM)."""
     lr: float = 1e-4
     """Learning rate."""
     batch_size: int = 32
@@ -297,7 +317,7 @@ class TeacherConfig:
     """Seed of the data order and of the new classification head."""
 
     def __post_init__(self) -> None:
-        _int("teacher.steps", self.steps, 0)
+        _int("teacher.steps", self.steps, 0, MAX_STEPS)
         _number("teacher.lr", self.lr, 0.0, math.inf, high_open=True)
         _int("teacher.batch_size", self.batch_size, 1)
         _int("teacher.seed", self.seed)
@@ -310,32 +330,34 @@ class EvaluateConfig:
     metrics: list[str] | None = None
     """Quality metrics: ``accuracy`` for seq-cls, ``perplexity`` for causal-lm; None: the task's."""
     batch_size: int = 32
-    """Batch size of the quality evaluation."""
+    """Batch size of the quality evaluation (at most :data:`MAX_EVAL_BATCH` = 4096)."""
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    """Batch sizes at which forward latency is timed."""
+    """Batch sizes at which forward latency is timed (each at most :data:`MAX_EVAL_BATCH` = 4096)."""
     latency_seq_lens: list[int] = field(default_factory=lambda: [128])
-    """Sequence lengths at which forward latency is timed (every pair with ``latency_batch_sizes``)."""
+    """Sequence lengths at which forward latency is timed (every pair with ``latency_batch_sizes``; at most the
+    model's positions)."""
     latency_repeats: int = 20
-    """Timed forward passes per (batch size, sequence length); the median is reported."""
+    """Timed forward passes per (batch size, sequence length), at most :data:`MAX_LATENCY_REPEATS` = 10,000; the
+    median is reported."""
     warmup: int = 3
-    """Untimed forward passes before timing."""
+    """Untimed forward passes before timing (at most :data:`MAX_LATENCY_REPEATS`)."""
     threads: int | None = None
     """CPU threads for timing (``torch.set_num_threads``); None: torch's default."""
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
             if not isinstance(self.metrics, list) or not self.metrics:
-                raise ConfigError(f"evaluate.metrics must be a non-empty list, got {self.metrics!r}")
+                raise ConfigError(f"evaluate.metrics must be a non-empty list, got {quote(self.metrics)}")
             known = sorted({m for ms in METRICS.values() for m in ms})
             for i, m in enumerate(self.metrics):
                 _choice(f"evaluate.metrics[{i}]", m, known)
             if len(set(self.metrics)) != len(self.metrics):
                 raise ConfigError(f"evaluate.metrics lists a metric twice: {self.metrics!r}")
-        _int("evaluate.batch_size", self.batch_size, 1)
-        _int_list("evaluate.latency_batch_sizes", self.latency_batch_sizes, 1)
+        _int("evaluate.batch_size", self.batch_size, 1, MAX_EVAL_BATCH)
+        _int_list("evaluate.latency_batch_sizes", self.latency_batch_sizes, 1, MAX_EVAL_BATCH)
         _int_list("evaluate.latency_seq_lens", self.latency_seq_lens, 1)
-        _int("evaluate.latency_repeats", self.latency_repeats, 1)
-        _int("evaluate.warmup", self.warmup, 0)
+        _int("evaluate.latency_repeats", self.latency_repeats, 1, MAX_LATENCY_REPEATS)
+        _int("evaluate.warmup", self.warmup, 0, MAX_LATENCY_REPEATS)
         if self.threads is not None:
             _int("evaluate.threads", self.threads, 1)
 
@@ -413,10 +435,10 @@ class PipelineConfig:
                          ("teacher", TeacherConfig), ("prune", PruneConfig), ("finetune", FinetuneConfig),
                          ("evaluate", EvaluateConfig), ("ray", RayConfig), ("tracking", TrackingConfig)):
             if not isinstance(getattr(self, key), cls):
-                raise ConfigError(f"{key} must be a {cls.__name__}, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key} must be a {cls.__name__}, got {quote(getattr(self, key))}")
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(f"name must be letters, digits, '.', '_' or '-' (starting with a letter or digit), "
-                              f"got {self.name!r}")
+                              f"got {quote(self.name)}")
         _text("output", self.output)
         task = self._resolve_task()
         self._check_data(task)
@@ -455,7 +477,7 @@ class PipelineConfig:
     def _check_data(self, task: str) -> None:
         m, d = self.model, self.data
         if task == "causal-lm" and d.label_column is not None:
-            raise ConfigError(f"data.label_column must be null for model.task='causal-lm', got {d.label_column!r}")
+            raise ConfigError(f"data.label_column must be null for model.task='causal-lm', got {quote(d.label_column)}")
         if d.name is not None:
             text, label = DATASET_COLUMNS[d.name]
             if d.text_column != text:
@@ -468,9 +490,9 @@ class PipelineConfig:
             raise ConfigError(f"data.label_column is required for model.task='seq-cls' on data.files, got "
                               f"{d.label_column!r}")
         if task == "causal-lm" and m.num_labels is not None:
-            raise ConfigError(f"model.num_labels must be null for model.task='causal-lm', got {m.num_labels!r}")
+            raise ConfigError(f"model.num_labels must be null for model.task='causal-lm', got {quote(m.num_labels)}")
         if d.name == "rotten_tomatoes" and m.num_labels not in (None, 2):
-            raise ConfigError(f"model.num_labels must be 2 (or null) for rotten_tomatoes, got {m.num_labels!r}")
+            raise ConfigError(f"model.num_labels must be 2 (or null) for rotten_tomatoes, got {quote(m.num_labels)}")
 
     def _derived(self) -> list[tuple[object, str, str, object, str]]:
         """``(section, section key, field, value it must take, its owner)`` of the keys owned by another section."""
@@ -512,7 +534,7 @@ class PipelineConfig:
                 ("teacher.batch_size", self.teacher.batch_size, self.teacher.steps > 0)]
         for key, batch, used in jobs:
             if used and batch % n:
-                raise ConfigError(f"{key}={batch!r} must be a multiple of ray.num_workers={n!r} (each worker "
+                raise ConfigError(f"{key}={quote(batch)} must be a multiple of ray.num_workers={n!r} (each worker "
                                   f"takes an equal share of every batch)")
         ft, cap = self.finetune, self.data.max_train_samples
         if ft.steps > 0 and ft.eval_every > 0 and cap is not None and cap - ft.eval_samples < ft.batch_size:
@@ -562,6 +584,7 @@ def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
 def _unknown_key(key: object, choices: Iterable[str], prefix: str) -> str:
     choices = sorted(choices)
     full = _join(prefix, key)
+    full = full if len(full) <= 200 else quote(full)[1:]  # a pasted blob as a key: cut, without a second quote
     close = difflib.get_close_matches(str(key), choices, n=1, cutoff=0.6)
     if close:
         return f"unknown key '{full}'; did you mean '{_join(prefix, close[0])}'?"
@@ -632,14 +655,14 @@ def _convert(tp: Any, value: Any, key: str, what: str | None = None) -> Any:
                 return _convert(a, value, key, what)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key} must be {what}, got {value!r}")
+        raise ConfigError(f"{key} must be {what}, got {quote(value)}")
     origin, args = get_origin(tp), get_args(tp)
     if origin is Literal:
         if any(value == a and type(value) is type(a) for a in args):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1) if isinstance(value, str) else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}{hint}")
+        raise ConfigError(f"{key} must be one of {list(args)}, got {quote(value)}{hint}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -649,7 +672,7 @@ def _convert(tp: Any, value: Any, key: str, what: str | None = None) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+                raise ConfigError(f"{key} must be a finite number, got {quote(value)}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -658,7 +681,7 @@ def _convert(tp: Any, value: Any, key: str, what: str | None = None) -> Any:
         if isinstance(value, (list, tuple)):
             if origin is tuple and args and args[-1] is not Ellipsis:  # fixed-length tuple
                 if len(value) != len(args):
-                    raise ConfigError(f"{key} must be a list of {len(args)} items, got {value!r}")
+                    raise ConfigError(f"{key} must be a list of {len(args)} items, got {quote(value)}")
                 return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
             elem = args[0] if args else Any
             items = [_convert(elem, v, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -669,7 +692,7 @@ def _convert(tp: Any, value: Any, key: str, what: str | None = None) -> Any:
             out = {}
             for k, v in value.items():
                 if kt is not Any and not _exact(kt, k):
-                    raise ConfigError(f"{key} keys must be {_describe(kt)}, got {k!r}")
+                    raise ConfigError(f"{key} keys must be {_describe(kt)}, got {quote(k)}")
                 out[k] = _convert(vt, v, _join(key, k))
             return out
     elif dataclasses.is_dataclass(tp):
@@ -679,7 +702,7 @@ def _convert(tp: Any, value: Any, key: str, what: str | None = None) -> Any:
             return from_dict(tp, value or {}, key)
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise ConfigError(f"{key} must be {what}, got {value!r}")
+    raise ConfigError(f"{key} must be {what}, got {quote(value)}")
 
 
 def _qualify(message: str, prefix: str) -> str:
@@ -703,9 +726,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     dataclass defaults; a field without a default is required.
     """
     if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"from_dict needs a dataclass, got {cls!r}")
+        raise TypeError(f"from_dict needs a dataclass, got {quote(cls)}")
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {data!r}")
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {quote(data)}")
     fields = _init_fields(cls)
     for key in data:
         if key not in fields:
@@ -763,8 +786,38 @@ def _merge(raw: dict, tree: Mapping[str, Any], cls: type, prefix: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+#: Most YAML nodes a config may expand to, aliases counted at every use (the shipped configs have ~150): a "billion
+#: laughs" file of nested aliases fails at once instead of exhausting time and memory.
+MAX_YAML_NODES = 100_000
+#: Deepest nesting of YAML collections in a config (the shipped configs nest 4 deep).
+MAX_YAML_DEPTH = 50
+#: Largest config file read (the shipped configs have ~3 kB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats (``1e-4``) and booleans (``true`` / ``false`` only); no repeated keys."""
+    """SafeLoader with YAML 1.2 floats (``1e-4``) and booleans (``true`` / ``false`` only); no repeated keys; at
+    most :data:`MAX_YAML_NODES` nodes with aliases expanded and :data:`MAX_YAML_DEPTH` levels of nesting."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        depth = getattr(self, "_vtrans_depth", 0) + 1
+        if depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._vtrans_depth = depth
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._vtrans_depth = depth - 1
+        sizes: dict[int, int] = self.__dict__.setdefault("_vtrans_sizes", {})
+        if id(node) not in sizes:  # an alias returns its anchor's node, already counted: its size is reused
+            children = node.value if isinstance(node, yaml.SequenceNode) else [
+                n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES:,} values once its "
+                                                  f"aliases (*name) are expanded", node.start_mark)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -814,15 +867,18 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in items:
         if not isinstance(item, str) or "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. prune.steps=100")
+            raise ConfigError(f"override {quote(item)} must look like key=value, e.g. prune.steps=100")
         key, _, text = item.partition("=")
         key = key.strip()
         if not _KEY.match(key):
-            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key like prune.budget.params")
+            raise ConfigError(f"override {quote(item)}: {quote(key)} is not a dotted key like prune.budget.params")
         try:
             value = yaml.load(text, Loader=_Loader)
+        except RecursionError:
+            raise ConfigError(f"override {quote(item)}: the value is nested too deeply") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value {text!r} is not valid YAML ({_yaml_problem(e)})") from None
+            raise ConfigError(f"override {quote(item)}: the value {quote(text)} is not valid YAML ({_yaml_problem(e)})"
+                              ) from None
         *parents, leaf = key.split(".")
         node = tree
         for depth, part in enumerate(parents):
@@ -862,19 +918,27 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> PipelineConf
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A config file as a plain mapping (YAML 1.2 scalars, repeated keys refused), ``name`` defaulted to the stem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found (relative to {Path.cwd()})")
+    kind = path_kind("config file", str(path))
+    if kind is None:
+        raise ConfigError(f"config file {quote(str(path))} not found (relative to {Path.cwd()})")
+    if kind != "file":
+        raise ConfigError(f"config file {quote(str(path))} is {KIND_WORDS[kind]}, not a YAML file")
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {quote(str(path))} has {path.stat().st_size:,} bytes, more than a "
+                              f"config's {MAX_CONFIG_BYTES:,}")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {e}") from None
+        raise ConfigError(f"config file {quote(str(path))} cannot be read: {quote(str(e))}") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise ConfigError(f"config file {quote(str(path))} is not valid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"config file {quote(str(path))} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, data:, ...), got "
-                          f"{raw!r}")
+        raise ConfigError(f"config file {quote(str(path))} must hold a mapping of sections (model:, data:, ...), "
+                          f"got {quote(raw)}")
     raw.setdefault("name", path.stem)
     return raw
 
@@ -902,7 +966,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     """A config (or section) as plain JSON-able data; ``from_dict(type(c), to_dict(c)) == c``."""
     out = _plain(config)
     if not isinstance(out, dict):
-        raise TypeError(f"to_dict needs a dataclass instance or a mapping, got {config!r}")
+        raise TypeError(f"to_dict needs a dataclass instance or a mapping, got {quote(config)}")
     return out
 
 
@@ -936,6 +1000,11 @@ def flatten(config: Any) -> dict[str, str]:
 
 
 def config_hash(config: Any) -> str:
-    """First 16 hex digits of the SHA-256 of the canonical JSON of a config, a section or a mapping (stage caching)."""
-    text = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    """First 16 hex digits of the SHA-256 of the canonical JSON of a config, a section or a mapping (stage caching).
+    Credentials in URIs are redacted first: a hash is recorded (tags, stage folders), and a short password could be
+    found from it by trying; the same data with other credentials is the same data."""
+    from pipelines.redact import redact_data
+
+    text = json.dumps(redact_data(_plain(config)), sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import PipelineConfig, config_hash, flatten, to_dict
+from pipelines.redact import redact, redact_data
 from pipelines.stages import BY_NAME, NAMES, STAGES
 from pipelines.stages.base import StageContext, StageResult, execute
 from pipelines.tracking import TAG_LOGGED, TAG_MODEL_URI, TAG_PIPELINE, Tracker, ui_hint
@@ -88,16 +89,17 @@ def launch(ctx: StageContext, stages: tuple[str, ...] = NAMES) -> dict:
 
 
 def _write_summary(path: Path, run: PipelineRun, cfg: PipelineConfig, logged: bool = False) -> None:
+    """``config.yaml`` and ``summary.json`` of a run, credentials redacted (``vtrans relog`` asks for them again)."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (path / "config.yaml").write_text(yaml.safe_dump(redact_data(to_dict(cfg)), sort_keys=False))
     summary = {"name": run.name, "run_id": run.run_id, "experiment_id": run.experiment_id,
-               "tracking_uri": run.tracking_uri, "model_uri": run.model_uri, "wall_s": run.wall_s,
+               "tracking_uri": redact(run.tracking_uri), "model_uri": run.model_uri, "wall_s": run.wall_s,
                "metrics": run.metrics, "logged": logged,
                "stages": {n: {"status": r.status, "key": r.key, "dir": r.dir, "wall_s": r.wall_s, "run_id": r.run_id,
                               "finished_at": r.finished_at, "metrics": r.metrics, "logged": r.logged}
                           for n, r in run.results.items()}}
     tmp = path / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.write_text(json.dumps(redact_data(summary), indent=1))
     os.replace(tmp, path / "summary.json")
 
 
@@ -113,7 +115,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
     tags = {TAG_PIPELINE: cfg.name, "vtrans.config_hash": config_hash(cfg),
             **{f"vtrans.key.{n}": k for n, k in checked.keys.items()}}
     run_id = tracker.start_run(cfg.name, params=flatten(cfg), tags=tags)  # None if the store died right after connect
-    print(f"[pipeline] {cfg.name}: MLflow run {run_id} in {tracker.uri} (experiment {cfg.tracking.experiment!r})",
+    print(f"[pipeline] {cfg.name}: MLflow run {run_id} in {tracker.shown} (experiment {cfg.tracking.experiment!r})",
           flush=True)
     t0 = time.time()
     status = "FAILED"
@@ -151,7 +153,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
             tracker.set_tags(run_id, {TAG_LOGGED: "complete"})
         _write_summary(summary_dir, run, with_absolute_paths(cfg), logged=complete and tracker.online)
         if not (complete and tracker.online):
-            print(f"[pipeline] MLflow at {tracker.uri} did not take everything; the results are complete under "
+            print(f"[pipeline] MLflow at {tracker.shown} did not take everything; the results are complete under "
                   f"{root}. Once it answers: vtrans relog {summary_dir}", flush=True)
         status = "FINISHED"
         return run

@@ -1,7 +1,10 @@
 """The MLflow pyfunc of a compressed model ("models from code": MLflow copies this file into the logged model).
 
-Loading needs only mlflow, torch and transformers, not vtrans: the checkpoint in the model's ``checkpoint`` artifact
-is a Hugging Face directory with its own ``modeling_vtrans.py``.
+Loading needs vtrans installed where the model is loaded: the checkpoint in the model's ``checkpoint`` artifact loads
+through :mod:`vtrans.checkpoint` with the installed vtrans's classes, never with code stored in the artifact store
+(the ``modeling_vtrans.py`` beside the weights is not run; an ``auto_map`` naming other code is refused). MLflow
+itself runs this file from the artifact store on ``mlflow.pyfunc.load_model``, by design of the pyfunc format: load
+a pyfunc only from a store you trust, or load just its checkpoint with :func:`pipelines.registry.load_checkpoint`.
 
 ```python
 model = mlflow.pyfunc.load_model("models:/vtrans-minilm@champion")
@@ -33,16 +36,19 @@ class CompressedModel(PythonModel):
     """Sequence classification (labels and class probabilities) or text generation with a compressed checkpoint."""
 
     def load_context(self, context) -> None:
+        import importlib.util
+
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+        if importlib.util.find_spec("vtrans") is None:
+            raise ImportError("this model needs vtrans installed (pip install vtrans): its checkpoint loads with the "
+                              "installed vtrans's classes, never with code from the artifact store")
+        from vtrans.checkpoint import infer_task, load_pretrained, load_tokenizer, read_config
 
         self.checkpoint = context.artifacts[CHECKPOINT]
-        config = AutoConfig.from_pretrained(self.checkpoint, trust_remote_code=True)
-        arch = (config.architectures or [""])[0]
-        self.task = "causal-lm" if arch.endswith("ForCausalLM") else "seq-cls"
-        cls = AutoModelForCausalLM if self.task == "causal-lm" else AutoModelForSequenceClassification
-        self.model = cls.from_pretrained(self.checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, trust_remote_code=True)
+        self.task = "causal-lm" if infer_task(read_config(self.checkpoint)) == "causal-lm" else "seq-cls"
+        self.model = load_pretrained(self.checkpoint, task=self.task, dtype=torch.float32).eval()
+        self.tokenizer = load_tokenizer(self.checkpoint)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 

@@ -6,13 +6,22 @@ itself retries for about 20 s and then says only "Failed to connect". Without on
 is on a free loopback port, with ``RAY_API_SERVER_ADDRESS`` pointing at it: Ray's PlacementGroupCleaner needs the state
 API to free the placement group of a Train run whose driver died (without it an early-stopped Tune trial deadlocks the
 next one).
+
+A local Ray listens on loopback only: its node address is 127.0.0.1, so the GCS, raylet, object manager, dashboard
+agent, runtime-env agent, metrics port and every worker bind 127.0.0.1 (verified with psutil in
+tests/pipelines/test_ray_runtime.py). ``ray.init`` would otherwise turn ``_node_ip_address="127.0.0.1"`` into the
+machine's address (``services.resolve_ip_for_localhost``, "remotely reachable") and every one of those sockets would
+listen on all interfaces. Ray's token authentication (on by default for local clusters since 2.59, token in
+``~/.ray/auth_token``) stays on as a second fence, unless ``RAY_AUTH_MODE=disabled``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from vtrans.errors import ConfigError
@@ -130,11 +139,32 @@ def _join(address: str, key: str) -> dict:
         raise ConfigError(f"{key}={address!r}: could not join the Ray cluster: {first}") from None
 
 
+#: The address of every socket a local Ray opens.
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _keep_loopback() -> Iterator[None]:
+    """While Ray starts: a loopback ``_node_ip_address`` stays loopback (``ray.init`` swaps it for the machine's
+    address, and Ray's processes bind all interfaces when the node address is not loopback)."""
+    from ray._private import services
+
+    original = getattr(services, "resolve_ip_for_localhost", None)
+    if original is None:  # a Ray without it: nothing to undo (the listen-socket test says whether it still binds)
+        yield
+        return
+    services.resolve_ip_for_localhost = lambda host: host
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = original
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
              resources: dict[str, float] | None = None) -> dict:
     """Join ``address``, else ``$RAY_ADDRESS`` (a :class:`ConfigError` within seconds when nothing answers there or
-    the token is refused); with neither, start a local Ray (loopback, dashboard on a free port) with ``num_cpus``,
-    ``num_gpus`` and ``resources``, which describe a local Ray only. Idempotent."""
+    the token is refused); with neither, start a local Ray (every socket on 127.0.0.1, dashboard on a free port) with
+    ``num_cpus``, ``num_gpus`` and ``resources``, which describe a local Ray only. Idempotent."""
     import ray
 
     if ray.is_initialized():
@@ -146,7 +176,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # "local", not None: ray.init() with no address joins the latest `ray start` cluster of this machine
     # (/tmp/ray/ray_current_cluster) when there is one, and then refuses num_cpus
-    info = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=True,
-                    dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
-                    runtime_env=driver_runtime_env())
+    with _keep_loopback():
+        info = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+                        include_dashboard=True, dashboard_host=LOOPBACK, dashboard_port=port, log_to_driver=True,
+                        runtime_env=driver_runtime_env(), _node_ip_address=LOOPBACK)
     return info.address_info

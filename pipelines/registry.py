@@ -12,6 +12,9 @@ mlflow.pyfunc.load_model(f"models:/{name}@smallest-within-1pt")
 Each front point becomes one model version whose source is the point's logged model (``models:/m-...``); the
 aliases chosen by :func:`choose_aliases` (``best``, ``smallest-within-1pt``, ``p<NN>``) name the versions of the
 latest registered front. Registering the same front again creates no new versions (idempotent re-runs).
+
+``mlflow.pyfunc.load_model`` runs the pyfunc's Python code from the artifact store (MLflow's design); to trust only
+the installed vtrans, load just the checkpoint: ``model, tokenizer = load_checkpoint(f"models:/{name}@best", dir)``.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import math
 import numbers
 import re
 import string
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from vtrans.errors import ConfigError, VtransError
+import yaml
+
+from vtrans.errors import CheckpointError, ConfigError, VtransError
 
 if TYPE_CHECKING:
     import mlflow
@@ -47,6 +54,56 @@ _MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # what mlflow.register_model sets 
 
 class RegistryError(VtransError, RuntimeError):
     """The model registry did not accept or finish a registration."""
+
+
+#: The pyfunc artifact holding the Hugging Face checkpoint (``artifacts={"checkpoint": ...}`` in
+#: :func:`pipelines.stages.base.log_model`); MLmodel records its folder (``artifacts/<name>``).
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+def download_checkpoint(model_uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download only the Hugging Face checkpoint of a logged or registered model (``models:/name@alias``,
+    ``models:/name/3``, ``models:/m-...``) into ``dst``, none of the pyfunc's Python code, and check that it loads
+    safely (:func:`vtrans.checkpoint.read_config`: no stored code is run or asked for, complete safetensors)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    from vtrans.checkpoint import read_config
+
+    if not model_uri.startswith("models:/"):
+        raise ConfigError(f"model_uri must be a models:/ URI (models:/name@alias, models:/name/3, models:/m-...), "
+                          f"got {model_uri!r}")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        repo = ModelsArtifactRepository(model_uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:  # MLmodel names the checkpoint's folder; safe_load: data only
+            mlmodel = yaml.safe_load(Path(repo.download_artifacts("MLmodel", dst_path=tmp)).read_text())
+        sub = mlmodel["flavors"]["python_function"]["artifacts"][CHECKPOINT_ARTIFACT]["path"]
+    except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RegistryError(f"model {model_uri!r} has no readable {CHECKPOINT_ARTIFACT!r} artifact ({first})") from None
+    parts = PurePosixPath(str(sub)).parts
+    if len(parts) != 2 or parts[0] != "artifacts" or parts[1] in ("..", "."):
+        raise CheckpointError(f"model {model_uri!r}: MLmodel's {CHECKPOINT_ARTIFACT} artifact path={sub!r} is not "
+                              f"artifacts/<name>; refusing to download it")
+    try:
+        local = repo.download_artifacts(str(sub), dst_path=str(dst))
+    except (MlflowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RegistryError(f"model {model_uri!r}: {sub!r} cannot be downloaded ({first})") from None
+    read_config(local)
+    return Path(local)
+
+
+def load_checkpoint(model_uri: str, dst: str | Path, task: str = "auto", tracking_uri: str | None = None, **kwargs):
+    """``(model, tokenizer or None)`` of a logged or registered model, loaded by the installed vtrans from its
+    checkpoint artifact alone (:func:`download_checkpoint`); ``kwargs`` go to
+    :func:`vtrans.checkpoint.load_pretrained` (e.g. ``dtype=torch.float32``)."""
+    from vtrans.checkpoint import load_pretrained, load_tokenizer
+
+    path = download_checkpoint(model_uri, dst, tracking_uri)
+    return load_pretrained(path, task=task, **kwargs), load_tokenizer(path)
 
 
 def _finite(value: object) -> bool:

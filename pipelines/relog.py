@@ -13,6 +13,11 @@ the records say ``logged: false``. Relog reads them back and completes the MLflo
 - a stage this run found cached gets its link run, as the pipeline would have logged it.
 
 Everything already complete is left alone, so relog is idempotent: a second call creates nothing.
+
+Relog uploads only files of the run itself: its ``config.yaml`` and ``summary.json``, and files under its stage
+directories ``<output>/stages/<stage>/<key>/`` (symlinks resolved). A record that lists anything else (a stage
+directory elsewhere, an artifact path outside the stage directories) is refused, naming the path, before anything is
+uploaded: a ``stage.json`` is data, and must not make relog send arbitrary files of this machine to a tracking server.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 from pathlib import Path
 
 from pipelines.config import flatten, from_dict
+from pipelines.redact import is_redacted, redact
 from pipelines.stages.base import RECORD, StageResult, log_model, read_record, save_record
 from pipelines.tracking import (
     TAG_KEY,
@@ -49,6 +55,60 @@ def _summary(run_dir: Path) -> dict:
         raise ConfigError(f"RUN_DIR={str(run_dir)!r}: {SUMMARY} cannot be read ({e})") from None
 
 
+def _inside(path: str | os.PathLike, roots: list[Path]) -> bool:
+    resolved = Path(path).expanduser().resolve()
+    return any(resolved == r or resolved.is_relative_to(r) for r in roots)
+
+
+def _check_files(run_dir: Path, summary: dict) -> dict[str, dict]:
+    """Every stage's record, after checking that each stage directory is the run's own
+    (``<output>/stages/<stage>/<key>``) and that every file its record would upload lies under the run's stage
+    directories; a :class:`ConfigError` naming the first path that does not."""
+    for f in ("config.yaml", SUMMARY):
+        if not _inside(run_dir / f, [run_dir]):
+            raise ConfigError(f"RUN_DIR={str(run_dir)!r}: {f} is a link out of the run's folder "
+                              f"({(run_dir / f).resolve()}); relog uploads nothing outside the run")
+    stages = run_dir.parent / "stages"
+    roots, records = [], {}
+    for name, entry in summary["stages"].items():
+        own = (stages / str(name) / str(entry.get("key"))).resolve()
+        if Path(str(entry.get("dir"))).expanduser().resolve() != own:
+            raise ConfigError(f"stage {name}: dir={entry.get('dir')!r} in {SUMMARY} is not the run's stage directory "
+                              f"{own}; relog uploads nothing outside the run's stage directories")
+        roots.append(own)
+    for name, entry in summary["stages"].items():
+        record = read_record(Path(entry["dir"]))
+        if record is None:
+            raise ConfigError(f"stage {name}: its record {Path(entry['dir']) / RECORD} is gone; cannot relog it")
+        plan = record.get("logging") or {}
+        paths = [("logging.artifacts", p) for p, _ in plan.get("artifacts") or []]
+        if plan.get("model_dir"):
+            paths.append(("logging.model_dir", plan["model_dir"]))
+        if name == "evaluate":
+            paths.append(("report", str(Path(entry["dir"]) / "report.md")))
+        for key, path in paths:
+            if not _inside(path, roots):
+                raise ConfigError(f"stage {name}: {key} path {str(path)!r} in {RECORD} is outside the run's stage "
+                                  f"directories; relog uploads nothing outside them")
+        records[name] = record
+    return records
+
+
+def _store(given: str | None, recorded: str) -> str:
+    """The tracking URI relog connects to: ``--tracking-uri``, else the recorded one. A recorded URI had its
+    credentials redacted; ``$MLFLOW_TRACKING_URI`` supplies them when it is that URI with its credentials."""
+    if given:
+        return given
+    if not is_redacted(recorded):
+        return recorded
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env and redact(env) == recorded:
+        return env
+    raise ConfigError(f"summary.json tracking_uri={recorded!r} had its credentials redacted; pass them again with "
+                      f"--tracking-uri (or MLFLOW_TRACKING_URI), or give the server user and password in "
+                      f"MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD and a URI without them")
+
+
 def relog(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict:
     """Complete the MLflow side of the pipeline run in ``run_dir``; returns what was done
     (``{"parent": run_id, "created": [...], "completed": [...]}``). ``tracking_uri`` overrides the recorded store."""
@@ -57,7 +117,8 @@ def relog(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict:
     run_dir = Path(run_dir).expanduser().resolve()
     summary = _summary(run_dir)
     cfg = from_dict(PipelineConfig, read_yaml(run_dir / "config.yaml"))
-    tracker = Tracker.connect(tracking_uri or summary["tracking_uri"], cfg.tracking.experiment,
+    records = _check_files(run_dir, summary)  # before the store: a refused path uploads nothing
+    tracker = Tracker.connect(_store(tracking_uri, summary["tracking_uri"]), cfg.tracking.experiment,
                               cfg.tracking.artifact_location)
     tracker.retries = 0  # the store answered just now: a failure is not worth waiting for; run relog again
     done: dict = {"parent": None, "created": [], "completed": []}
@@ -73,10 +134,7 @@ def relog(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict:
         [tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")}
     model_uri = summary.get("model_uri")
     for name, entry in summary["stages"].items():
-        record = read_record(Path(entry["dir"]))
-        if record is None:
-            raise ConfigError(f"stage {name}: its record {Path(entry['dir']) / RECORD} is gone; cannot relog it")
-        result = StageResult(status=entry["status"], **record)
+        result = StageResult(status=entry["status"], **records[name])
         if entry["status"] == "ran":
             if _relog_stage(tracker, parent, name, result, children.get(name), done):
                 save_record(result)
@@ -103,10 +161,10 @@ def relog(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict:
     if report.is_file():
         tracker.log_artifacts(parent, report, "evaluation")
     if tracker.offline:
-        raise ConfigError(f"tracking.uri={tracker.uri!r} stopped answering during relog; run it again")
+        raise ConfigError(f"tracking.uri={tracker.shown!r} stopped answering during relog; run it again")
     tracker.set_tags(parent, {TAG_LOGGED: "complete"})
     tracker.end_run(parent)
-    summary.update(run_id=parent, model_uri=model_uri, logged=True, tracking_uri=tracker.uri)
+    summary.update(run_id=parent, model_uri=model_uri, logged=True, tracking_uri=tracker.shown)
     for name in summary["stages"]:
         summary["stages"][name]["logged"] = True
     tmp = run_dir / f".{SUMMARY}.tmp"

@@ -27,6 +27,7 @@ two classes, an unreadable file. This module imports neither Ray nor MLflow.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import os
@@ -42,10 +43,10 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from pipelines.config import FILE_FORMATS, DataConfig, PipelineConfig, is_uri
+from pipelines.config import DATASET_COLUMNS, FILE_FORMATS, MAX_NUM_LABELS, DataConfig, PipelineConfig, is_uri
 from vtrans import assets
 from vtrans.data import stratified_subset, train_test_split
-from vtrans.errors import ConfigError
+from vtrans.errors import ConfigError, quote
 from vtrans.train import TASKS
 
 __all__ = [
@@ -470,19 +471,26 @@ def split_and_sample(
     return {"train": table.take(train), "test": table.take(test), "calibration": table.take(calibration)}
 
 
+@functools.lru_cache(maxsize=2)
+def _builtin_table(name: str, task: str) -> pa.Table:
+    """A built-in data set's table, read once per process: checks of several configs (a sweep's) share it."""
+    return read_source(DataConfig(name=name, label_column=DATASET_COLUMNS[name][1]), task)
+
+
 def check_data(cfg: PipelineConfig) -> None:
     """Read and check a pipeline's local data files before anything starts, as its stages will use them: columns,
     texts and labels (:func:`read_source`), class ids below ``model.num_labels``, the train / test / calibration
     split (:func:`split_and_sample`) and, for seq-cls, enough samples for each training job's batch. A one-line
     ConfigError naming the key and the value otherwise.
 
-    Built-in data sets are known to be good; files read with Ray Data (URIs, ``data.reader: ray``, more than
+    A built-in seq-cls data set is split as the calibrate stage will, to check the batches against its splits; files
+    read with Ray Data (URIs, ``data.reader: ray``, more than
     :data:`RAY_DATA_THRESHOLD` bytes) are checked by the calibrate stage, which reads them on the cluster."""
     data, task = cfg.data, cfg.task
-    if data.files is None or uses_ray_data(data):
+    if uses_ray_data(data) or (data.files is None and task != "seq-cls"):
         return
-    table = read_source(data, task)
-    source = f"data.files={data.files!r}"
+    table = read_source(data, task) if data.files is not None else _builtin_table(data.name, task)
+    source = f"data.files={quote(data.files)}" if data.files is not None else f"data.name={data.name!r}"
     if task == "causal-lm":
         if table.num_rows < 2:
             raise ConfigError(f"{source} holds {table.num_rows} document(s); causal-lm needs at least 2 to hold "
@@ -490,6 +498,11 @@ def check_data(cfg: PipelineConfig) -> None:
         return
     labels = table.column("label").to_numpy()
     num_labels = cfg.model.num_labels
+    if num_labels is None and labels.max() >= MAX_NUM_LABELS:
+        row = int(np.flatnonzero(labels >= MAX_NUM_LABELS)[0])
+        raise ConfigError(f"data.label_column={quote(data.label_column)} holds class id {labels[row]} at row {row}, "
+                          f"more than the {MAX_NUM_LABELS:,} classes vtrans allows (model.num_labels from the data); "
+                          f"class ids count from 0")
     if num_labels is not None and labels.max() >= num_labels:
         row = int(np.flatnonzero(labels >= num_labels)[0])
         names = label_names(table)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.redact import redact, without_userinfo
 from vtrans.errors import ConfigError
 
 #: MLflow's per-request limits of ``log_batch``.
@@ -49,6 +50,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# MLflow's client prints "View run ... at: <tracking URI>" when a run ends, credentials included; vtrans prints its own
+# (redacted) link
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 #: Substrings of the errors of a tracking server or database that does not answer (or answers 5xx).
 UNREACHABLE = ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted", "timed out",
@@ -85,16 +89,16 @@ def resolve_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
         if path.startswith("/"):
             return uri
         if not path or path.startswith(":memory:"):
-            raise ConfigError(f"{key} must name an SQLite file, got {uri!r}")
+            raise ConfigError(f"{key} must name an SQLite file, got {redact(uri)!r}")
         return f"sqlite:///{(cwd / path).resolve()}"
     if uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql")):
         return uri
     if uri.startswith("file:") or "://" not in uri and (uri.endswith("mlruns") or Path(uri).is_dir()):
-        raise ConfigError(f"{key}={uri!r} is an MLflow file store, which MLflow 3 refuses; use an SQLite file "
+        raise ConfigError(f"{key}={redact(uri)!r} is an MLflow file store, which MLflow 3 refuses; use an SQLite file "
                           f"(sqlite:///path/mlflow.db) or a server (http://host:5000)")
     if "://" not in uri:
         return f"sqlite:///{(cwd / uri).resolve()}"
-    raise ConfigError(f"{key} must be sqlite:///..., http(s)://... or a database URL, got {uri!r}")
+    raise ConfigError(f"{key} must be sqlite:///..., http(s)://... or a database URL, got {redact(uri)!r}")
 
 
 def default_artifact_location(tracking_uri: str, artifact_location: str | None) -> str | None:
@@ -110,7 +114,9 @@ def default_artifact_location(tracking_uri: str, artifact_location: str | None) 
 
 
 def ui_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Where to look at a run: its URL on a server, or the ``mlflow ui`` command for a local store."""
+    """Where to look at a run: its URL on a server, or the ``mlflow ui`` command for a local store (credentials
+    in the URI redacted)."""
+    tracking_uri = redact(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"mlflow ui --backend-store-uri {tracking_uri}  (then open experiment {experiment_id}, run {run_id})"
@@ -132,13 +138,21 @@ class Tracker:
     Every write is retried with backoff (``retries`` times: 1, 2, 4, ... s) when the store does not answer; after
     that the tracker goes **offline** for the rest of the process: writes return None at once and the work goes on.
     Nothing is lost: every stage's outputs, metrics and curves are on the output root, and ``vtrans relog`` uploads
-    what is missing once the store is back (:mod:`pipelines.relog`)."""
+    what is missing once the store is back (:mod:`pipelines.relog`).
+
+    ``uri`` is the real URI (it connects); every param, tag and message goes through :func:`pipelines.redact.redact`
+    (:attr:`shown` is the URI as printed)."""
 
     uri: str
     experiment_id: str
     experiment: str
     retries: int = 3
     offline: bool = False
+
+    @property
+    def shown(self) -> str:
+        """The URI with its credentials masked: what messages and records show."""
+        return redact(self.uri)
 
     @property
     def online(self) -> bool:
@@ -157,8 +171,8 @@ class Tracker:
                     raise
                 if attempt == self.retries:
                     self.offline = True
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                    print(f"warning: MLflow at {self.uri} does not answer ({what}: {first}); going on without "
+                    first = redact((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
+                    print(f"warning: MLflow at {self.shown} does not answer ({what}: {first}); going on without "
                           f"tracking: every output stays on the output root, and `vtrans relog` uploads what is "
                           f"missing once it is back", flush=True)
                     return None
@@ -179,7 +193,7 @@ class Tracker:
             if exp is None:
                 exp_id = client.create_experiment(experiment, default_artifact_location(resolved, artifact_location))
             elif exp.lifecycle_stage == "deleted":
-                raise ConfigError(f"tracking.experiment={experiment!r} is deleted in {resolved}; restore it "
+                raise ConfigError(f"tracking.experiment={experiment!r} is deleted in {redact(resolved)}; restore it "
                                   f"(mlflow experiments restore) or choose another name")
             else:
                 exp_id = exp.experiment_id
@@ -187,7 +201,7 @@ class Tracker:
             raise
         except Exception as e:  # noqa: BLE001 - any store failure is a configuration problem for the user
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"tracking.uri={resolved!r} cannot be used: {first}") from None
+            raise ConfigError(redact(f"tracking.uri={resolved!r} cannot be used: {first}")) from None
         return cls(uri=resolved, experiment_id=exp_id, experiment=experiment)
 
     @property
@@ -197,7 +211,7 @@ class Tracker:
     def start_run(self, name: str, parent_run_id: str | None = None, params: Mapping[str, str] | None = None,
                   tags: Mapping[str, str] | None = None) -> str | None:
         """Create a run (nested under ``parent_run_id``) and log its params; returns the run id (None offline)."""
-        all_tags = dict(tags or {})
+        all_tags = {k: _clip(redact(str(v))) for k, v in (tags or {}).items()}
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.call("create run", self.client.create_run, self.experiment_id, run_name=name, tags=all_tags)
@@ -210,7 +224,7 @@ class Tracker:
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _clip(str(v))) for k, v in params.items()]
+        items = [Param(k, _clip(redact(str(v)))) for k, v in params.items()]
         for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
             if run_id is not None:
                 self.call("log params", self.client.log_batch, run_id, params=chunk)
@@ -218,7 +232,7 @@ class Tracker:
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, _clip(str(v))) for k, v in tags.items()]
+        items = [RunTag(k, _clip(redact(str(v)))) for k, v in tags.items()]
         for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
             if run_id is not None:
                 self.call("set tags", self.client.log_batch, run_id, tags=chunk)
@@ -256,7 +270,7 @@ class Tracker:
 
     def log_text(self, run_id: str | None, text: str, artifact_file: str) -> None:
         if run_id is not None:
-            self.call("log text", self.client.log_text, run_id, text, artifact_file)
+            self.call("log text", self.client.log_text, run_id, redact(text), artifact_file)
 
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id is not None:
@@ -283,19 +297,21 @@ class Tracker:
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast on a server that does not answer (MLflow's own client retries for minutes)."""
+    """Fail fast on a server that does not answer (MLflow's own client retries for minutes). ``/health`` needs no
+    credentials: they are left out of the request, and out of the message (redacted)."""
     import urllib.error
     import urllib.request
 
+    shown = redact(uri)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+        with urllib.request.urlopen(f"{without_userinfo(uri).rstrip('/')}/health", timeout=timeout) as r:
             if r.status != 200:
-                raise ConfigError(f"tracking.uri={uri!r}: the MLflow server answered /health with HTTP {r.status}")
+                raise ConfigError(f"tracking.uri={shown!r}: the MLflow server answered /health with HTTP {r.status}")
     except urllib.error.HTTPError as e:
-        raise ConfigError(f"tracking.uri={uri!r}: the MLflow server answered /health with HTTP {e.code}") from None
+        raise ConfigError(f"tracking.uri={shown!r}: the MLflow server answered /health with HTTP {e.code}") from None
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ConfigError(f"tracking.uri={uri!r}: no MLflow server answers there ({reason})") from None
+        reason = redact(str(getattr(e, "reason", e)))
+        raise ConfigError(f"tracking.uri={shown!r}: no MLflow server answers there ({reason})") from None
 
 
 def _client(uri: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipelines.config import PipelineConfig
 from pipelines.stages import NAMES, STAGES
 from pipelines.stages.base import StageContext, read_record, stage_key
-from vtrans.errors import ConfigError, VtransError
+from vtrans.errors import ConfigError, VtransError, quote
 
 
 @dataclass
@@ -134,12 +134,16 @@ SPARE_BYTES = 200 * 2**20
 
 
 def check_output_root(output: str, model_path: str | os.PathLike) -> None:
-    """The output root can be created and written, and its disk has room for a pipeline of this model: a
-    :class:`ConfigError` naming ``output`` before any compute, rather than a full disk mid-training."""
+    """The output root is no protected folder (the current directory or an ancestor, ``$HOME``, the model's directory
+    or an ancestor: :func:`vtrans.checkpoint.protected_dir`), can be created and written, and its disk has room for a
+    pipeline of this model: a :class:`ConfigError` naming ``output`` before any compute, rather than a full disk
+    mid-training."""
     import shutil
     import tempfile
 
-    root = Path(output).expanduser().resolve()
+    from vtrans.checkpoint import protected_dir
+
+    root = protected_dir(output, "output", [model_path])  # an OutputError naming output=
     existing = next(p for p in (root, *root.parents) if p.exists())  # checked where it will be created, not made
     try:
         if not existing.is_dir():
@@ -157,9 +161,38 @@ def check_output_root(output: str, model_path: str | os.PathLike) -> None:
                           f"weights and room for data); free space or choose another output")
 
 
+def check_dense_model(path: str | os.PathLike, config) -> None:
+    """A model a pipeline can prune: a supported architecture, weights that match its config.json
+    (:func:`vtrans.checkpoint.check_weights_match_config`), and dense - a pipeline's prune stage attaches VIB masks,
+    which a vtrans-compressed checkpoint cannot take (:func:`vtrans.vib.attach`): prune its dense source again to
+    another budget instead. The caller names the key."""
+    import vtrans
+    from vtrans.checkpoint import check_weights_match_config
+
+    adapter = vtrans.arch.for_config(config)
+    check_weights_match_config(path)
+    if adapter.is_compressed(config):
+        source = _compressed_from(path)
+        raise ConfigError(f"this model is already compressed by vtrans (model_type={config.model_type!r}) and a "
+                          f"pipeline prunes its model, which vtrans does not do twice; use the dense model it came from"
+                          f"{f' ({quote(source)})' if source else ''} with the new budget")
+
+
+def _compressed_from(path: str | os.PathLike) -> str | None:
+    """The dense model a vtrans checkpoint was compressed from, as compression.json records it."""
+    import json
+
+    from vtrans.modeling_vtrans import COMPRESSION_FILE
+
+    try:
+        source = json.loads((Path(path) / COMPRESSION_FILE).read_text()).get("source_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
+
+
 def preflight(cfg: PipelineConfig) -> Preflight:
     """Check everything that needs no cluster; raise a one-line :class:`ConfigError` (or ``BudgetError``)."""
-    import vtrans
     from pipelines.train_jobs import check_budget_reachable
     from vtrans.checkpoint import read_config
 
@@ -167,15 +200,15 @@ def preflight(cfg: PipelineConfig) -> Preflight:
     model_path = resolve_model_path(cfg.model.name)
     try:
         config = read_config(model_path)
-        vtrans.arch.for_config(config)
+        check_dense_model(model_path, config)
     except VtransError as e:  # its own type (CheckpointError, UnsupportedModelError), naming the key
-        raise type(e)(f"model.name={cfg.model.name!r}: {e}") from None
+        raise type(e)(f"model.name={quote(cfg.model.name)}: {e}") from None
     teacher_path = Path(cfg.model.teacher).expanduser().resolve() if cfg.model.teacher else model_path
     if cfg.model.teacher is not None:
         try:
-            vtrans.arch.for_config(read_config(teacher_path))
+            check_dense_model(teacher_path, read_config(teacher_path))
         except VtransError as e:
-            raise type(e)(f"model.teacher={cfg.model.teacher!r}: {e}") from None
+            raise type(e)(f"model.teacher={quote(cfg.model.teacher)}: {e}") from None
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int):
         for key, values in (("evaluate.latency_seq_lens", cfg.evaluate.latency_seq_lens),

@@ -12,6 +12,7 @@ Models are tiny (tests/tiny.py) with the MiniLM tokenizer, data are small CSVs, 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -20,12 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import BertForSequenceClassification, T5Config, T5Model
 
 from pipelines.cli import main
 from tests.tiny import tiny
 from vtrans.checkpoint import CheckpointError
-from vtrans.errors import BudgetError, ConfigError, UnknownModelError, UnsupportedModelError, VtransError
+from vtrans.errors import BudgetError, ConfigError, OutputError, UnknownModelError, UnsupportedModelError, VtransError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "pipelines" / "configs" / "minilm-rotten-tomatoes.yaml")
@@ -74,8 +76,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir("t5", T5Model(T5Config(vocab_size=60, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)))
     (w / "empty").mkdir()
     assert main(["compress", "--model", str(w / "bert"), "--budget", "params=0.6", "--out", str(w / "tampered")]) == 0
+    payload = f"\nopen({str(w / 'PAYLOAD_RAN')!r}, 'w').close()\n"  # never run: its marker must never appear
+    (w / "tampered" / "evil.py").write_text(payload + "class SomeClass:\n    pass\n")
+    config = json.loads((w / "tampered" / "config.json").read_text())
+    config["auto_map"]["AutoConfig"] = "evil.SomeClass"
+    (w / "tampered" / "config.json").write_text(json.dumps(config))
     with (w / "tampered" / "modeling_vtrans.py").open("a") as f:
-        f.write("\nimport os  # injected\n")
+        f.write(payload)
 
     good = [(f"a fine film number {i}", i % 2) for i in range(40)]
     _csv(w / "ok.csv", good)
@@ -96,7 +103,45 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     space = "  space:\n    prune.budget.params: [0.7, 0.5, 0.3, 0.2]\n    prune.vib.kl_weight: [0.01, 0.1]\n"
     assert space in sweep
     (w / "sweep-empty.yaml").write_text(sweep.replace(space, "  space: {}\n"))
+    _issue15_files(w, model_dir, bert)
+    _file_access_world(w)
     return w
+
+
+# --- issue 15: inputs ------------------------------------------------------------------------------------------------
+def _issue15_files(w: Path, model_dir, bert) -> None:
+    """Under ``{w}/i15``: weights that disagree with config.json, a compressed checkpoint, a bad dtype, a directory and
+    a FIFO named like data files, a "billion laughs" and a too deeply nested YAML."""
+    import json
+    import os
+
+    i15 = w / "i15"
+    i15.mkdir()
+
+    def edited(name: str, **changes) -> None:
+        d = model_dir(f"i15/{name}", bert())
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, **changes}))
+
+    edited("layers3", num_hidden_layers=3)
+    edited("layers1", num_hidden_layers=1)
+    edited("wider", intermediate_size=64)
+    save_file({}, model_dir("i15/notensors", bert()) / "model.safetensors")
+    weights = model_dir("i15/baddtype", bert()) / "model.safetensors"
+    data = weights.read_bytes()
+    assert b'"F32"' in data[:4096]
+    weights.write_bytes(data.replace(b'"F32"', b'"F33"', 1))  # same header length: only the dtype is wrong
+    assert main(["compress", "--model", str(w / "bert"), "--budget", "params=0.6", "--out",
+                 str(i15 / "compressed")]) == 0
+    (i15 / "adir.csv").mkdir()
+    os.mkfifo(i15 / "fifo.csv")
+    laughs = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    (i15 / "laughs.yaml").write_text(Path(CONFIG).read_text() + "\nsweep_notes:\n" + "".join(
+        "  " + line + "\n" for line in laughs.splitlines()))
+    (i15 / "deep.yaml").write_text(Path(CONFIG).read_text().replace("\nname: ", "\nnested: " + "[" * 3000 + "]" * 3000
+                                                                      + "\nname: ", 1))
+    _csv(i15 / "biglabel.csv", [(f"a film {i}", i % 2) for i in range(40)] + [("a film of its own class", 99999999)])
 
 
 def files(name: str, *more: str) -> tuple[str, ...]:
@@ -208,7 +253,9 @@ ROWS: list[Row] = [
     Row("inspect-truncated-checkpoint", ("inspect", "{w}/truncated"), CheckpointError,
         ("truncated/model.safetensors'", "bytes")),
     pipe("tampered-vtrans-checkpoint", ["model.name={w}/tampered"], ConfigError, "model.name=",
-         "modeling_vtrans.py", "refusing to run modified remote code"),
+         "tampered/config.json'", "auto_map.AutoConfig='evil.SomeClass'", "would run code stored"),
+    Row("inspect-tampered-vtrans-checkpoint", ("inspect", "{w}/tampered"), CheckpointError,
+        ("tampered/config.json'", "auto_map.AutoConfig='evil.SomeClass'")),
     # --- resources, Ray and MLflow
     pipe("more-workers-than-cpus", ["ray.num_workers=64", "prune.batch_size=64", "finetune.batch_size=64",
                                     "teacher.batch_size=64"], ConfigError, "ray.num_workers=64", "needs 64 CPUs"),
@@ -236,9 +283,132 @@ ROWS: list[Row] = [
     Row("compress-budget-flops-negative", ("compress", "--model", "{w}/bert", "--budget", "flops=-0.1", "--out",
                                            "out"), ConfigError, ("budget.flops", "-0.1")),
 ]
+# --- issue 15: inputs ------------------------------------------------------------------------------------------------
+LONG = "x" * 5000
+ROWS += [
+    # weights that disagree with config.json, seen from the safetensors header before anything loads
+    pipe("weights-lack-a-layer", ["model.name={w}/i15/layers3"], CheckpointError, "model.name=", "layers3'",
+         "the weights lack 16 tensor(s)", "'bert.encoder.layer.2."),
+    Row("inspect-weights-lack-a-layer", ("inspect", "{w}/i15/layers3"), CheckpointError,
+        ("layers3'", "does not match its config.json", "'bert.encoder.layer.2.")),
+    pipe("weights-hold-an-extra-layer", ["model.name={w}/i15/layers1"], CheckpointError, "model.name=",
+         "layers1/model.safetensors'", "layer 1 of bert.encoder.layer", "declares 1 layer(s)"),
+    Row("compress-weights-shape-mismatch", ("compress", "--model", "{w}/i15/wider", "--budget", "params=0.5", "--out",
+                                            "out"), CheckpointError,
+        ("wider/model.safetensors'", "'bert.encoder.layer.0.intermediate.dense.weight' has shape [48, 32]",
+         "declares [64, 32]")),
+    pipe("weights-without-tensors", ["model.name={w}/i15/notensors"], CheckpointError, "model.name=",
+         "notensors/model.safetensors'", "holds no tensors"),
+    Row("inspect-weights-bad-dtype", ("inspect", "{w}/i15/baddtype"), CheckpointError,
+        ("baddtype/model.safetensors'", "is corrupted", "'dtype': 'F33'")),
+    # a compressed checkpoint: a pipeline prunes it (vtrans.vib.attach refuses), so validate says so, naming the source
+    pipe("model-already-compressed", ["model.name={w}/i15/compressed"], ConfigError, "model.name=", "compressed'",
+         "already compressed by vtrans", "bert'"),
+    Row("compress-model-already-compressed", ("compress", "--model", "{w}/i15/compressed", "--budget", "params=0.5",
+                                              "--out", "out"), ConfigError, ("--model", "compressed'",
+                                                                              "already compressed by vtrans")),
+    # budgets and lengths of compress / inspect
+    Row("compress-budget-key-twice", ("compress", "--model", "{w}/bert", "--budget", "params=0.5,params=0.3", "--out",
+                                      "out"), ConfigError, ("gives params twice", "'params=0.5,params=0.3'")),
+    Row("compress-budget-count-above-dense", ("compress", "--model", "{w}/bert", "--budget", "params=100000000",
+                                              "--out", "out"), BudgetError,
+        ("--budget params=100000000", "not below the dense model's", "params (blocks)")),
+    Row("compress-seq-len-beyond-positions", ("compress", "--model", "{w}/bert", "--budget", "params=0.5", "--seq-len",
+                                              "100000", "--out", "out"), ConfigError,
+        ("--seq-len 100000", "512 positions", "bert'")),
+    Row("inspect-seq-len-beyond-positions", ("inspect", "{w}/bert", "--seq-len", "4096"), ConfigError,
+        ("--seq-len 4096", "512 positions")),
+    # absurd sizes have a documented maximum
+    pipe("prune-steps-absurd", ["prune.steps=1000000000000"], ConfigError, "prune.steps must be at most 1,000,000",
+         "1000000000000"),
+    pipe("finetune-steps-absurd", ["finetune.steps=1000000000000"], ConfigError,
+         "finetune.steps must be at most 1,000,000", "1000000000000"),
+    pipe("latency-repeats-absurd", ["evaluate.latency_repeats=10000000"], ConfigError,
+         "evaluate.latency_repeats must be at most 10,000", "10000000"),
+    pipe("latency-batch-absurd", ["evaluate.latency_batch_sizes=[1, 1000000]"], ConfigError,
+         "evaluate.latency_batch_sizes[1] must be at most 4,096", "1000000"),
+    pipe("batch-larger-than-builtin-calibration", ["prune.batch_size=128"], ConfigError, "prune.batch_size=128",
+         "120 calibration samples", "data.name='rotten_tomatoes'"),
+    pipe("num-labels-absurd", ["model.num_labels=1000000"], ConfigError, "model.num_labels must be at most 10,000",
+         "1000000"),
+    pipe("label-beyond-class-cap", files("i15/biglabel.csv", "model.num_labels="), ConfigError,
+         "data.label_column='label'", "class id 99999999", "10,000 classes"),
+    # paths: a directory, a FIFO, a name too long for the file system
+    pipe("data-file-is-a-directory", files("i15/adir.csv"), ConfigError, "data.files[0]=", "adir.csv'",
+         "is a directory"),
+    pipe("data-file-is-a-fifo", files("i15/fifo.csv"), ConfigError, "data.files[0]=", "fifo.csv'", "a FIFO"),
+    pipe("data-file-name-too-long", files(LONG + ".csv"), ConfigError, "data.files[0]=", "File name too long",
+         "xxx… (5,0"),  # the world folder's path comes first: its length varies
+    pipe("model-name-too-long", ["model.name=" + LONG], ConfigError, "model.name=", "File name too long",
+         "(5,002 characters)"),
+    Row("config-path-too-long", ("validate", "{w}/" + LONG + ".yaml"), ConfigError,
+        ("config file", "File name too long")),
+    Row("inspect-name-too-long", ("inspect", LONG), UnknownModelError, ("model=", "File name too long")),
+    # values are quoted at most ~200 characters; YAML that would expand or nest without bound fails at once
+    pipe("long-value-is-cut", ["finetune.steps=" + LONG], ConfigError, "finetune.steps must be an int",
+         "… (5,002 characters)"),
+    pipe("yaml-billion-laughs", [], ConfigError, "laughs.yaml'", "more than 100,000 values", "aliases",
+         config="{w}/i15/laughs.yaml"),
+    pipe("yaml-nested-too-deep", [], ConfigError, "deep.yaml'", "nesting deeper than 50 levels",
+         config="{w}/i15/deep.yaml"),
+]
 if not torch.cuda.is_available():  # the GPU row needs a machine without one
     ROWS.append(pipe("gpu-without-one", ["ray.use_gpu=true"], ConfigError, "ray.use_gpu=true", "2 GPU(s)",
                      "this machine has 0"))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 15: file access - outputs never replace the working directory, $HOME or the model; relog uploads only the
+# run's own files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _file_access_world(w: Path) -> None:
+    """A link to the tiny model, and two finished-looking runs for relog whose records point outside their stage
+    directories (an artifact /etc/hostname, a stage directory elsewhere)."""
+    import json
+
+    from pipelines.config import load_config, to_dict
+
+    (w / "bert-link").symlink_to(w / "bert", target_is_directory=True)
+    config = yaml_dump(to_dict(load_config(CONFIG)))
+    for run, stage_dir, artifact in (("leaky-artifact", None, "/etc/hostname"), ("leaky-dir", "/etc", None)):
+        root = w / run
+        own = root / "stages" / "evaluate" / "k"
+        own.mkdir(parents=True)
+        (root / "r").mkdir()
+        (root / "r" / "config.yaml").write_text(config)
+        summary = {"name": "r", "run_id": None, "tracking_uri": f"sqlite:///{w}/relog-never.db",
+                   "stages": {"evaluate": {"status": "ran", "key": "k", "dir": stage_dir or str(own)}}}
+        (root / "r" / "summary.json").write_text(json.dumps(summary))
+        record = {"stage": "evaluate", "key": "k", "dir": str(own), "outputs": {}, "metrics": {}, "info": {},
+                  "started_at": 0.0, "finished_at": 1.0, "wall_s": 1.0, "logged": False,
+                  "logging": {"artifacts": [[artifact or str(own / "report.json"), "evaluation"]]}}
+        (own / "stage.json").write_text(json.dumps(record))
+
+
+def yaml_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+_OUT = ("compress", "--model", "{w}/bert", "--budget", "params=0.5", "--overwrite", "--out")
+ROWS += [
+    Row("compress-out-is-cwd", (*_OUT, "."), OutputError, ("--out='.'", "is the current directory")),
+    Row("compress-out-is-an-ancestor", (*_OUT, ".."), OutputError,
+        ("--out='..'", "is an ancestor of the current directory")),
+    Row("compress-out-is-home", (*_OUT, "~"), OutputError, ("--out='~'", "is $HOME")),
+    Row("compress-out-is-the-model", (*_OUT, "{w}/bert"), OutputError, ("/bert'", "the source model directory")),
+    Row("compress-out-links-to-the-model", (*_OUT, "{w}/bert-link"), OutputError,
+        ("bert-link'", "/bert'", "the source model directory")),
+    pipe("output-is-cwd", ["output=."], OutputError, "output='.'", "is the current directory"),
+    pipe("output-is-home", [f"output={Path.home()}"], OutputError, f"output={str(Path.home())!r}", "is $HOME"),
+    Row("relog-artifact-outside-the-run", ("relog", "{w}/leaky-artifact/r"), ConfigError,
+        ("logging.artifacts path '/etc/hostname'", "outside the run's stage directories")),
+    Row("relog-stage-dir-outside-the-run", ("relog", "{w}/leaky-dir/r"), ConfigError,
+        ("dir='/etc'", "not the run's stage directory")),
+]
+
 
 
 @pytest.fixture
@@ -284,6 +454,7 @@ def test_bad_input(row: Row, world: Path, clean_dir: Path, capsys: pytest.Captur
             main(["--debug", *argv])
         assert "\n" not in str(info.value)
     capsys.readouterr()
+    assert not (world / "PAYLOAD_RAN").exists(), "code stored with a checkpoint ran"
 
 
 def test_the_rows_break_a_valid_setup(world: Path, clean_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from vtrans import arch
 from vtrans.budget import Counts, Geometry, Keep, Scores, Selection
 from vtrans.budget import counts as _counts
+from vtrans.checkpoint import register_auto_classes
 from vtrans.compress import compress
 from vtrans.config import STRUCTURES, Budget, VIBConfig
 from vtrans.errors import (
@@ -36,6 +37,9 @@ from vtrans.fisher import kwon_prune
 from vtrans.posterior import load_posterior, save_posterior
 from vtrans.scoring import score
 from vtrans.vib import VIB, attach
+
+# compressed checkpoints load with these installed classes, never with the modeling file stored beside them
+register_auto_classes()
 
 
 def count(model: PreTrainedModel, seq_len: int = 128) -> Counts:

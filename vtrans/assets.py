@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtrans.errors import AssetError, ConfigError, UnknownModelError
+from vtrans.errors import KIND_WORDS, AssetError, ConfigError, UnknownModelError, path_kind, quote
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,16 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     if asset is not None:
         return _resolve_builtin(name_or_path, asset, cache_dir)
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
+    try:
+        kind = path_kind("model", name_or_path)
+    except ConfigError as e:  # a name too long to be a path, a loop of links
+        raise UnknownModelError(str(e)) from None
+    if kind == "dir" and (path / "config.json").is_file():
         return path
-    why = "a directory without config.json" if path.is_dir() else "not an existing directory"
+    why = {"dir": "a directory without config.json", None: "not an existing directory"}.get(kind)
     raise UnknownModelError(
-        f"unknown model {name_or_path!r} ({why}). Built-in models: {sorted(MODELS)}; "
+        f"unknown model {quote(name_or_path)} ({why or KIND_WORDS[kind] + ', not a directory'}). Built-in models: "
+        f"{sorted(MODELS)}; "
         "or pass a local Hugging Face model directory containing config.json."
     )
 

@@ -1,19 +1,24 @@
 """Loading Hugging Face checkpoints safely and writing compressed ones atomically.
 
 User checkpoints load as safetensors only (no pickle), checked to be complete before anything reads them
-(:func:`verify_weights`). ``trust_remote_code`` is used only for checkpoints vtrans wrote itself: their
-``modeling_vtrans.py`` must hash to the ``modeling_sha256`` recorded in compression.json.
+(:func:`verify_weights`). No code stored with a checkpoint is ever run: everything loads with
+``trust_remote_code=False``; a vtrans-compressed checkpoint loads with the classes of the installed vtrans, which
+:func:`register_auto_classes` maps into transformers' Auto classes when vtrans is imported (so
+``AutoModel.from_pretrained(dir)`` needs no flag either); the ``modeling_vtrans.py`` a checkpoint carries (for people
+without vtrans) is never imported, and an ``auto_map`` naming any other code is refused (:func:`check_no_remote_code`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,11 +32,30 @@ from transformers import (
     PreTrainedModel,
 )
 
-from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError
-from vtrans.modeling_vtrans import COMPRESSION_FILE, MODELING_FILE
+from vtrans import modeling_vtrans
+from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError, quote
+from vtrans.modeling_vtrans import AUTO_MAP, COMPRESSION_FILE, CONFIGS, MODELING_FILE
 
 TASKS = ("auto", "base", "seq-cls", "causal-lm")
 AUTO_CLASSES = {"base": AutoModel, "seq-cls": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM}
+_AUTO_BY_NAME = {cls.__name__: cls for cls in AUTO_CLASSES.values()}
+#: model_type of a vtrans-compressed config -> its architecture (a key of ``AUTO_MAP``)
+VTRANS_MODEL_TYPES = {cfg.model_type: arch for arch, cfg in CONFIGS.items()}
+
+
+def register_auto_classes() -> None:
+    """Map every vtrans model type to the installed vtrans classes in transformers' Auto classes (idempotent).
+
+    transformers then resolves a compressed checkpoint's ``model_type`` (``vtrans_bert``, ...) to these classes and,
+    since they are registered locally, never imports the ``modeling_vtrans.py`` stored in the checkpoint, with or
+    without ``trust_remote_code`` (``resolve_trust_remote_code`` returns False for local code; with True the
+    registered class still wins because it does not live in ``transformers.``)."""
+    for arch, cfg_cls in CONFIGS.items():
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        for auto_name, ref in AUTO_MAP[arch].items():
+            if auto_name != "AutoConfig":
+                model_cls = getattr(modeling_vtrans, ref.split(".", 1)[1])
+                _AUTO_BY_NAME[auto_name].register(cfg_cls, model_cls, exist_ok=True)
 
 
 def infer_task(config) -> str:
@@ -48,19 +72,65 @@ def is_vtrans_checkpoint(path: str | Path) -> bool:
     return (Path(path) / COMPRESSION_FILE).is_file() and (Path(path) / MODELING_FILE).is_file()
 
 
-def verify_vtrans_checkpoint(path: str | Path) -> None:
-    """Check that the modeling code next to a vtrans checkpoint is the code vtrans recorded when writing it."""
-    path = Path(path)
+def _read_json(file: Path) -> dict:
     try:
-        recorded = json.loads((path / COMPRESSION_FILE).read_text()).get("modeling_sha256")
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / COMPRESSION_FILE} cannot be read: {e}") from None
-    actual = hashlib.sha256((path / MODELING_FILE).read_bytes()).hexdigest()
-    if recorded != actual:
-        raise CheckpointError(
-            f"{path / MODELING_FILE} has sha256 {actual[:12]}… but compression.json records {str(recorded)[:12]}…; "
-            "refusing to run modified remote code"
-        )
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(file)!r} cannot be read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(file)!r} is not a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_no_remote_code(path: str | Path) -> None:
+    """Refuse a checkpoint that asks for code stored with it, raising :class:`CheckpointError` naming the file, the
+    key and the value: an ``auto_map`` in config.json other than vtrans's own classes for a vtrans model type
+    (``modeling_vtrans.VtransXxx``, run from the installed vtrans, never from the directory), any ``auto_map`` in
+    tokenizer_config.json, or a ``tokenizer_class`` the installed transformers does not have. The checkpoint's
+    ``modeling_vtrans.py`` is never imported; one that is a symlink or differs from the installed file is warned
+    about (anyone loading the directory with ``trust_remote_code=True`` without vtrans would run it)."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if config_file.is_file():
+        config = _read_json(config_file)
+        auto_map = config.get("auto_map")
+        model_type = config.get("model_type")
+        allowed = AUTO_MAP.get(VTRANS_MODEL_TYPES.get(model_type, ""), {})
+        if auto_map is not None and not isinstance(auto_map, dict):
+            raise CheckpointError(f"{str(config_file)!r}: auto_map={auto_map!r} is not a mapping; vtrans never runs "
+                                  f"code stored with a checkpoint: remove auto_map")
+        for key, value in (auto_map or {}).items():
+            if allowed.get(key) != value:
+                ours = (f"model_type {model_type!r} allows only {allowed}" if allowed else
+                        f"model_type {model_type!r} is not a vtrans one")
+                raise CheckpointError(f"{str(config_file)!r}: auto_map.{key}={value!r} would run code stored with the "
+                                      f"checkpoint, which vtrans never does ({ours}); remove the entry")
+    tok_file = path / "tokenizer_config.json"
+    if tok_file.is_file():
+        tok = _read_json(tok_file)
+        if "auto_map" in tok:
+            raise CheckpointError(f"{str(tok_file)!r}: auto_map={tok['auto_map']!r} would run tokenizer code stored "
+                                  f"with the checkpoint, which vtrans never does; remove auto_map")
+        name = tok.get("tokenizer_class")
+        if name is not None and (not isinstance(name, str) or (tokenizer_class_from_name(name) is None and
+                                                              tokenizer_class_from_name(f"{name}Fast") is None)):
+            raise CheckpointError(f"{str(tok_file)!r}: tokenizer_class={name!r} is not a tokenizer of the installed "
+                                  f"transformers; vtrans never loads tokenizer code stored with a checkpoint")
+    _warn_foreign_modeling_file(path)
+
+
+def _warn_foreign_modeling_file(path: Path) -> None:
+    file = path / MODELING_FILE
+    if file.is_symlink():
+        why = "is a symlink"
+    elif file.is_file() and file.read_bytes() != Path(modeling_vtrans.__file__).read_bytes():
+        why = "differs from the installed vtrans's (another vtrans version wrote it, or it was modified)"
+    else:
+        return
+    warnings.warn(f"{str(file)!r} {why}; it is not run (vtrans loads its installed classes), but do not load this "
+                  f"directory with trust_remote_code=True where vtrans is not installed", UserWarning, stacklevel=3)
 
 
 SAFETENSORS = "model.safetensors"
@@ -122,17 +192,157 @@ def verify_weights(path: str | Path) -> None:
         _check_safetensors_file(file)
 
 
+#: Bytes per element of each safetensors dtype (the format's list).
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors file's header alone (no tensor data is read), each entry checked as
+    the safetensors reader will (a known dtype, a shape whose bytes are its span): a one-line CheckpointError here
+    rather than a ``SafetensorError`` traceback from the loader. The file has passed :func:`_check_safetensors_file`."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    shapes = {}
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = v["dtype"], [int(d) for d in v["shape"]], v["data_offsets"]
+            width = SAFETENSORS_DTYPES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{str(file)!r} is corrupted: tensor {quote(name)} has the header entry {quote(v)} "
+                                  f"(dtype one of {sorted(SAFETENSORS_DTYPES)}, shape, data_offsets)") from None
+        if any(d < 0 for d in shape) or math.prod(shape) * width != end - start:
+            raise CheckpointError(f"{str(file)!r} is corrupted: tensor {quote(name)} of dtype {dtype} and shape "
+                                  f"{shape} needs {math.prod(shape) * width:,} bytes, its data_offsets span "
+                                  f"{end - start:,}")
+        shapes[name] = shape
+    return shapes
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        return [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / SAFETENSORS]
+
+
+def meta_model(path: str | Path) -> PreTrainedModel:
+    """The model a checkpoint's ``config.json`` describes, built on the meta device (no memory, no weights read): the
+    class its ``architectures`` name, for a vtrans checkpoint vtrans's own copy of the modeling code (never the
+    directory's). Its state dict has every tensor's name and shape; :func:`vtrans.count` counts it."""
+    path = Path(path)
+    import transformers
+
+    raw = json.loads((path / "config.json").read_text())
+    model_type = raw.get("model_type")
+    vtrans_configs = {c.model_type: c for c in modeling_vtrans.CONFIGS.values()}
+    if model_type in vtrans_configs:
+        config = vtrans_configs[model_type].from_pretrained(path)
+        arch = (raw.get("architectures") or [""])[0]
+        cls = getattr(modeling_vtrans, arch, None)
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            raise CheckpointError(f"{str(path / 'config.json')!r} names architecture {quote(arch)}, which is no "
+                                  f"vtrans model class; the checkpoint was not written by vtrans compress")
+        with torch.device("meta"):
+            return cls(config)
+    config = transformers.CONFIG_MAPPING[model_type].from_pretrained(path)
+    with torch.device("meta"):
+        return AUTO_CLASSES[infer_task(config)].from_config(config)
+
+
+def check_weights_match_config(path: str | Path) -> None:
+    """Check that a checkpoint's safetensors weights are the tensors its ``config.json`` declares - from the files'
+    headers and a model built on the meta device, so no tensor is read and nothing is allocated.
+
+    Raises :class:`CheckpointError` naming the file and the tensor for: weights without any tensor; a tensor the
+    config declares but the weights lack (a layer more in ``num_hidden_layers`` than was saved); a layer the weights
+    hold beyond the config's count; a tensor whose shape differs from the config's (``hidden_size``,
+    ``intermediate_size``, ``vocab_size``...). Keys are matched as transformers loads them: its renamings of legacy
+    names (``LayerNorm.gamma``), the base-model prefix added or stripped, tied weights (``lm_head.weight`` of
+    ``tie_word_embeddings``), the class's ``_keys_to_ignore_on_load_missing`` / ``_unexpected`` and old buffers
+    (``position_ids``, ``rotary_emb.inv_freq``). Modules the weights lack altogether (a new classification head, a
+    pooler) are left to transformers, which initialises them, as loading a base model for a task must. Call it after
+    :func:`verify_weights`, on a directory whose architecture is supported.
+    """
+    import re
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    path = Path(path)
+    files = _weight_files(path)
+    shapes: dict[str, list[int]] = {}
+    where: dict[str, Path] = {}
+    for file in files:
+        for name, shape in _safetensors_shapes(file).items():
+            shapes[name], where[name] = shape, file
+    if not shapes:
+        raise CheckpointError(f"{str(files[0] if len(files) == 1 else path)!r} holds no tensors; the checkpoint is "
+                              f"empty: save the model again with save_pretrained(dir)")
+    try:
+        model = meta_model(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot build a model from
+        raise CheckpointError(f"{str(path / 'config.json')!r} does not describe a model transformers can build: "
+                              f"{quote(' '.join(str(e).split()))}") from None
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    transforms = get_model_conversion_mapping(model)
+    if any(isinstance(t, WeightConverter) for t in transforms):
+        return  # tensors merged or split on load: their shapes cannot be compared from the header
+    loaded: dict[str, str] = {}  # model key -> checkpoint key
+    for name in shapes:
+        key, _ = rename_source_key(name, transforms, [], model.base_model_prefix, expected)
+        loaded[key] = name
+    ignore_missing = [re.compile(p) for p in model._keys_to_ignore_on_load_missing or ()]
+    ignore_unexpected = [re.compile(p) for p in model._keys_to_ignore_on_load_unexpected or ()]
+    ignore_unexpected += [re.compile(r"(^|\.)position_ids$"), re.compile(r"rotary_emb\.inv_freq")]
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    prefix = f"{model.base_model_prefix}."
+
+    def module(key: str) -> str:  # the top module under the base model: embeddings, encoder, layers, lm_head...
+        return key.removeprefix(prefix).split(".", 1)[0]
+
+    present = {module(k) for k in loaded}
+    for key, shape in expected.items():
+        if key in loaded:
+            have = shapes[loaded[key]]
+            if have != shape:
+                raise CheckpointError(f"{str(where[loaded[key]])!r} does not match its config.json: tensor "
+                                      f"{quote(loaded[key])} has shape {have}, the config declares {shape}; the "
+                                      f"weights belong to another model or config.json was edited")
+            continue
+        if (key in tied and tied[key] in expected) or any(t in loaded for t, src in tied.items() if src == key):
+            continue  # one of a tied pair (input embeddings and LM head): transformers fills it from the other
+        if any(p.search(key) for p in ignore_missing) or module(key) not in present:
+            continue  # a module the checkpoint does not have at all: a new head, initialised by transformers
+        missing = [k for k in expected if k not in loaded and k not in tied and module(k) in present]
+        raise CheckpointError(f"{str(path)!r} does not match its config.json: the weights lack {len(missing)} "
+                              f"tensor(s) it declares, e.g. {quote(key)}; was num_hidden_layers or another size "
+                              f"edited, or is a shard missing?")
+    stacks = {m.group(1) for k in expected if (m := re.match(r"^(.*?)\.\d+\.", k))}  # encoder.layer, model.layers
+    for key, name in loaded.items():
+        m = re.match(r"^(.*?)\.(\d+)\.", key)
+        if key in expected or not m or m.group(1) not in stacks or any(p.search(key) for p in ignore_unexpected):
+            continue
+        count = len({k.split(".")[len(m.group(1).split("."))] for k in expected if k.startswith(m.group(1) + ".")})
+        raise CheckpointError(f"{str(where[name])!r} does not match its config.json: it holds {quote(name)}, layer "
+                              f"{m.group(2)} of {m.group(1)}, but the config declares {count} layer(s); was "
+                              f"num_hidden_layers edited?")
+
+
 def read_config(path: str | Path):
-    """The config of a local checkpoint, after checking that it loads safely: a vtrans checkpoint's code hash
-    (:func:`verify_vtrans_checkpoint`) and complete safetensors weights (:func:`verify_weights`)."""
+    """The config of a local checkpoint, after checking that it loads safely: no code stored with it would run
+    (:func:`check_no_remote_code`) and its safetensors weights are complete (:func:`verify_weights`)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UnknownModelError(f"model directory {str(path)!r} has no config.json")
-    remote = is_vtrans_checkpoint(path)
-    if remote:
-        verify_vtrans_checkpoint(path)
+    check_no_remote_code(path)
     verify_weights(path)
-    return AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
 def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None = None,
@@ -141,12 +351,14 @@ def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None
     if task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
     path = Path(path)
+    if kwargs.pop("trust_remote_code", False):
+        raise ConfigError("trust_remote_code=True is not accepted: vtrans loads its installed classes, never code "
+                          "stored with a checkpoint")
     config = read_config(path)
-    remote = is_vtrans_checkpoint(path)
     task = infer_task(config) if task == "auto" else task
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
-    return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=remote, use_safetensors=True, **kwargs)
+    return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=False, use_safetensors=True, **kwargs)
 
 
 #: Files of which a model directory holding a tokenizer has at least one.
@@ -159,36 +371,67 @@ def has_tokenizer(path: str | Path) -> bool:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved in a model directory, or None when there is none."""
+    """The tokenizer saved in a model directory, or None when there is none; one that asks for code stored with it
+    is refused (:func:`check_no_remote_code`)."""
     path = Path(path)
     if not has_tokenizer(path):
         return None
-    remote = is_vtrans_checkpoint(path)
-    if remote:
-        verify_vtrans_checkpoint(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+    check_no_remote_code(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
-def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Validate an output directory before any work: its parent exists and is writable; it is new or empty."""
-    out = Path(out).expanduser().absolute()
-    if not out.parent.is_dir():
-        raise OutputError(f"--out parent directory {str(out.parent)!r} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"--out parent directory {str(out.parent)!r} is not writable")
+def protected_dir(out: str | os.PathLike, key: str, sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """``out`` resolved (symlinks followed), after refusing a folder whose replacement or filling would destroy or
+    mix with something else: the current directory or one of its ancestors, ``$HOME``, or a source (the model being
+    read) or one of its ancestors. An :class:`OutputError` naming ``key`` and the path."""
+    given = str(out)
+    resolved = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd:
+        what = "the current directory"
+    elif cwd.is_relative_to(resolved):
+        what = f"an ancestor of the current directory {str(cwd)!r}"
+    elif resolved == Path.home().resolve():
+        what = "$HOME"
+    else:
+        what = ""
+        for src in sources:
+            src = Path(src).expanduser().resolve()
+            if src.is_relative_to(resolved):
+                what = "the source model directory" if src == resolved else f"an ancestor of the source {str(src)!r}"
+                break
+    if what:
+        where = "" if given == str(resolved) else f" ({str(resolved)!r})"
+        raise OutputError(f"{key}={given!r}{where} is {what}; give a new folder for the output (e.g. {key}=runs/out)")
+    return resolved
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False, key: str = "--out",
+                     sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Validate an output directory before any work (nothing is written): not a protected folder
+    (:func:`protected_dir`: the current directory, its ancestors, ``$HOME``, a source); its nearest existing ancestor
+    is a writable directory (missing parents are created when it is written); it is new or empty, or ``overwrite``."""
+    out = protected_dir(out, key, sources)
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{key} parent {str(existing)!r} exists and is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"{key} parent directory {str(existing)!r} is not writable")
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {str(out)!r} exists and is not a directory")
+        raise OutputError(f"{key} {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+        raise OutputError(f"{key} {str(out)!r} exists and is not empty; pass --overwrite to replace it")
     return out
 
 
-def write_atomically(out: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run ``write(tmp_dir)`` into a temporary directory beside ``out``, then move it into place.
+def write_atomically(out: str | Path, write: Callable[[Path], None], overwrite: bool = False, key: str = "--out",
+                     sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Run ``write(tmp_dir)`` into a temporary directory beside ``out`` (its missing parents created, as
+    ``save_pretrained`` does), then move it into place. ``out`` is checked first (:func:`check_output_dir`).
 
-    If ``write`` fails nothing is left at ``out`` (and an existing ``out`` is untouched).
-    """
-    out = check_output_dir(out, overwrite)
+    If ``write`` fails nothing is left at ``out`` (and an existing ``out`` is untouched)."""
+    out = check_output_dir(out, overwrite, key, sources)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)

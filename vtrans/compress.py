@@ -133,7 +133,8 @@ def compress(vib: VIB, tokenizer=None) -> PreTrainedModel:
     """A physically smaller Hugging Face model computing what ``vib.model`` computes in evaluation mode.
 
     Its config records the per-layer widths; ``save_pretrained`` writes the weights (safetensors), the config, the
-    modeling code with ``auto_map`` (load with ``trust_remote_code=True``, no vtrans needed), compression.json, and the
+    modeling code with ``auto_map`` (with vtrans installed ``from_pretrained(dir)`` uses the installed classes and
+    needs no flag; without vtrans, ``trust_remote_code=True`` runs the stored file), compression.json, and the
     tokenizer when one is given here.
     """
     model, adapter = vib.model, vib.adapter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from vtrans.errors import ConfigError
+from vtrans.errors import ConfigError, quote
 
 #: Structure types that carry a VIB mask, in the order the paper lists them.
 #: ``hidden``: the residual-stream (embedding) dimension, one mask shared by all layers;
@@ -168,10 +168,12 @@ class Budget:
             key, sep, raw = part.partition("=")
             key = key.strip()
             if not sep or key not in ("params", "flops"):
-                raise ConfigError(f"budget must look like params=0.5 or flops=0.4, got {text!r}")
+                raise ConfigError(f"budget must look like params=0.5 or flops=0.4, got {quote(text)}")
+            if key in values:
+                raise ConfigError(f"budget gives {key} twice in {quote(text)}; give one {key}=VALUE")
             try:
                 value: float | int = int(raw) if raw.strip().isdigit() else float(raw)
             except ValueError:
-                raise ConfigError(f"budget.{key} must be a number, got {raw.strip()!r}") from None
+                raise ConfigError(f"budget.{key} must be a number, got {quote(raw.strip())}") from None
             values[key] = 1.0 if value == 1 and isinstance(value, int) else value
         return cls(**values, seq_len=seq_len, scope=scope)

@@ -1,7 +1,9 @@
 """Modeling code of vtrans-compressed Hugging Face models.
 
-This file is copied next to every compressed checkpoint (``auto_map`` + ``trust_remote_code``), so it imports only
-torch and transformers and must never import vtrans.
+This file is copied next to every compressed checkpoint (``auto_map`` + ``trust_remote_code``) for people without
+vtrans, so it imports only torch and transformers and must never import vtrans. Where vtrans is installed, the copy is
+never run: ``import vtrans`` registers these classes with transformers' Auto classes and vtrans loads with
+``trust_remote_code=False`` (:mod:`vtrans.checkpoint`).
 
 A compressed model is the stock Hugging Face model with per-layer widths: ``config.hidden_size`` is the kept
 residual width and ``config.vtrans`` records the dense sizes and, per layer, the kept query heads, key/value heads and
@@ -51,7 +53,10 @@ MODELING_FILE = "modeling_vtrans.py"
 
 
 def modeling_sha256() -> str:
-    """SHA-256 of this file, recorded in compression.json so a loader can check the code it runs."""
+    """SHA-256 of this file, recorded in compression.json as provenance (which vtrans file wrote the checkpoint).
+
+    Not a security check: it lives beside the code it describes, so whoever can change one can change the other;
+    vtrans never runs the stored copy."""
     with open(__file__, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 

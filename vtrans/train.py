@@ -24,21 +24,27 @@ from transformers import PreTrainedModel
 
 from vtrans.budget import size
 from vtrans.config import Budget, VIBConfig
-from vtrans.errors import ConfigError
+from vtrans.errors import ConfigError, quote
 from vtrans.vib import VIB, attach
 
 METHODS = ("vtrans", "fast", "faster")
 MASK_LR_DECAYS = ("none", "linear")
 INITS = ("constant", "fisher")
+#: Most training steps of any phase (``prune.steps``, ``prune.finetune_steps``, ``finetune.steps``, ``teacher.steps``):
+#: far beyond a real run (the shipped configs take 250-2000), it stops a typo such as ``1e12`` that would never end.
+MAX_STEPS = 1_000_000
 TASKS = ("seq-cls", "causal-lm")
 
 
-def _positive(key: str, value: object, integer: bool = False, zero_ok: bool = False) -> None:
+def _positive(key: str, value: object, integer: bool = False, zero_ok: bool = False,
+              maximum: int | None = None) -> None:
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or (value < 0 if zero_ok else value <= 0) or (
             not integer and not math.isfinite(value)):
         kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key} must be {kind} {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        raise ConfigError(f"{key} must be {kind} {'>= 0' if zero_ok else '> 0'}, got {quote(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be at most {maximum:,}, got {quote(value)}")
 
 
 @dataclass
@@ -76,13 +82,14 @@ class PruneConfig:
     task: str = "seq-cls"
     """``seq-cls`` or ``causal-lm``."""
     steps: int = 200
-    """Pruning steps per round."""
+    """Pruning steps per round (at most :data:`MAX_STEPS` = 1,000,000)."""
     rounds: int = 1
     """Rounds to reach the target (each: prune to an intermediate target, fix the masks, fine-tune)."""
     warmup: float = 0.5
     """Fraction of a round's pruning steps over which the size target moves to the round's target."""
     finetune_steps: int = 100
-    """Fine-tuning steps between rounds (masks fixed to the round's budget; not for ``faster``). The fine-tune after
+    """Fine-tuning steps between rounds (at most :data:`MAX_STEPS`; masks fixed to the round's budget; not for
+    ``faster``). The fine-tune after
     the last round runs on the compressed model (:class:`Finetuner`)."""
     batch_size: int = 16
     """Per-step batch size over all workers (each of N workers takes batch_size / N)."""
@@ -127,8 +134,8 @@ class PruneConfig:
         if not isinstance(self.budget.value, float):
             raise ConfigError(f"prune.budget must be a fraction for training, got {self.budget.value!r}")
         for key in ("steps", "rounds", "batch_size"):
-            _positive(f"prune.{key}", getattr(self, key), integer=True)
-        _positive("prune.finetune_steps", self.finetune_steps, integer=True, zero_ok=True)
+            _positive(f"prune.{key}", getattr(self, key), integer=True, maximum=MAX_STEPS if key == "steps" else None)
+        _positive("prune.finetune_steps", self.finetune_steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
         for key in ("lr_weights", "lr_masks", "lr_lambdas", "finetune_lr"):
             _positive(f"prune.{key}", getattr(self, key))
         if self.lr_mu is not None:
@@ -488,7 +495,7 @@ class FinetuneConfig:
     """Fine-tuning of a compressed model (its structure fixed), with logit distillation from the dense teacher."""
 
     steps: int = 200
-    """Fine-tuning steps (0: none)."""
+    """Fine-tuning steps (0: none; at most :data:`MAX_STEPS` = 1,000,000)."""
     lr: float = 3e-5
     """AdamW learning rate of the weights."""
     batch_size: int = 16
@@ -509,7 +516,7 @@ class FinetuneConfig:
     """Training samples held out of fine-tuning for ``eval_every`` (drawn with ``seed``)."""
 
     def __post_init__(self) -> None:
-        _positive("finetune.steps", self.steps, integer=True, zero_ok=True)
+        _positive("finetune.steps", self.steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
         _positive("finetune.eval_every", self.eval_every, integer=True, zero_ok=True)
         _positive("finetune.eval_samples", self.eval_samples, integer=True)
         _positive("finetune.batch_size", self.batch_size, integer=True)

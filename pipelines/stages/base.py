@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import PipelineConfig, config_hash, flatten
+from pipelines.redact import redact_data
 from pipelines.tracking import TAG_KEY, TAG_MODEL_URI, TAG_SOURCE_RUN, TAG_STAGE, TAG_STATUS, Tracker
 
 RECORD = "stage.json"
@@ -144,8 +145,9 @@ def read_record(work: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, atomically; credentials in URIs redacted (a record is an output like any other)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(redact_data(data), indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 
@@ -269,7 +271,7 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
         except BaseException as e:
             if tracker is not None:  # record the failure on the run; each step on its own, none may hide the error
                 with contextlib.suppress(Exception):
-                    tracker.set_tags(run_id, {"vtrans.error": f"{type(e).__name__}: {e}"[:5000]})
+                    tracker.set_tags(run_id, {"vtrans.error": f"{type(e).__name__}: {e}"[:5000]})  # redacted there
                 with contextlib.suppress(Exception):
                     tracker.log_text(run_id, traceback.format_exc(), "error.txt")
             raise
@@ -325,12 +327,13 @@ def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
             tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
 
 
-#: pip requirements of the logged pyfunc (MLflow's inference would add torchvision, which has no CPU build here).
+#: pip requirements of the logged pyfunc (MLflow's inference would add torchvision, which has no CPU build here);
+#: vtrans is one: the pyfunc loads its checkpoint with the installed vtrans (no copy of vtrans is logged with it).
 def model_requirements() -> list[str]:
     import importlib.metadata as md
 
     reqs = []
-    for pkg in ("mlflow", "torch", "transformers", "safetensors", "pandas", "tokenizers"):
+    for pkg in ("mlflow", "torch", "transformers", "safetensors", "pandas", "tokenizers", "vtrans"):
         try:
             reqs.append(f"{pkg}=={md.version(pkg)}")
         except md.PackageNotFoundError:

@@ -25,6 +25,7 @@ import torch
 
 from pipelines import sources
 from pipelines.config import PipelineConfig, to_dict
+from pipelines.redact import redact
 from pipelines.stages.base import StageContext, StageOutput
 from pipelines.stages.fingerprint import data_identity, model_identity
 from vtrans.errors import ConfigError
@@ -165,7 +166,7 @@ def run(ctx: StageContext, work: Path, inputs: dict, run_id: str | None) -> Stag
     if tokenizer is None:
         raise ConfigError(f"model.name={cfg.model.name!r} has no tokenizer files in {ctx.model_path}")
     table = sources.read_source(cfg.data, cfg.task)
-    print(f"[{NAME}] read {table.num_rows} rows from {cfg.data.name or cfg.data.files}", flush=True)
+    print(redact(f"[{NAME}] read {table.num_rows} rows from {cfg.data.name or cfg.data.files}"), flush=True)
     tables = (_classification if cfg.task == "seq-cls" else _language_modelling)(cfg, table, tokenizer)
     tables["test"] = _cap_test(tables["test"], cfg.data.max_test_samples, cfg.data.seed)
     outputs, metrics = {}, {}

@@ -4,7 +4,7 @@ With ``finetune.eval_every``, ``finetune.eval_samples`` training samples (strati
 fine-tuning and the job measures its quality on them as it goes (``val_accuracy`` / ``val_perplexity``: the curve a
 sweep's ASHA early stopping compares). The prune stage saw those samples; the fine-tune does not.
 
-Output: ``train/output/model/`` (the fine-tuned compressed model, loadable with ``trust_remote_code=True``).
+Output: ``train/output/model/`` (the fine-tuned compressed model, loaded by vtrans with its installed classes).
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ def _dockerfile() -> list[tuple[str, str]]:
 RAYCLUSTER = _docs(KUBERAY / "raycluster.yaml")
 RAYJOB_DOCS = _docs(KUBERAY / "rayjob-sweep.yaml")
 MLFLOW = _docs(KUBERAY / "mlflow.yaml")
+POLICIES = _docs(KUBERAY / "networkpolicy.yaml")
 CLUSTER = _one(RAYCLUSTER, "RayCluster")
 JOB = _one(RAYJOB_DOCS, "RayJob")
 SPEC = CLUSTER["spec"]
@@ -210,6 +211,28 @@ def test_launcher_nodes_use_token_auth_and_the_heads_mlflow(launcher: dict) -> N
     mlflow_dir = str(Path(store.removeprefix("sqlite:///")).parent)
     assert any(o.endswith(f":{mlflow_dir}") for o in launcher["docker"]["head_run_options"]), \
         "the SQLite store lives on the head's disk, outside the container"
+
+
+def test_launcher_mlflow_requires_auth_and_every_node_has_the_credentials(launcher: dict) -> None:
+    """The head's MLflow listens on the private network (the workers log to it), so it runs MLflow's basic-auth app;
+    every node exports the client's username and password (never in the URI); the comments say which ports the
+    security group / firewall keeps closed."""
+    server = next(c for c in launcher["head_start_ray_commands"] if "mlflow server" in c)
+    flags = _flags(shlex.split(server.split("nohup", 1)[1]))
+    assert flags["--app-name"] == "basic-auth"
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD=" in server and "MLFLOW_FLASK_SERVER_SECRET_KEY=" in server
+    config = re.search(r"MLFLOW_AUTH_CONFIG_PATH=(\S+)", server).group(1)
+    assert f"> {config}" in server, "the auth config the server reads is the one written before it starts"
+    assert any("Flask-WTF" in c for c in launcher["head_setup_commands"]), "the basic-auth app needs Flask-WTF"
+    for role in ("head_start_ray_commands", "worker_start_ray_commands"):
+        cmd = " ".join(launcher[role])
+        assert re.search(r"export [^;]*MLFLOW_TRACKING_USERNAME=\S+ [^;]*MLFLOW_TRACKING_PASSWORD=", cmd), role
+        uri = re.search(r"MLFLOW_TRACKING_URI=(.+?);", cmd).group(1)
+        assert "@" not in uri, f"credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD, not the URI: {uri}"
+    text = next(p for p in LAUNCHERS if yaml.safe_load(p.read_text()) == launcher).read_text()  # its comments
+    closed = re.search(r"keep closed to everything else:(.*?)Between", text, re.S).group(1)
+    for port in ("6379", "8265", "10001", "8076", "52365", "5000"):
+        assert re.search(rf"\b{port}\b", closed), f"the comments must name port {port} as closed"
 
 
 # --------------------------------------------------------------------------------------------------- KubeRay manifests
@@ -431,7 +454,7 @@ _REPO_PATH = re.compile(r"(?<![\w/.~-])((?:clusters|pipelines|tests|vtrans)/[\w.
 
 
 CONFIG_FILES = [CLUSTERS / "runtime_env.yaml", KUBERAY / "raycluster.yaml", KUBERAY / "rayjob-sweep.yaml",
-                KUBERAY / "mlflow.yaml", KUBERAY / "Dockerfile", *LAUNCHERS]
+                KUBERAY / "mlflow.yaml", KUBERAY / "networkpolicy.yaml", KUBERAY / "Dockerfile", *LAUNCHERS]
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CLUSTERS)))
@@ -445,3 +468,76 @@ def test_repository_paths_named_in_cluster_files_exist(path: Path) -> None:
 def test_head_service_named_in_raycluster_comments_exists() -> None:
     named = set(re.findall(r"svc/([\w-]+)-head-svc", (KUBERAY / "raycluster.yaml").read_text()))
     assert named == {CLUSTER["metadata"]["name"]}, "KubeRay names the head Service <cluster>-head-svc"
+
+
+# ------------------------------------------------------------------------------------ authentication and the network
+def _secret_env(container: dict) -> dict[str, tuple[str, str]]:
+    """``name -> (secret, key)`` of the container's variables taken from Secrets."""
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def _pod_labels(template: dict) -> dict[str, str]:
+    return template.get("metadata", {}).get("labels", {})
+
+
+def _ray_pod_templates() -> list[dict]:
+    return [g["template"] for g in (SPEC["headGroupSpec"], *SPEC["workerGroupSpecs"])]
+
+
+def test_mlflow_server_requires_authentication() -> None:
+    container = _mlflow_container()
+    flags = _flags(container["args"])
+    assert flags["--app-name"] == "basic-auth"
+    secrets = _secret_env(container)
+    assert secrets["MLFLOW_AUTH_ADMIN_USERNAME"] == ("mlflow-auth", "username")
+    assert secrets["MLFLOW_AUTH_ADMIN_PASSWORD"] == ("mlflow-auth", "password")
+    assert secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == "mlflow-auth"
+    start = " ".join(container["command"])
+    config = _env(container)["MLFLOW_AUTH_CONFIG_PATH"]
+    assert f"> {config}" in start and "Flask-WTF" in start
+    assert "database_uri" in start and "postgresql" in start, "the user store is the database, not a pod's file"
+    assert "NO_PERMISSIONS" in start
+
+
+def test_ray_pods_send_mlflow_credentials_from_the_secret() -> None:
+    server = _secret_env(_mlflow_container())
+    for container in _containers(SPEC):
+        secrets = _secret_env(container)
+        assert secrets["MLFLOW_TRACKING_USERNAME"] == server["MLFLOW_AUTH_ADMIN_USERNAME"], container["name"]
+        assert secrets["MLFLOW_TRACKING_PASSWORD"] == server["MLFLOW_AUTH_ADMIN_PASSWORD"], container["name"]
+        assert urlparse(_env(container)["MLFLOW_TRACKING_URI"]).password is None
+    assert urlparse(yaml.safe_load(JOB["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]).password is None
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items()) and not selector.get("matchExpressions")
+
+
+def test_network_policies_admit_only_the_ray_pods() -> None:
+    assert all(d["apiVersion"] == "networking.k8s.io/v1" and d["kind"] == "NetworkPolicy" for d in POLICIES)
+    ray, mlflow, postgres = (_one(POLICIES, "NetworkPolicy", n)["spec"]
+                             for n in ("vtrans-ray", "vtrans-mlflow", "vtrans-mlflow-postgres"))
+    ray_labels = [_pod_labels(t) for t in _ray_pod_templates()]
+    assert ray_labels and all(_selects(ray["podSelector"], labels) for labels in ray_labels), "every Ray pod"
+    assert ray["policyTypes"] == ["Ingress"] and mlflow["policyTypes"] == ["Ingress"]
+    # Ray pods among themselves on every port; anyone else only the job API, and only the submitter and the operator
+    same, *others = ray["ingress"]
+    assert "ports" not in same and [f["podSelector"]["matchLabels"] for f in same["from"]] == [ray["podSelector"]
+                                                                                                ["matchLabels"]]
+    for rule in others:
+        assert [p["port"] for p in rule["ports"]] == [8265], rule
+        assert all("ipBlock" not in f for f in rule["from"]), "no address ranges"
+    submitters = [f["podSelector"]["matchLabels"] for r in others for f in r["from"] if "namespaceSelector" not in f]
+    assert submitters == [{"batch.kubernetes.io/job-name": JOB["metadata"]["name"]}]
+    # MLflow: its own pods, port 5000 (the Service's target), from the Ray pods only
+    server_labels = _one(MLFLOW, "Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
+    assert _selects(mlflow["podSelector"], server_labels)
+    (rule,) = mlflow["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [_mlflow_service()["spec"]["ports"][0]["targetPort"]]
+    assert [f["podSelector"]["matchLabels"] for f in rule["from"]] == [ray["podSelector"]["matchLabels"]]
+    assert all(_selects(rule["from"][0]["podSelector"], labels) for labels in ray_labels)
+    # PostgreSQL: from the MLflow server only
+    (rule,) = postgres["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [5432]
+    assert all(_selects(f["podSelector"], server_labels) for f in rule["from"]) and len(rule["from"]) == 1

@@ -161,9 +161,10 @@ def test_logged_model_reloads_and_matches_the_evaluation(first) -> None:
     acc = sum(int(p == y) for p, y in zip(pred["label"].tolist(), test.labels.tolist())) / len(test)
     assert acc == pytest.approx(run.metrics["accuracy"], abs=1e-9)
 
-    # the artifact is a Hugging Face checkpoint anyone loads with trust_remote_code, equal to the pipeline's output
+    # the artifact is a Hugging Face checkpoint plain transformers loads after `import vtrans` (no flag), equal to the
+    # pipeline's output
     checkpoint = model.unwrap_python_model().checkpoint
-    hf = AutoModelForSequenceClassification.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     ours = load_pretrained(run.results["finetune"].outputs["model"]).eval()
     batch = collate([test[i] for i in range(8)], pad_token_id=0)
     with torch.no_grad():

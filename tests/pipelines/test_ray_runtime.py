@@ -138,3 +138,48 @@ def test_driver_runtime_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch
     assert set(driver_runtime_env()["env_vars"]) == set(ray_runtime.WORKER_ENV) - {"TOKENIZERS_PARALLELISM"}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": None}))
     assert driver_runtime_env() == {"env_vars": ray_runtime.worker_env()}
+
+
+_LISTENERS = """
+import json, os, psutil, ray
+from pipelines.ray_runtime import init_ray
+init_ray(num_cpus=1)
+pid = ray.get(ray.remote(lambda: os.getpid()).remote())  # a worker process too
+found = []
+for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    try:
+        found += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("inet") if c.status == "LISTEN"]
+    except psutil.Error:
+        pass
+print(json.dumps({"listeners": found, "worker": pid, "node_ip": ray.util.get_node_ip_address()}))
+ray.shutdown()
+"""
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # a real local Ray: about 15 s
+def test_a_local_ray_listens_on_loopback_only(tmp_path) -> None:
+    """Every socket the processes under vtrans's local Ray listen on (GCS, raylet, object manager, dashboard and its
+    agents, metrics, workers) is on loopback: nothing is reachable from another machine."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="vtr-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(RAY_TMPDIR=temp, HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LISTENERS], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in seen["listeners"]}
+    assert {"gcs_server", "raylet"} <= names, names  # the check saw Ray's own processes
+    assert seen["node_ip"] == "127.0.0.1"
+    exposed = [(name, ip, port) for name, ip, port in seen["listeners"] if ip not in LOOPBACK]
+    assert not exposed, f"listening beyond loopback: {exposed}"

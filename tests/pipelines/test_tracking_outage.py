@@ -2,7 +2,9 @@
 once the server is back, `vtrans relog` completes the MLflow side, and a second relog creates nothing.
 
 A real `mlflow server` (SQLite store, served artifacts) on loopback, the tiny pipeline of test_pipeline.py run by
-`vtrans run` in a subprocess, the server killed as soon as the calibrate stage has finished."""
+`vtrans run` in a subprocess, the server killed as soon as the calibrate stage has finished. The tracking URI carries a
+password (``http://vtrans:PASSWORD@127.0.0.1:PORT``, which MLflow's client sends as basic auth and this server ignores):
+it must appear in none of the run's outputs (issue 15)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from tests.pipelines.test_pipeline import CONFIG, STEPS
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
+SECRET = "s3cret-0f-the-store"
 
 
 def _serve(d: Path, port: int) -> subprocess.Popen:
@@ -70,7 +73,7 @@ def outage(tmp_path_factory):
         w.writerows([(r["text"], "fresh" if r["label"] else "rotten") for r in picked])
     (d / "tiny.yaml").write_text(CONFIG.replace("pipeline-test", "outage-test"))
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://vtrans:{SECRET}@127.0.0.1:{port}"
     server = _serve(d, port)
     env = dict(os.environ, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", RAY_ADDRESS="")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -90,9 +93,10 @@ def outage(tmp_path_factory):
 
 
 def test_the_pipeline_finishes_without_its_store_and_keeps_everything(outage) -> None:
-    d, _, _ = outage
+    d, port, _ = outage
     log = (d / "run.log").read_text()
     assert "does not answer" in log and f"vtrans relog {d / 'runs' / 'tiny'}" in log
+    assert f"MLflow at http://vtrans:***@127.0.0.1:{port} does not answer" in log
     summary = json.loads((d / "runs" / "tiny" / "summary.json").read_text())
     assert summary["logged"] is False and summary["metrics"]["accuracy"] > 0
     # calibrate was logging as the server died (its record was written first); the later stages found it down
@@ -103,7 +107,7 @@ def test_the_pipeline_finishes_without_its_store_and_keeps_everything(outage) ->
         assert (Path(summary["stages"][stage]["dir"]) / "train" / "output" / "history.json").is_file()
 
 
-def test_relog_completes_mlflow_once_the_server_is_back(outage) -> None:
+def test_relog_completes_mlflow_once_the_server_is_back(outage, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from mlflow import MlflowClient
 
     from pipelines.cli import main
@@ -111,6 +115,11 @@ def test_relog_completes_mlflow_once_the_server_is_back(outage) -> None:
     d, port, uri = outage
     server = _serve(d, port)
     try:
+        # the recorded URI lost its password: relog asks for it, then takes it from MLFLOW_TRACKING_URI
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(["relog", str(d / "runs" / "tiny")]) == 2
+        assert "had its credentials redacted" in capsys.readouterr().err
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         assert main(["relog", str(d / "runs" / "tiny")]) == 0
         summary = json.loads((d / "runs" / "tiny" / "summary.json").read_text())
         assert summary["logged"] is True
@@ -133,5 +142,21 @@ def test_relog_completes_mlflow_once_the_server_is_back(outage) -> None:
         count = len(client.search_runs([exp.experiment_id]))
         assert main(["relog", str(d / "runs" / "tiny")]) == 0  # idempotent
         assert len(client.search_runs([exp.experiment_id])) == count
+        assert SECRET not in capsys.readouterr().out
+        for run in client.search_runs([exp.experiment_id]):  # issue 15: no param or tag holds the password
+            for key, value in {**run.data.params, **run.data.tags}.items():
+                assert SECRET not in value, (run.info.run_name, key)
+        assert parent.data.params["tracking.uri"] == f"http://vtrans:***@127.0.0.1:{port}"
     finally:
         _stop(server)
+
+
+def test_the_password_of_the_tracking_uri_is_in_no_output(outage) -> None:
+    """After the run and the relogs: not in the run's log (stdout and stderr, Ray workers' lines included), not in any
+    file under the output root or the server's artifacts (MLflow's params and tags: checked by the relog test, while
+    its server is up)."""
+    d, _, _ = outage
+    assert SECRET not in (d / "run.log").read_text()
+    files = [p for root in (d / "runs", d / "server-artifacts") for p in root.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    assert [p for p in files if SECRET.encode() in p.read_bytes()] == []

@@ -45,3 +45,35 @@ def test_refused_and_broken_weights(tmp_path: Path) -> None:
     torch.save({}, d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"holds \['pytorch_model.bin'\] but no model.safetensors"):
         load_pretrained(d)  # refused before transformers could unpickle anything
+
+
+def test_outputs_never_replace_the_working_directory_home_or_the_source(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: write_atomically replaces its target whole, so the current directory, its ancestors, $HOME and the
+    model being read (symlinks resolved) are refused before anything is written; missing parents are created."""
+    import re
+
+    from vtrans.checkpoint import check_output_dir, write_atomically
+    from vtrans.errors import OutputError
+
+    work, home, model = tmp_path / "work", tmp_path / "home", tmp_path / "model"
+    for d in (work, home, model):
+        d.mkdir()
+    (work / "keep.txt").write_text("mine")
+    (tmp_path / "model-link").symlink_to(model, target_is_directory=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    for out, what in ((".", "is the current directory"), (str(work), "is the current directory"),
+                      ("..", "is an ancestor of the current directory"), ("/", "is an ancestor"),
+                      ("~", "is $HOME"), (str(model), "is the source model directory"),
+                      (str(tmp_path / "model-link"), "is the source model directory")):
+        with pytest.raises(OutputError, match=re.escape(f"--out={out!r}") + ".*" + re.escape(what)):
+            write_atomically(out, lambda d: (d / "x").write_text("x"), overwrite=True, sources=[model])
+    assert sorted(p.name for p in work.iterdir()) == ["keep.txt"] and list(model.iterdir()) == []
+    with pytest.raises(OutputError, match=r"^output='\.' .*is the current directory"):
+        check_output_dir(".", key="output")
+    nested = write_atomically("new/deeper/out", lambda d: (d / "x").write_text("x"), sources=[model])
+    assert nested == (work / "new" / "deeper" / "out") and (nested / "x").read_text() == "x"
+    (work / "file").write_text("")
+    with pytest.raises(OutputError, match=r"--out parent '.*/file' exists and is not a directory"):
+        check_output_dir("file/sub/out")
