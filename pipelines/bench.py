@@ -64,10 +64,11 @@ DETERMINISTIC = ("magnitude",)
 KINDS = {"encoder": ("seq-cls", "rotten_tomatoes", "accuracy"), "decoder": ("causal-lm", "wikipedia", "perplexity")}
 CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
-                     "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune")
+                     "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
+                     "init_keep")
 #: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
 VIB_SETTINGS = ("logvar_init", "keep_sharpness", "threshold", "selection")
-PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct")
+PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 EXPERIMENT = "benchmarks"
 
@@ -184,6 +185,11 @@ class TaskProfile:
     reconstruct: bool | None = None
     """Least-squares reconstruction of the VIB methods' selections (``PruneConfig.reconstruct``, on
     ``kwon_samples`` training samples); None: the library's default."""
+    init: str | None = None
+    """``constant`` or ``fisher`` (``PruneConfig.init``: the masks start from Kwon's selection on ``kwon_samples``
+    training samples); None: the library's default."""
+    init_keep: float | None = None
+    """Keep probability of the units a ``fisher`` start keeps; None: the library's default."""
     kwon_tune: bool | None = None
     """Kwon's least-squares mask tuning (``vtrans.fisher.kwon_prune(tune=...)``); None: on (the paper's method)."""
     hidden_weight: float = 0.5
@@ -403,6 +409,20 @@ PROFILES: dict[str, Profile] = {
                             latency=LatencyProfile(batch_sizes=[1, 8], seq_len=128, repeats=3, warmup=1)),
         overhead=OverheadProfile(),
         executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=2,
+    ),
+    # the recipe ablations of the VIB methods (issue 16): MiniLM at two budgets, every budget trained on its own, no
+    # fine-tune, one seed; a row is this profile with the recipe's overrides (README, "What the numbers say")
+    "ablation": Profile(
+        name="ablation", description="VIB recipe ablations: MiniLM, Faster-VTrans and Kwon at 50% and 20% of block "
+                                     "parameters, one training per budget, no fine-tune, one seed",
+        encoder=TaskProfile(label="minilm", model="minilm", budgets=[0.5, 0.2], methods=["kwon", "faster"],
+                            train_samples=4000, test_samples=1000, seq_len=64,
+                            prune_steps={"vtrans": 200, "fast": 100, "faster": 100}, finetune_steps=0, seeds=1,
+                            trained_seeds=1, finetune_seeds=0, calibration_fraction=0.03, teacher_steps=200,
+                            teacher_batch=32, prune_batch=16, shared_posterior=False, kwon_samples=128,
+                            kwon_batch=32, finetune_batch=16, lr_masks=0.05,
+                            latency=LatencyProfile(batch_sizes=[1], seq_len=128, repeats=1, warmup=0)),
+        executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=1,
     ),
     # a GPU cluster (--device cuda): paper-like settings, every cell a Ray task with a GPU
     "full": Profile(
@@ -627,15 +647,14 @@ def _local_prune(ctx, work: Path, inputs: dict, run_id: str | None, device: str 
     num_labels = data.info.get("num_labels")
     model = load_model(teacher_dir, cfg.task, num_labels, device)
     teacher = load_model(teacher_dir, cfg.task, num_labels, device) if cfg.prune.method != "faster" else None
+    from pipelines.train_jobs import prune_calibration
+
     pruner = Pruner(model, cfg.prune, teacher)
     dataset = load_split(data, split, cfg.task)
-    train_in_process(pruner, dataset, data.info["pad_token_id"], device, "prune")
+    train_in_process(pruner, dataset, data.info["pad_token_id"], device, "prune")  # warm start included
     pruner.finish()
     if cfg.prune.reconstruct:
-        from pipelines.train_jobs import calibration_batches
-
-        pruner.reconstruct(calibration_batches(dataset, cfg.prune.reconstruct_samples, cfg.prune.batch_size,
-                                               cfg.prune.seed, data.info["pad_token_id"]))
+        pruner.reconstruct(prune_calibration(dataset, cfg.prune, data.info["pad_token_id"], device))
     out = _save(compress(pruner.vib).eval(), work / "compressed", load_tokenizer(teacher_dir))
     return StageOutput(outputs={"compressed": str(out)}, info={"split": split})
 
@@ -864,13 +883,13 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
 
     steps = t.prune_steps[m]
     data = calibration if m in ("fast", "faster") else train
-    recon_batches = _kwon_batches(train, t, spec.seed, s.pad_token_id)  # what Kwon's tuning sees
+    recon_batches = _kwon_batches(train, t, spec.seed, s.pad_token_id)  # what Kwon's tuning sees too
     hidden = t.hidden_weight if m != "faster" else 0.0
 
     def train_vib(b: float):
         cfg = PruneConfig(method=m, task=s.task, budget=_budget(t, b), steps=steps, rounds=1, finetune_steps=0,
                           batch_size=t.prune_batch, lr_masks=t.lr_masks, lr_weights=t.lr_weights, seed=spec.seed,
-                          reconstruct_samples=t.kwon_samples,
+                          calibration_samples=t.kwon_samples,
                           **{k: getattr(t, k) for k in PRUNE_SETTINGS if getattr(t, k) is not None},
                           vib=vtrans.VIBConfig(kl_weight=t.kl_weight, kl_multipliers=dict(t.kl_multipliers or {}),
                                                **{k: getattr(t, k) for k in ("kl_normalisation", *VIB_SETTINGS)

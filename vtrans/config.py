@@ -39,24 +39,27 @@ class VIBConfig:
     """Mean of the initial mask means (everything starts kept)."""
     mu_init_std: float = 0.01
     """Standard deviation of the initial mask means."""
-    logvar_init: float = -9.0
-    """Mean of the initial log-variances."""
+    logvar_init: float = -3.0
+    """Mean of the initial log-variances. With ``keep_sharpness`` 1 and ``threshold`` 0 every unit starts at keep
+    probability ``sigmoid(3) = 0.95``: in the sigmoid's live range, so the budget term has gradient from the first step
+    (VIBNet's -9 with sharpness 10 gave ``sigmoid(90) = 1.0`` exactly in float32 and a Lagrangian without gradient).
+    A ``fisher`` start (``PruneConfig.init``) overrides it per unit."""
     logvar_init_std: float = 0.01
     """Standard deviation of the initial log-variances."""
     threshold: float = 0.0
     """A unit is kept in evaluation when ``log_alpha = logvar - log(mu^2)`` is below this threshold."""
-    keep_sharpness: float = 10.0
+    keep_sharpness: float = 1.0
     """``k`` of the soft keep probability ``sigmoid(-k * (log_alpha - threshold))`` used for budget accounting."""
     kl_weight: float = 0.01
     """Global KL weight (beta); each structure type's KL is scaled by it times its multiplier."""
     kl_multipliers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STRUCTURES, 1.0))
     """Per-structure-type KL multipliers; missing types default to 1."""
-    kl_normalisation: str = "group"
+    kl_normalisation: str = "unit"
     """What a group's KL is divided by. ``group``: its own width ``r_i`` (METHOD.md), so a unit of a small group
     (one of a layer's 12 heads, the 6 block gates) carries up to ``ffn / r_i`` times the KL pressure of an FFN
     neuron. ``unit``: the FFN width for every group, so every unit carries the same pressure (equivalent to
-    multipliers ``r_i / ffn`` under ``group``). On MiniLM at <= 50% of block parameters ``group`` closed whole
-    blocks and collapsed the model to the majority class; ``unit`` did not (README, "Benchmarks")."""
+    multipliers ``r_i / ffn`` under ``group``), the default: on MiniLM at <= 50% of block parameters ``group`` closed
+    whole blocks and collapsed the model to the majority class; ``unit`` did not (README, "Benchmarks")."""
     selection: str = "threshold"
     """How the trained masks meet a budget. ``threshold``: one global threshold on ``-log_alpha`` over all units
     (a neuron, a head and a hidden dimension compete on the same scale although their costs differ ~100x).

@@ -94,23 +94,25 @@ class PruneConfig:
     batch_size: int = 16
     """Per-step batch size over all workers (each of N workers takes batch_size / N)."""
     lr_weights: float = 3e-5
-    lr_masks: float = 1e-2
-    """Adam learning rate of the mask log-variances (and of the means unless ``lr_mu`` is given)."""
-    lr_mu: float | None = None
+    lr_masks: float = 5e-2
+    """Adam learning rate of the mask log-variances (and of the means when ``lr_mu`` is None)."""
+    lr_mu: float | None = 5e-3
     """Adam learning rate of the mask means ``mu`` (None: ``lr_masks``). The means carry the task gradient's drift;
     the log-variances carry the budget's and the KL's pressure."""
     mask_lr_decay: str = "none"
     """``none`` or ``linear``: the mask learning rates fall linearly to 0 over each round's pruning steps."""
-    lr_lambdas: float = 5e-2
+    lr_lambdas: float = 0.5
+    """Adam learning rate (ascent) of the Lagrange multipliers: fast enough that the expected size follows the target
+    within the run's few hundred steps."""
     finetune_lr: float = 3e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Gradient clipping of the weights (0 disables)."""
     calibration_fraction: float = 0.03
     """Share of the training set used by ``fast`` (stratified for classification)."""
-    init: str = "constant"
+    init: str = "fisher"
     """How the masks start. ``constant``: every unit alike (``vib.logvar_init``). ``fisher``: Kwon et al.'s
-    retraining-free selection at the budget (diagonal Fisher of heads and neurons on ``reconstruct_samples`` training
+    retraining-free selection at the budget (diagonal Fisher of heads and neurons on ``calibration_samples`` training
     samples, :func:`vtrans.fisher.search_masks`) sets the start: its kept units at keep probability
     ``init_keep``, the others at 0.5, so training refines a good selection instead of discovering one
     (:meth:`Pruner.warm_start`, before the first step)."""
@@ -119,9 +121,11 @@ class PruneConfig:
     reconstruct: bool = False
     """After the final selection, rescale the kept units' mask values by least squares so every sub-layer's output
     matches the dense model's on calibration data (Kwon et al.'s mask tuning, :func:`vtrans.fisher.tune_masks`);
-    the pipeline runs :meth:`Pruner.reconstruct` on ``reconstruct_samples`` training samples."""
-    reconstruct_samples: int = 128
-    """Training samples the least-squares reconstruction uses."""
+    the pipeline runs :meth:`Pruner.reconstruct` on ``calibration_samples`` training samples."""
+    calibration_samples: int = 128
+    """Training samples of the Fisher warm start (``init: fisher``) and of the least-squares reconstruction
+    (``reconstruct``): the first training batches (:meth:`calibration_steps`); not to be confused with
+    ``calibration_fraction``, Fast-VTrans's subset."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -149,7 +153,7 @@ class PruneConfig:
             raise ConfigError(f"prune.init_keep must be in (0.5, 1), got {self.init_keep!r}")
         if not isinstance(self.reconstruct, bool):
             raise ConfigError(f"prune.reconstruct must be true or false, got {self.reconstruct!r}")
-        _positive("prune.reconstruct_samples", self.reconstruct_samples, integer=True)
+        _positive("prune.calibration_samples", self.calibration_samples, integer=True)
         for key in ("weight_decay", "max_grad_norm"):
             _positive(f"prune.{key}", getattr(self, key), zero_ok=True)
         if not 0.0 <= self.warmup <= 1.0:
@@ -179,6 +183,11 @@ class PruneConfig:
         """``(round, "prune" | "finetune", step within the phase)`` of a global step."""
         r, k = divmod(step, self.steps_per_round)
         return (r, "prune", k) if k < self.steps else (r, "finetune", k - self.steps)
+
+    def calibration_steps(self) -> range:
+        """The global steps whose batches are the calibration data of the Fisher warm start and the least-squares
+        reconstruction: the first ``ceil(calibration_samples / batch_size)`` training batches."""
+        return range(math.ceil(self.calibration_samples / self.batch_size))
 
     def mask_lr_factor(self, step: int) -> float:
         """Multiplier of the mask learning rates at a pruning step (``mask_lr_decay``)."""
@@ -646,8 +655,12 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def fit(module: Pruner | Finetuner, batches, start_step: int = 0, end_step: int | None = None,
         on_step=None) -> list[dict[str, float]]:
     """Run steps ``[start_step, end_step)`` in one process. ``batches(step)`` returns the batch of a global step;
-    ``on_step(step, metrics)`` is called after each. Returns the metrics of every step."""
+    ``on_step(step, metrics)`` is called after each. Returns the metrics of every step. A pruning run with
+    ``init: fisher`` starting at step 0 is warm-started first (:meth:`Pruner.warm_start` on the batches of
+    :meth:`PruneConfig.calibration_steps`)."""
     end = module.config.total_steps if end_step is None else end_step
+    if start_step == 0 and isinstance(module, Pruner) and module.config.init == "fisher":
+        module.warm_start([batches(s) for s in module.config.calibration_steps()])
     history = []
     for step in range(start_step, end):
         torch.manual_seed(step_seed(module.config.seed, step))

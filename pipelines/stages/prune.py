@@ -132,13 +132,12 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
     vib = load_posterior(posterior)
     vib.apply_budget(cfg.prune.budget, method=cfg.prune.method)
     if cfg.prune.reconstruct:
-        from pipelines.train_jobs import calibration_batches
+        from pipelines.train_jobs import prune_calibration
         from vtrans.fisher import tune_masks
 
         data = inputs["calibrate"]
         dataset = load_split(data, "calibration" if cfg.calibrates else "train", cfg.task)
-        tune_masks(vib, calibration_batches(dataset, cfg.prune.reconstruct_samples, cfg.prune.batch_size,
-                                            cfg.prune.seed, data.info["pad_token_id"]))
+        tune_masks(vib, prune_calibration(dataset, cfg.prune, data.info["pad_token_id"]))
     tokenizer = load_tokenizer(posterior)
     out = work / "output"
     out.mkdir(parents=True, exist_ok=True)

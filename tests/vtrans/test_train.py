@@ -196,7 +196,9 @@ def test_causal_lm_pruning_and_distilled_fine_tune() -> None:
 def test_teacher_cache_handles_batches_of_different_lengths() -> None:
     from vtrans.data import collate
 
-    pruner = Pruner(_bert(), PruneConfig(distill=DistillConfig(hidden_weight=1.0)))
+    # masks with next to no noise (log-variance -9), so the student's hidden states are the teacher's at step 0
+    pruner = Pruner(_bert(), PruneConfig(distill=DistillConfig(hidden_weight=1.0), init="constant",
+                                         vib=vtrans.VIBConfig(logvar_init=-9.0)))
     items = [{"input_ids": torch.randint(3, 60, (n,), generator=torch.Generator().manual_seed(n)),
               "labels": torch.tensor(n % 2), "sample_id": torch.tensor(i)} for i, n in enumerate([5, 9, 7, 3])]
     pruner.begin_step(0)
@@ -281,3 +283,31 @@ def test_reconstruct_lowers_the_layer_error_of_a_selection() -> None:
     after = layer_errors(pruner.vib, calibration)
     assert sum(after) < sum(before)
     assert all(a <= b + 1e-9 for a, b in zip(after, before))
+
+
+def test_fisher_warm_start_sets_keep_probabilities_from_kwons_selection() -> None:
+    from vtrans.fisher import fisher_information, search_masks
+
+    x, y = _data()
+    get = _batches(x, y, bs=32)
+    calibration = [get(100), get(101)]
+    cfg = PruneConfig(method="faster", steps=2, budget=vtrans.Budget(params=0.5, tolerance=0.05), init="fisher",
+                      init_keep=0.9, distill=DistillConfig(logit_weight=0.0),
+                      vib=vtrans.VIBConfig(logvar_init=-3.0, keep_sharpness=1.0))
+    pruner = Pruner(_bert(), cfg)
+    pruner.warm_start(calibration)
+    with pruner.vib.disabled():
+        sel = search_masks(pruner.vib.geometry, fisher_information(pruner.model, calibration, blocks=False).scores(),
+                           cfg.budget)
+    k, t = cfg.vib.keep_sharpness, cfg.vib.threshold
+    for i in range(pruner.vib.geometry.n_layers):
+        for mask, keep in ((pruner.vib.heads[i], sel.groups[i]), (pruner.vib.neurons[i], sel.neurons[i])):
+            p = mask.keep_prob(k, t).detach()
+            assert torch.allclose(p[keep], torch.tensor(0.9), atol=1e-4)
+            assert torch.allclose(p[~keep], torch.tensor(0.5), atol=1e-4)
+    assert torch.allclose(pruner.vib.hidden.keep_prob(k, t).detach(), torch.tensor(0.9), atol=1e-4)
+    assert 0.5 < float(pruner.expected_fraction()) < 0.9  # kept at 0.9, the rest at 0.5
+    with pytest.raises(vtrans.ConfigError, match="prune.init must be one of"):
+        PruneConfig(init="magic")
+    with pytest.raises(vtrans.ConfigError, match="prune.init_keep must be in"):
+        PruneConfig(init_keep=0.3)
