@@ -63,7 +63,12 @@ DETERMINISTIC = ("magnitude",)
 """Methods whose pruning does not depend on the seed: pruned once; their seeds vary only the fine-tune."""
 KINDS = {"encoder": ("seq-cls", "rotten_tomatoes", "accuracy"), "decoder": ("causal-lm", "wikipedia", "perplexity")}
 CELL_VERSION = 1
-OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness")
+OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
+                     "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
+                     "init_keep")
+#: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
+VIB_SETTINGS = ("logvar_init", "keep_sharpness", "threshold", "selection")
+PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 EXPERIMENT = "benchmarks"
 
@@ -164,7 +169,29 @@ class TaskProfile:
     logvar_init: float | None = None
     """Initial mask log-variance (``vtrans.VIBConfig.logvar_init``); None: the library's default (-9)."""
     keep_sharpness: float | None = None
-    """``k`` of the soft keep probability (``vtrans.VIBConfig.keep_sharpness``); None: the library's default (10)."""
+    """``k`` of the soft keep probability (``vtrans.VIBConfig.keep_sharpness``); None: the library's default."""
+    threshold: float | None = None
+    """``vtrans.VIBConfig.threshold``; None: the library's default."""
+    selection: str | None = None
+    """``threshold`` or ``quota`` (``vtrans.VIBConfig.selection``); None: the library's default."""
+    lr_mu: float | None = None
+    """Learning rate of the mask means (``vtrans.train.PruneConfig.lr_mu``); None: ``lr_masks``."""
+    lr_lambdas: float | None = None
+    """Learning rate of the Lagrange multipliers; None: the library's default."""
+    mask_lr_decay: str | None = None
+    """``none`` or ``linear`` (``PruneConfig.mask_lr_decay``); None: the library's default."""
+    warmup: float | None = None
+    """Share of the pruning steps over which the size target moves to the budget; None: the library's default."""
+    reconstruct: bool | None = None
+    """Least-squares reconstruction of the VIB methods' selections (``PruneConfig.reconstruct``, on
+    ``kwon_samples`` training samples); None: the library's default."""
+    init: str | None = None
+    """``constant`` or ``fisher`` (``PruneConfig.init``: the masks start from Kwon's selection on ``kwon_samples``
+    training samples); None: the library's default."""
+    init_keep: float | None = None
+    """Keep probability of the units a ``fisher`` start keeps; None: the library's default."""
+    kwon_tune: bool | None = None
+    """Kwon's least-squares mask tuning (``vtrans.fisher.kwon_prune(tune=...)``); None: on (the paper's method)."""
     hidden_weight: float = 0.5
     """Layer (hidden-state) distillation weight of ``vtrans`` and ``fast`` (``faster`` has frozen weights: 0)."""
     kwon_samples: int = 256
@@ -382,6 +409,20 @@ PROFILES: dict[str, Profile] = {
                             latency=LatencyProfile(batch_sizes=[1, 8], seq_len=128, repeats=3, warmup=1)),
         overhead=OverheadProfile(),
         executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=2,
+    ),
+    # the recipe ablations of the VIB methods (issue 16): MiniLM at two budgets, every budget trained on its own, no
+    # fine-tune, one seed; a row is this profile with the recipe's overrides (README, "What the numbers say")
+    "ablation": Profile(
+        name="ablation", description="VIB recipe ablations: MiniLM, Faster-VTrans and Kwon at 50% and 20% of block "
+                                     "parameters, one training per budget, no fine-tune, one seed",
+        encoder=TaskProfile(label="minilm", model="minilm", budgets=[0.5, 0.2], methods=["kwon", "faster"],
+                            train_samples=4000, test_samples=1000, seq_len=64,
+                            prune_steps={"vtrans": 200, "fast": 100, "faster": 100}, finetune_steps=0, seeds=1,
+                            trained_seeds=1, finetune_seeds=0, calibration_fraction=0.03, teacher_steps=200,
+                            teacher_batch=32, prune_batch=16, shared_posterior=False, kwon_samples=128,
+                            kwon_batch=32, finetune_batch=16, lr_masks=0.05,
+                            latency=LatencyProfile(batch_sizes=[1], seq_len=128, repeats=1, warmup=0)),
+        executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=1,
     ),
     # a GPU cluster (--device cuda): paper-like settings, every cell a Ray task with a GPU
     "full": Profile(
@@ -606,9 +647,14 @@ def _local_prune(ctx, work: Path, inputs: dict, run_id: str | None, device: str 
     num_labels = data.info.get("num_labels")
     model = load_model(teacher_dir, cfg.task, num_labels, device)
     teacher = load_model(teacher_dir, cfg.task, num_labels, device) if cfg.prune.method != "faster" else None
+    from pipelines.train_jobs import prune_calibration
+
     pruner = Pruner(model, cfg.prune, teacher)
-    train_in_process(pruner, load_split(data, split, cfg.task), data.info["pad_token_id"], device, "prune")
+    dataset = load_split(data, split, cfg.task)
+    train_in_process(pruner, dataset, data.info["pad_token_id"], device, "prune")  # warm start included
     pruner.finish()
+    if cfg.prune.reconstruct:
+        pruner.reconstruct(prune_calibration(dataset, cfg.prune, data.info["pad_token_id"], device))
     out = _save(compress(pruner.vib).eval(), work / "compressed", load_tokenizer(teacher_dir))
     return StageOutput(outputs={"compressed": str(out)}, info={"split": split})
 
@@ -800,11 +846,9 @@ def _budget(t: TaskProfile, b: float):
 
 def _kwon_batches(train, t: TaskProfile, seed: int, pad: int) -> list[dict[str, torch.Tensor]]:
     """Kwon's calibration data: ``kwon_samples`` training samples drawn with the seed, in batches."""
-    from pipelines.sources import random_rows
-    from vtrans.data import collate
+    from pipelines.train_jobs import calibration_batches
 
-    rows = random_rows(len(train), count=min(t.kwon_samples, len(train)), seed=seed)
-    return [collate([train[i] for i in rows[s : s + t.kwon_batch]], pad) for s in range(0, len(rows), t.kwon_batch)]
+    return calibration_batches(train, t.kwon_samples, t.kwon_batch, seed, pad)
 
 
 def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple[float, Any, dict]]:
@@ -828,7 +872,7 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
                 model = fresh().eval()
                 vib = vtrans.attach(model)
                 if m == "kwon":
-                    kwon_prune(vib, batches, _budget(t, b))
+                    kwon_prune(vib, batches, _budget(t, b), tune=t.kwon_tune is not False)
                 else:
                     vib.apply_budget(_budget(t, b), scores=vtrans.score(model, m, seed=spec.seed), method=m)
                 small = vtrans.compress(vib).eval()
@@ -839,14 +883,16 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
 
     steps = t.prune_steps[m]
     data = calibration if m in ("fast", "faster") else train
+    recon_batches = _kwon_batches(train, t, spec.seed, s.pad_token_id)  # what Kwon's tuning sees too
     hidden = t.hidden_weight if m != "faster" else 0.0
 
     def train_vib(b: float):
         cfg = PruneConfig(method=m, task=s.task, budget=_budget(t, b), steps=steps, rounds=1, finetune_steps=0,
                           batch_size=t.prune_batch, lr_masks=t.lr_masks, lr_weights=t.lr_weights, seed=spec.seed,
+                          calibration_samples=t.kwon_samples,
+                          **{k: getattr(t, k) for k in PRUNE_SETTINGS if getattr(t, k) is not None},
                           vib=vtrans.VIBConfig(kl_weight=t.kl_weight, kl_multipliers=dict(t.kl_multipliers or {}),
-                                               kl_normalisation=t.kl_normalisation or "group",
-                                               **{k: getattr(t, k) for k in ("logvar_init", "keep_sharpness")
+                                               **{k: getattr(t, k) for k in ("kl_normalisation", *VIB_SETTINGS)
                                                   if getattr(t, k) is not None},
                                                seed=spec.seed),
                           distill=DistillConfig(hidden_weight=hidden,
@@ -864,10 +910,14 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
             t0 = time.perf_counter()
             pruner, history = train_vib(min(budgets))
             train_s = time.perf_counter() - t0
+        posterior = {k: v.clone() for k, v in pruner.vib.state_dict().items()}
         for b in budgets:
             with PeakRSS() as rss_b:
                 t0 = time.perf_counter()
+                pruner.vib.load_state_dict(posterior)  # a reconstruction rescaled the last budget's means
                 pruner.vib.apply_budget(_budget(t, b), method=m)
+                if pruner.config.reconstruct:
+                    pruner.reconstruct(recon_batches)
                 small = vtrans.compress(pruner.vib).eval()
                 dt = time.perf_counter() - t0
             yield b, small, {"compress_s": train_s + dt, "train_s": train_s, "threshold_s": dt,
@@ -881,6 +931,8 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
             t0 = time.perf_counter()
             pruner, history = train_vib(b)
             pruner.finish()
+            if pruner.config.reconstruct:
+                pruner.reconstruct(recon_batches)
             small = vtrans.compress(pruner.vib).eval()
             dt = time.perf_counter() - t0
         yield b, small, {"compress_s": dt, "prune_steps": steps, "prune_samples": len(data), **expected(history),

@@ -157,6 +157,23 @@ def worker_batch(dataset, batch_size: int, seed: int, step: int, rank: int, worl
     return collate([dataset[i] for i in idx[rank * share : (rank + 1) * share]], pad_token_id)
 
 
+def calibration_batches(dataset, count: int, batch_size: int, seed: int, pad_token_id: int) -> list[dict]:
+    """``count`` samples of ``dataset`` drawn with ``seed`` (all of it when smaller), collated in batches: a Fisher
+    estimate's data (Kwon's baseline)."""
+    from pipelines.sources import random_rows
+
+    rows = random_rows(len(dataset), count=min(count, len(dataset)), seed=seed)
+    return [collate([dataset[i] for i in rows[s : s + batch_size]], pad_token_id)
+            for s in range(0, len(rows), batch_size)]
+
+
+def prune_calibration(dataset, cfg, pad_token_id: int, device="cpu") -> list[dict]:
+    """The calibration batches of a pruning run (``PruneConfig.calibration_steps``: its first global batches), as
+    :func:`vtrans.train.fit` draws them in one process, so every worker and the in-process loop use the same."""
+    return [{k: v.to(device) for k, v in worker_batch(dataset, cfg.batch_size, cfg.seed, s, 0, 1,
+                                                      pad_token_id).items()} for s in cfg.calibration_steps()]
+
+
 def _load_model(model_dir: str, task: str, num_labels: int | None):
     from vtrans.checkpoint import load_pretrained
 
@@ -304,6 +321,8 @@ def _train_loop(loop_config: dict) -> None:
         module.load_state_tensors(tensors, meta)
         start, history = meta["step"] + 1, meta.get("history", [])
     device = ray.train.torch.get_device()
+    if kind == "prune" and start == 0 and cfg.init == "fisher":  # every rank alike (same batches, deterministic)
+        module.warm_start(prune_calibration(spec.dataset, cfg, spec.pad_token_id, device))
     # masks and lambdas sit idle during the fine-tunes between rounds
     unused = kind == "prune" and "finetune" in module.optimizers
     ddp = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": unused})
@@ -369,10 +388,12 @@ def _train_loop(loop_config: dict) -> None:
 
         if kind == "prune":
             module.finish()
-            save_masks(module.vib, out / "masks.safetensors")
-            write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
             # the trained weights and masks, before compression: other budgets re-threshold them (vtrans.posterior)
             save_posterior(module.vib, out / "posterior", tokenizer, task=spec.task, overwrite=True)
+            if cfg.reconstruct:  # after the posterior: it rescales the kept units' means
+                module.reconstruct(prune_calibration(spec.dataset, cfg, spec.pad_token_id, device))
+            save_masks(module.vib, out / "masks.safetensors")
+            write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
         else:
             model.eval()
             write_atomically(out / "model", save_with_tokenizer(model), overwrite=True)

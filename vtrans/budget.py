@@ -330,3 +330,33 @@ def _fill(g: Geometry, sc: Scores, sel: Selection, tau: float, metric: str, scop
         else:
             ffn_gate[i] = True
     return Selection.normalised(hidden, groups, neurons, mha_gate, ffn_gate)
+
+
+def quota_scores(scores: Scores, quotas: Keep) -> Scores:
+    """Scores under which :func:`select` keeps, in every group, about ``quota`` units - its best ones by ``scores`` -
+    and scales all quotas by one common factor until the budget is met exactly.
+
+    The ``r``-th best unit (0-based) of a group with quota ``q`` scores ``1 - (r + 0.5) / q``: exactly the top
+    ``round(q)`` units score above 0, and a global threshold ``tau`` keeps about ``q * (1 - tau)`` units of every
+    group. A block gate with keep probability ``p`` scores ``1 - 0.5 / p``. With the quotas of a trained VIB (its
+    expected keep counts, :meth:`vtrans.vib.VIB.keep_probs`), the cost of each structure enters the selection through
+    what the budget Lagrangian made the masks keep, instead of one global threshold over units whose costs differ by
+    two orders of magnitude. ``+inf`` scores (never pruned) stay ``+inf``.
+    """
+
+    def group(sc: torch.Tensor, q: Num) -> torch.Tensor:
+        q = max(float(q), 1e-6)
+        order = torch.sort(sc.float(), descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        out = 1.0 - (rank.float() + 0.5) / q  # (n,)
+        return torch.where(torch.isinf(sc) & (sc > 0), sc.float(), out)
+
+    def gates(sc: torch.Tensor, p: list[Num]) -> torch.Tensor:
+        out = torch.tensor([1.0 - 0.5 / max(float(x), 1e-6) for x in p])  # (n_layers,)
+        return torch.where(torch.isinf(sc) & (sc > 0), sc.float(), out)
+
+    return Scores(group(scores.hidden, quotas.hidden),
+                  [group(s, q) for s, q in zip(scores.groups, quotas.groups, strict=True)],
+                  [group(s, q) for s, q in zip(scores.neurons, quotas.neurons, strict=True)],
+                  gates(scores.mha, quotas.mha), gates(scores.ffn, quotas.ffn))

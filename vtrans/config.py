@@ -16,6 +16,9 @@ STRUCTURES: tuple[str, ...] = ("hidden", "heads", "neurons", "mha", "ffn")
 #: What a mask group's KL is divided by (:attr:`VIBConfig.kl_normalisation`).
 KL_NORMALISATIONS: tuple[str, ...] = ("group", "unit")
 
+#: How :meth:`vtrans.vib.VIB.apply_budget` turns the trained masks into hard masks (:attr:`VIBConfig.selection`).
+SELECTIONS: tuple[str, ...] = ("threshold", "quota")
+
 #: Budget scopes: ``blocks`` counts the transformer layers only (as CoFi does); ``total`` the whole model.
 SCOPES: tuple[str, ...] = ("blocks", "total")
 
@@ -36,24 +39,33 @@ class VIBConfig:
     """Mean of the initial mask means (everything starts kept)."""
     mu_init_std: float = 0.01
     """Standard deviation of the initial mask means."""
-    logvar_init: float = -9.0
-    """Mean of the initial log-variances."""
+    logvar_init: float = -3.0
+    """Mean of the initial log-variances. With ``keep_sharpness`` 1 and ``threshold`` 0 every unit starts at keep
+    probability ``sigmoid(3) = 0.95``: in the sigmoid's live range, so the budget term has gradient from the first step
+    (VIBNet's -9 with sharpness 10 gave ``sigmoid(90) = 1.0`` exactly in float32 and a Lagrangian without gradient).
+    A ``fisher`` start (``PruneConfig.init``) overrides it per unit."""
     logvar_init_std: float = 0.01
     """Standard deviation of the initial log-variances."""
     threshold: float = 0.0
     """A unit is kept in evaluation when ``log_alpha = logvar - log(mu^2)`` is below this threshold."""
-    keep_sharpness: float = 10.0
+    keep_sharpness: float = 1.0
     """``k`` of the soft keep probability ``sigmoid(-k * (log_alpha - threshold))`` used for budget accounting."""
     kl_weight: float = 0.01
     """Global KL weight (beta); each structure type's KL is scaled by it times its multiplier."""
     kl_multipliers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STRUCTURES, 1.0))
     """Per-structure-type KL multipliers; missing types default to 1."""
-    kl_normalisation: str = "group"
+    kl_normalisation: str = "unit"
     """What a group's KL is divided by. ``group``: its own width ``r_i`` (METHOD.md), so a unit of a small group
     (one of a layer's 12 heads, the 6 block gates) carries up to ``ffn / r_i`` times the KL pressure of an FFN
     neuron. ``unit``: the FFN width for every group, so every unit carries the same pressure (equivalent to
-    multipliers ``r_i / ffn`` under ``group``). On MiniLM at <= 50% of block parameters ``group`` closed whole
-    blocks and collapsed the model to the majority class; ``unit`` did not (README, "Benchmarks")."""
+    multipliers ``r_i / ffn`` under ``group``), the default: on MiniLM at <= 50% of block parameters ``group`` closed
+    whole blocks and collapsed the model to the majority class; ``unit`` did not (README, "Benchmarks")."""
+    selection: str = "threshold"
+    """How the trained masks meet a budget. ``threshold``: one global threshold on ``-log_alpha`` over all units
+    (a neuron, a head and a hidden dimension compete on the same scale although their costs differ ~100x).
+    ``quota``: every group keeps its expected keep count (the sum of its keep probabilities, what the budget
+    Lagrangian trained) of its best units by ``-log_alpha``, all counts scaled by one factor to meet the budget
+    exactly (:func:`vtrans.budget.quota_scores`)."""
     seed: int | None = 0
     """Seed of the mask initialisation (None: from torch's global generator)."""
 
@@ -72,6 +84,8 @@ class VIBConfig:
                 raise ConfigError(f"vib.{key} must be >= 0, got {getattr(self, key)!r}")
         if self.keep_sharpness <= 0:
             raise ConfigError(f"vib.keep_sharpness must be > 0, got {self.keep_sharpness!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"vib.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
         if self.kl_normalisation not in KL_NORMALISATIONS:
             raise ConfigError(f"vib.kl_normalisation must be one of {list(KL_NORMALISATIONS)}, "
                               f"got {self.kl_normalisation!r}")

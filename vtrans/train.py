@@ -28,6 +28,8 @@ from vtrans.errors import ConfigError, quote
 from vtrans.vib import VIB, attach
 
 METHODS = ("vtrans", "fast", "faster")
+MASK_LR_DECAYS = ("none", "linear")
+INITS = ("constant", "fisher")
 #: Most training steps of any phase (``prune.steps``, ``prune.finetune_steps``, ``finetune.steps``, ``teacher.steps``):
 #: far beyond a real run (the shipped configs take 250-2000), it stops a typo such as ``1e12`` that would never end.
 MAX_STEPS = 1_000_000
@@ -92,14 +94,38 @@ class PruneConfig:
     batch_size: int = 16
     """Per-step batch size over all workers (each of N workers takes batch_size / N)."""
     lr_weights: float = 3e-5
-    lr_masks: float = 1e-2
-    lr_lambdas: float = 5e-2
+    lr_masks: float = 5e-2
+    """Adam learning rate of the mask log-variances (and of the means when ``lr_mu`` is None)."""
+    lr_mu: float | None = 5e-3
+    """Adam learning rate of the mask means ``mu`` (None: ``lr_masks``). The means carry the task gradient's drift;
+    the log-variances carry the budget's and the KL's pressure."""
+    mask_lr_decay: str = "none"
+    """``none`` or ``linear``: the mask learning rates fall linearly to 0 over each round's pruning steps."""
+    lr_lambdas: float = 0.5
+    """Adam learning rate (ascent) of the Lagrange multipliers: fast enough that the expected size follows the target
+    within the run's few hundred steps."""
     finetune_lr: float = 3e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     """Gradient clipping of the weights (0 disables)."""
     calibration_fraction: float = 0.03
     """Share of the training set used by ``fast`` (stratified for classification)."""
+    init: str = "fisher"
+    """How the masks start. ``constant``: every unit alike (``vib.logvar_init``). ``fisher``: Kwon et al.'s
+    retraining-free selection at the budget (diagonal Fisher of heads and neurons on ``calibration_samples`` training
+    samples, :func:`vtrans.fisher.search_masks`) sets the start: its kept units at keep probability
+    ``init_keep``, the others at 0.5, so training refines a good selection instead of discovering one
+    (:meth:`Pruner.warm_start`, before the first step)."""
+    init_keep: float = 0.95
+    """Keep probability of the units a ``fisher`` start keeps (the others start at 0.5)."""
+    reconstruct: bool = False
+    """After the final selection, rescale the kept units' mask values by least squares so every sub-layer's output
+    matches the dense model's on calibration data (Kwon et al.'s mask tuning, :func:`vtrans.fisher.tune_masks`);
+    the pipeline runs :meth:`Pruner.reconstruct` on ``calibration_samples`` training samples."""
+    calibration_samples: int = 128
+    """Training samples of the Fisher warm start (``init: fisher``) and of the least-squares reconstruction
+    (``reconstruct``): the first training batches (:meth:`calibration_steps`); not to be confused with
+    ``calibration_fraction``, Fast-VTrans's subset."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -116,6 +142,18 @@ class PruneConfig:
         _positive("prune.finetune_steps", self.finetune_steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
         for key in ("lr_weights", "lr_masks", "lr_lambdas", "finetune_lr"):
             _positive(f"prune.{key}", getattr(self, key))
+        if self.lr_mu is not None:
+            _positive("prune.lr_mu", self.lr_mu)
+        if self.mask_lr_decay not in MASK_LR_DECAYS:
+            raise ConfigError(f"prune.mask_lr_decay must be one of {list(MASK_LR_DECAYS)}, got {self.mask_lr_decay!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"prune.init must be one of {list(INITS)}, got {self.init!r}")
+        if isinstance(self.init_keep, bool) or not isinstance(self.init_keep, (int, float)) or \
+                not 0.5 < self.init_keep < 1.0:
+            raise ConfigError(f"prune.init_keep must be in (0.5, 1), got {self.init_keep!r}")
+        if not isinstance(self.reconstruct, bool):
+            raise ConfigError(f"prune.reconstruct must be true or false, got {self.reconstruct!r}")
+        _positive("prune.calibration_samples", self.calibration_samples, integer=True)
         for key in ("weight_decay", "max_grad_norm"):
             _positive(f"prune.{key}", getattr(self, key), zero_ok=True)
         if not 0.0 <= self.warmup <= 1.0:
@@ -146,6 +184,22 @@ class PruneConfig:
         r, k = divmod(step, self.steps_per_round)
         return (r, "prune", k) if k < self.steps else (r, "finetune", k - self.steps)
 
+    def calibration_steps(self) -> range:
+        """The global steps whose batches are the calibration data of the Fisher warm start and the least-squares
+        reconstruction: the first ``ceil(calibration_samples / batch_size)`` training batches."""
+        return range(math.ceil(self.calibration_samples / self.batch_size))
+
+    def mask_lr_factor(self, step: int) -> float:
+        """Multiplier of the mask learning rates at a pruning step (``mask_lr_decay``)."""
+        if self.mask_lr_decay == "none":
+            return 1.0
+        _, _, k = self.phase(step)
+        return max(0.0, 1.0 - k / self.steps)
+
+    def warmup_end(self) -> int:
+        """The last step of the first round's warm-up."""
+        return max(1, round(self.warmup * self.steps)) - 1
+
     def target_at(self, step: int) -> float:
         """The size target t of a pruning step (linear warm-up from the previous round's target)."""
         r, _, k = self.phase(step)
@@ -153,6 +207,15 @@ class PruneConfig:
         end = self.round_target(r)
         warm = max(1, round(self.warmup * self.steps))
         return start + (end - start) * min(1.0, (k + 1) / warm)
+
+
+def stall_message(metrics: dict) -> str:
+    """The one-line warning of a pruning run whose expected size had not moved by the end of the warm-up (the step's
+    metrics, flagged ``stalled``)."""
+    return (f"expected size {metrics['expected_size']:.4f} has not moved towards the target {metrics['target']:.4f} "
+            f"by the end of the warm-up (step {metrics['step'] + 1}): the budget is met only by the final "
+            f"selection; raise prune.lr_masks / prune.lr_lambdas or the steps, or start the masks live "
+            f"(vib.logvar_init, vib.keep_sharpness)")
 
 
 class Lagrangian(nn.Module):
@@ -235,12 +298,18 @@ class Pruner(_Distiller):
         self.dense_size = float(size(self.vib.geometry, self.vib.geometry.dense_keep(), b.metric, b.scope, b.seq_len))
         self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
         self.optimizers = self._make_optimizers()
+        self._mask_lrs = [group["lr"] for group in self.optimizers["masks"].param_groups]
         self._phase: tuple[int, str] | None = None
+        self.stalled: str | None = None
+        """Set at the end of the warm-up when the expected size has not moved towards the target (one line)."""
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.config
+        mus = [m.mu for _, m in self.vib.masks()]
+        logvars = [m.logvar for _, m in self.vib.masks()]
         opts: dict[str, torch.optim.Optimizer] = {
-            "masks": torch.optim.Adam(self.vib.mask_parameters(), lr=c.lr_masks),
+            "masks": torch.optim.Adam([{"params": logvars, "lr": c.lr_masks},
+                                       {"params": mus, "lr": c.lr_mu if c.lr_mu is not None else c.lr_masks}]),
             "lambdas": torch.optim.Adam(self.lagrangian.parameters(), lr=c.lr_lambdas, maximize=True),
         }
         weights = [p for p in self.model.parameters() if p.requires_grad]
@@ -272,8 +341,55 @@ class Pruner(_Distiller):
                                      tolerance=b.tolerance))
 
     def finish(self) -> None:
-        """Fix the final budget exactly (the state compression uses)."""
+        """Fix the final budget exactly (the state compression uses). With ``config.reconstruct`` call
+        :meth:`reconstruct` next (after saving the posterior: the rescaled means are no longer the trained ones)."""
         self.vib.apply_budget(self.config.budget, method=self.config.method)
+
+    @torch.no_grad()
+    def warm_start(self, calibration) -> None:
+        """``init: fisher``: start the masks from Kwon's selection at the budget on ``calibration`` batches - its kept
+        heads and neurons at keep probability ``init_keep``, the pruned ones at 0.5 (hidden dimensions and block gates,
+        which Kwon never prunes, at ``init_keep``). Only the log-variances change: ``log_alpha`` is set to the value
+        whose keep probability is wanted."""
+        import math
+
+        from vtrans.fisher import fisher_information, search_masks
+
+        was = self.model.training
+        self.model.eval()
+        with self.vib.disabled():
+            fisher = fisher_information(self.model, calibration, blocks=False)
+        self.model.train(was)
+        b = self.config.budget
+        sel = search_masks(self.vib.geometry, fisher.scores(),
+                           Budget(**{b.metric: b.value}, scope=b.scope, seq_len=b.seq_len, tolerance=max(b.tolerance,
+                                                                                                        0.05)))
+        k, t = self.vib.config.keep_sharpness, self.vib.config.threshold
+        keep_la = t - math.log(self.config.init_keep / (1 - self.config.init_keep)) / k  # log_alpha of p = init_keep
+
+        def start(m, keep: torch.Tensor | None) -> None:
+            la = torch.full_like(m.logvar, keep_la)
+            if keep is not None:
+                la[~keep.to(la.device)] = t  # keep probability 0.5
+            m.logvar.copy_(la + torch.log(m.mu.pow(2) + 1e-8))
+
+        for name, m in self.vib.masks():
+            if name in ("hidden", "mha", "ffn"):
+                start(m, None)
+        for i in range(self.vib.geometry.n_layers):
+            if self.vib.heads is not None:
+                start(self.vib.heads[i], sel.groups[i])
+            if self.vib.neurons is not None:
+                start(self.vib.neurons[i], sel.neurons[i])
+
+    def reconstruct(self, calibration) -> None:
+        """Rescale the kept units' mask values by least squares on ``calibration`` (batches like the training
+        batches) so every sub-layer's output matches the dense model's (:func:`vtrans.fisher.tune_masks`)."""
+        from vtrans.fisher import tune_masks
+
+        was = self.model.training
+        tune_masks(self.vib, calibration)
+        self.model.train(was)
 
     # --- the objective ----------------------------------------------------------------------------------------------
     def expected_fraction(self) -> torch.Tensor:
@@ -321,7 +437,14 @@ class Pruner(_Distiller):
             metrics.update(kl=float(kl.detach()), expected_size=float(s.detach()), target=t,
                            objective=float((loss - penalty).detach()),
                            lagrangian=float(penalty.detach()), lambda1=float(self.lagrangian.lambda1.detach()),
-                           lambda2=float(self.lagrangian.lambda2.detach()))
+                           lambda2=float(self.lagrangian.lambda2.detach()),
+                           active_fraction=self.vib.active_fraction(),
+                           **{f"kl_{k}": v for k, v in self.vib.kl_by_type().items()})
+            if step == c.warmup_end() and self.stalled is None:
+                moved = (1.0 - metrics["expected_size"]) / max(1e-9, 1.0 - t)
+                if moved < 0.1:
+                    metrics["stalled"] = 1.0
+                    self.stalled = stall_message(dict(metrics, step=step))
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
@@ -331,6 +454,10 @@ class Pruner(_Distiller):
         names = ["finetune"] if phase == "finetune" else ["masks", "lambdas"] + (
             ["weights"] if "weights" in self.optimizers else [])
         opts = [self.optimizers[n] for n in names]
+        if phase == "prune":
+            factor = self.config.mask_lr_factor(step)
+            for group, lr in zip(self.optimizers["masks"].param_groups, self._mask_lrs):
+                group["lr"] = lr * factor
         for o in self.optimizers.values():
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -528,8 +655,12 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 def fit(module: Pruner | Finetuner, batches, start_step: int = 0, end_step: int | None = None,
         on_step=None) -> list[dict[str, float]]:
     """Run steps ``[start_step, end_step)`` in one process. ``batches(step)`` returns the batch of a global step;
-    ``on_step(step, metrics)`` is called after each. Returns the metrics of every step."""
+    ``on_step(step, metrics)`` is called after each. Returns the metrics of every step. A pruning run with
+    ``init: fisher`` starting at step 0 is warm-started first (:meth:`Pruner.warm_start` on the batches of
+    :meth:`PruneConfig.calibration_steps`)."""
     end = module.config.total_steps if end_step is None else end_step
+    if start_step == 0 and isinstance(module, Pruner) and module.config.init == "fisher":
+        module.warm_start([batches(s) for s in module.config.calibration_steps()])
     history = []
     for step in range(start_step, end):
         torch.manual_seed(step_seed(module.config.seed, step))

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from vtrans import arch as arch_registry
 from vtrans.arch.base import Adapter
-from vtrans.budget import Geometry, Keep, Scores, Selection, select, size
+from vtrans.budget import Geometry, Keep, Scores, Selection, quota_scores, select, size
 from vtrans.config import Budget, VIBConfig
 from vtrans.errors import ConfigError
 from vtrans.masks import VIBMask
@@ -93,6 +93,24 @@ class VIB(nn.Module):
                 total = total + beta * m.kl() / (self.geometry.ffn if unit else m.n)
         return total
 
+    def kl_by_type(self) -> dict[str, float]:
+        """The weighted KL of each structure type (its share of :meth:`kl`), for the training curves."""
+        out: dict[str, float] = {}
+        unit = self.config.kl_normalisation == "unit"
+        with torch.no_grad():
+            for name, m in self.masks():
+                beta = self.config.kl_weight * self.config.kl_multipliers[name]
+                out[name] = out.get(name, 0.0) + float(beta * m.kl() / (self.geometry.ffn if unit else m.n))
+        return out
+
+    @torch.no_grad()
+    def active_fraction(self, low: float = 0.02, high: float = 0.98) -> float:
+        """Share of units whose keep probability lies in ``[low, high]``: where the budget term has gradient. A run
+        whose masks all sit at 0 or 1 cannot trade size against the task any more."""
+        k, t = self.config.keep_sharpness, self.config.threshold
+        probs = torch.cat([m.keep_prob(k, t).flatten() for _, m in self.masks()])
+        return float(((probs >= low) & (probs <= high)).float().mean()) if probs.numel() else 0.0
+
     # --- keep decisions ------------------------------------------------------------------------------------------
     def keep_probs(self) -> Keep:
         """Soft keep counts (expectations under the keep probabilities); unmasked structures count fully."""
@@ -139,16 +157,25 @@ class VIB(nn.Module):
                       sc(self.mha, L), sc(self.ffn, L))
 
     @torch.no_grad()
+    def posterior_scores(self) -> Scores:
+        """What :meth:`apply_budget` ranks units by when no scores are given: :meth:`scores` (``threshold``) or
+        :func:`vtrans.budget.quota_scores` of them with the expected keep counts as quotas (``quota``)."""
+        if self.config.selection == "quota":
+            return quota_scores(self.scores(), self.keep_probs())
+        return self.scores()
+
+    @torch.no_grad()
     def apply_budget(self, budget: Budget, scores: Scores | None = None, method: str | None = None) -> Selection:
         """Fix hard masks meeting ``budget`` exactly (never over, within its tolerance under).
 
-        ``scores`` default to ``-log_alpha`` (the trained posterior); pass a scorer's scores (e.g.
+        ``scores`` default to the trained posterior: ``-log_alpha`` under one global threshold, or per-group quotas
+        from the expected keep counts (``config.selection``, :meth:`posterior_scores`); pass a scorer's scores (e.g.
         :func:`vtrans.scoring.magnitude`) for a baseline. Re-applying with another budget re-thresholds the same
         posterior: one trained VIB serves several budgets.
         """
         if not isinstance(budget, Budget):
             raise ConfigError(f"budget must be a vtrans.Budget, got {budget!r}")
-        sel = select(self.geometry, scores if scores is not None else self.scores(), budget)
+        sel = select(self.geometry, scores if scores is not None else self.posterior_scores(), budget)
         if self.hidden is not None:
             self.hidden.fix(sel.hidden)
         for i in range(self.geometry.n_layers):

@@ -71,9 +71,23 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     metrics["job_wall_s"] = job.wall_time_s
     output = _summarise(cfg, work, out, inputs, metrics, {"split": split, "samples": len(dataset),
                                                                    "node_ids": job.node_ids})
+    output.tags.update(stall_tags(job.history))
     output.outputs["posterior"] = str(out / "posterior")
     output.artifacts.append((str(out / "history.json"), "train"))
     return output
+
+
+def stall_tags(history: list[dict]) -> dict[str, str]:
+    """``{"vtrans.stalled": message}`` (and the message printed) when the pruning job's expected size had not moved by
+    the end of the warm-up (:func:`vtrans.train.stall_message`); ``{}`` otherwise."""
+    from vtrans.train import stall_message
+
+    stalled = next((h for h in history if h.get("stalled")), None)
+    if stalled is None:
+        return {}
+    message = stall_message(stalled)
+    print(f"[{NAME}] warning: {message}", flush=True)
+    return {"vtrans.stalled": message[:250]}
 
 
 def _summarise(cfg: PipelineConfig, work: Path, out: Path, inputs: dict[str, StageResult], metrics: dict,
@@ -124,6 +138,13 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
     t0 = time.perf_counter()
     vib = load_posterior(posterior)
     vib.apply_budget(cfg.prune.budget, method=cfg.prune.method)
+    if cfg.prune.reconstruct:
+        from pipelines.train_jobs import prune_calibration
+        from vtrans.fisher import tune_masks
+
+        data = inputs["calibrate"]
+        dataset = load_split(data, "calibration" if cfg.calibrates else "train", cfg.task)
+        tune_masks(vib, prune_calibration(dataset, cfg.prune, data.info["pad_token_id"]))
     tokenizer = load_tokenizer(posterior)
     out = work / "output"
     out.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,16 @@ def test_fine_tune_key_depends_on_the_hold_out_only_when_there_is_one() -> None:
     held = plan(load_config(MINILM, ["finetune.eval_every=50"]))["finetune"]
     assert held != base  # 256 samples no longer fine-tuned on
     assert plan(load_config(MINILM, ["finetune.eval_every=50", "finetune.eval_samples=64"]))["finetune"] != held
+
+
+def test_a_stalled_prune_job_is_tagged_and_said_once(capsys) -> None:
+    from pipelines.stages.prune import stall_tags
+
+    history = [{"step": 0, "expected_size": 1.0, "target": 0.9},
+               {"step": 49, "expected_size": 0.9999, "target": 0.5, "stalled": 1.0},
+               {"step": 99, "expected_size": 0.9998, "target": 0.5}]
+    tags = stall_tags(history)
+    assert tags["vtrans.stalled"].startswith("expected size 0.9999 has not moved towards the target 0.5000 by the "
+                                             "end of the warm-up (step 50)")
+    assert capsys.readouterr().out.count("[prune] warning: expected size 0.9999") == 1
+    assert stall_tags(history[:1] + history[2:]) == {}

@@ -137,3 +137,44 @@ def test_low_scored_gates_do_not_strand_the_budget() -> None:
         kept = size(g, sel.keep(), "params", "blocks")
         dense = size(g, g.dense_keep(), "params", "blocks")
         assert (1 - 0.005) * target * dense <= kept <= target * dense
+
+
+# --- quota selection ---------------------------------------------------------------------------------------------
+
+
+def test_quota_scores_keep_each_groups_quota_of_its_best_units() -> None:
+    from vtrans.budget import Keep, Scores, quota_scores
+
+    sc = Scores(torch.tensor([3.0, 1.0, 2.0, 0.0]), [torch.tensor([5.0, 9.0, 7.0])], [torch.tensor([1.0, 4.0])],
+                torch.tensor([0.0]), torch.tensor([float("inf")]))
+    q = quota_scores(sc, Keep(hidden=2.0, groups=[1.0], neurons=[2.0], mha=[0.25], ffn=[1.0]))
+    # rank r of a group with quota q scores 1 - (r + 0.5) / q
+    assert q.hidden.tolist() == pytest.approx([0.75, -0.25, 0.25, -0.75])
+    assert q.groups[0].tolist() == pytest.approx([-1.5, 0.5, -0.5])
+    assert q.neurons[0].tolist() == pytest.approx([0.25, 0.75])
+    assert q.mha.tolist() == pytest.approx([-1.0])  # gate with keep probability 0.25
+    assert q.ffn.tolist() == [float("inf")]  # never pruned stays never pruned
+    kept = [int((x > 0).sum()) for x in (q.hidden, q.groups[0], q.neurons[0])]
+    assert kept == [2, 1, 2]  # exactly the rounded quotas above 0
+
+
+def test_quota_selection_scales_every_group_by_one_factor() -> None:
+    """Two layers whose expected keep counts differ: the selection keeps them in that ratio at any budget."""
+    from dataclasses import replace
+
+    from vtrans.budget import Keep, Scores, quota_scores
+
+    g = replace(BERT_BASE_LIKE, ffn=100)
+    sc = Scores(torch.full((g.hidden,), float("inf")), [torch.full((2,), float("inf"))] * 2,
+                [torch.randn(100, generator=torch.Generator().manual_seed(i)) for i in range(2)],
+                torch.full((2,), float("inf")), torch.full((2,), float("inf")))
+    quotas = Keep(hidden=g.hidden, groups=[2, 2], neurons=[80.0, 20.0], mha=[1, 1], ffn=[1, 1])
+    full = size(g, g.dense_keep(), "params")
+    budget = vtrans.Budget(params=size(g, Keep(g.hidden, [2, 2], [40, 10], [1, 1], [1, 1]), "params") / full,
+                           tolerance=0.02)
+    sel = select(g, quota_scores(sc, quotas), budget)
+    n0, n1 = (int(x.sum()) for x in sel.neurons)
+    assert n0 + n1 in range(48, 51)
+    assert abs(n0 / (n0 + n1) - 0.8) < 0.03  # the 80:20 split of the quotas, not the raw scores' ~50:50
+    top0 = torch.topk(sc.neurons[0], n0).indices
+    assert sel.neurons[0][top0].all()  # within a layer, the best units by score

@@ -196,7 +196,9 @@ def test_causal_lm_pruning_and_distilled_fine_tune() -> None:
 def test_teacher_cache_handles_batches_of_different_lengths() -> None:
     from vtrans.data import collate
 
-    pruner = Pruner(_bert(), PruneConfig(distill=DistillConfig(hidden_weight=1.0)))
+    # masks with next to no noise (log-variance -9), so the student's hidden states are the teacher's at step 0
+    pruner = Pruner(_bert(), PruneConfig(distill=DistillConfig(hidden_weight=1.0), init="constant",
+                                         vib=vtrans.VIBConfig(logvar_init=-9.0)))
     items = [{"input_ids": torch.randint(3, 60, (n,), generator=torch.Generator().manual_seed(n)),
               "labels": torch.tensor(n % 2), "sample_id": torch.tensor(i)} for i, n in enumerate([5, 9, 7, 3])]
     pruner.begin_step(0)
@@ -215,3 +217,97 @@ def test_teacher_cache_handles_batches_of_different_lengths() -> None:
     assert torch.allclose(mixed["logits"], cached["logits"], atol=1e-6)
     loss, metrics = pruner(batch, 0)
     assert torch.isfinite(loss) and metrics["hidden_loss"] < 1e-2
+
+
+# --- the recipe's knobs (issue 16) -----------------------------------------------------------------------------------
+
+
+def test_mask_learning_rates_split_and_decay_linearly() -> None:
+    cfg = PruneConfig(method="faster", steps=10, lr_masks=0.1, lr_mu=0.01, mask_lr_decay="linear",
+                      distill=DistillConfig(logit_weight=0.0))
+    pruner = Pruner(_bert(), cfg)
+    x, y = _data()
+    lrs = []
+    fit(pruner, _batches(x, y), on_step=lambda s, m: lrs.append(
+        [g["lr"] for g in pruner.optimizers["masks"].param_groups]))
+    assert lrs[0] == pytest.approx([0.1, 0.01])  # log-variances, means
+    assert lrs[5] == pytest.approx([0.05, 0.005])
+    assert lrs[9] == pytest.approx([0.01, 0.001])
+    logvars = {id(m.logvar) for _, m in pruner.vib.masks()}
+    assert {id(p) for p in pruner.optimizers["masks"].param_groups[0]["params"]} == logvars
+
+
+def test_training_curves_carry_active_fraction_and_kl_per_type() -> None:
+    cfg = PruneConfig(method="faster", steps=3, distill=DistillConfig(logit_weight=0.0),
+                      vib=vtrans.VIBConfig(logvar_init=-3.0, keep_sharpness=1.0))
+    pruner = Pruner(_bert(), cfg)
+    x, y = _data()
+    h = fit(pruner, _batches(x, y))
+    assert {"kl_hidden", "kl_heads", "kl_neurons", "kl_mha", "kl_ffn", "active_fraction"} <= set(h[0])
+    assert sum(h[0][f"kl_{k}"] for k in ("hidden", "heads", "neurons", "mha", "ffn")) == pytest.approx(h[0]["kl"],
+                                                                                                      rel=1e-4)
+    assert h[0]["active_fraction"] == 1.0  # keep probabilities sigmoid(3) ~ 0.95: every unit in the live range
+
+
+def test_a_stalled_lagrangian_is_reported_once() -> None:
+    """The old initialisation (log-variance -9, sharpness 10): keep probabilities exactly 1, nothing moves."""
+    x, y = _data()
+    stalled = PruneConfig(method="faster", steps=4, warmup=0.5, budget=vtrans.Budget(params=0.5),
+                          distill=DistillConfig(logit_weight=0.0),
+                          vib=vtrans.VIBConfig(logvar_init=-9.0, keep_sharpness=10.0))
+    pruner = Pruner(_bert(), stalled)
+    h = fit(pruner, _batches(x, y))
+    assert pruner.stalled is not None and "has not moved towards the target" in pruner.stalled
+    assert [m.get("stalled") for m in h] == [None, 1.0, None, None]  # at the end of the warm-up, once
+    live = PruneConfig(method="faster", steps=4, warmup=0.5, budget=vtrans.Budget(params=0.5), lr_masks=0.5,
+                       lr_lambdas=5.0, distill=DistillConfig(logit_weight=0.0),
+                       vib=vtrans.VIBConfig(logvar_init=-3.0, keep_sharpness=1.0))
+    pruner = Pruner(_bert(), live)
+    fit(pruner, _batches(x, y))
+    assert pruner.stalled is None
+
+
+def test_reconstruct_lowers_the_layer_error_of_a_selection() -> None:
+    from vtrans.fisher import layer_errors
+
+    x, y = _data()
+    get = _batches(x, y, bs=32)
+    cfg = PruneConfig(method="faster", steps=2, budget=vtrans.Budget(params=0.5, tolerance=0.05), reconstruct=True,
+                      distill=DistillConfig(logit_weight=0.0))
+    pruner = Pruner(_bert(), cfg)
+    fit(pruner, get)
+    pruner.finish()
+    calibration = [get(100), get(101)]
+    before = layer_errors(pruner.vib, calibration)
+    pruner.reconstruct(calibration)
+    after = layer_errors(pruner.vib, calibration)
+    assert sum(after) < sum(before)
+    assert all(a <= b + 1e-9 for a, b in zip(after, before))
+
+
+def test_fisher_warm_start_sets_keep_probabilities_from_kwons_selection() -> None:
+    from vtrans.fisher import fisher_information, search_masks
+
+    x, y = _data()
+    get = _batches(x, y, bs=32)
+    calibration = [get(100), get(101)]
+    cfg = PruneConfig(method="faster", steps=2, budget=vtrans.Budget(params=0.5, tolerance=0.05), init="fisher",
+                      init_keep=0.9, distill=DistillConfig(logit_weight=0.0),
+                      vib=vtrans.VIBConfig(logvar_init=-3.0, keep_sharpness=1.0))
+    pruner = Pruner(_bert(), cfg)
+    pruner.warm_start(calibration)
+    with pruner.vib.disabled():
+        sel = search_masks(pruner.vib.geometry, fisher_information(pruner.model, calibration, blocks=False).scores(),
+                           cfg.budget)
+    k, t = cfg.vib.keep_sharpness, cfg.vib.threshold
+    for i in range(pruner.vib.geometry.n_layers):
+        for mask, keep in ((pruner.vib.heads[i], sel.groups[i]), (pruner.vib.neurons[i], sel.neurons[i])):
+            p = mask.keep_prob(k, t).detach()
+            assert torch.allclose(p[keep], torch.tensor(0.9), atol=1e-4)
+            assert torch.allclose(p[~keep], torch.tensor(0.5), atol=1e-4)
+    assert torch.allclose(pruner.vib.hidden.keep_prob(k, t).detach(), torch.tensor(0.9), atol=1e-4)
+    assert 0.5 < float(pruner.expected_fraction()) < 0.9  # kept at 0.9, the rest at 0.5
+    with pytest.raises(vtrans.ConfigError, match="prune.init must be one of"):
+        PruneConfig(init="magic")
+    with pytest.raises(vtrans.ConfigError, match="prune.init_keep must be in"):
+        PruneConfig(init_keep=0.3)
