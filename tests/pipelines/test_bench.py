@@ -211,7 +211,7 @@ def test_every_profile_is_valid_and_round_trips(name):
     p = bench.load_profile(name)
     assert from_dict(bench.Profile, to_dict(p)) == p
     for _, t in p.tasks():
-        assert set(t.methods) == set(bench.METHODS)
+        assert set(t.methods) == set(bench.METHODS) or name == "ablation"  # the ablations: Faster and Kwon only
         assert all(m in t.prune_steps for m in bench.VIB_METHODS)
 
 

@@ -252,7 +252,7 @@ def test_training_curves_carry_active_fraction_and_kl_per_type() -> None:
 def test_a_stalled_lagrangian_is_reported_once() -> None:
     """The old initialisation (log-variance -9, sharpness 10): keep probabilities exactly 1, nothing moves."""
     x, y = _data()
-    stalled = PruneConfig(method="faster", steps=4, warmup=0.5, budget=vtrans.Budget(params=0.5),
+    stalled = PruneConfig(method="faster", steps=4, warmup=0.5, budget=vtrans.Budget(params=0.5), init="constant",
                           distill=DistillConfig(logit_weight=0.0),
                           vib=vtrans.VIBConfig(logvar_init=-9.0, keep_sharpness=10.0))
     pruner = Pruner(_bert(), stalled)
@@ -260,7 +260,7 @@ def test_a_stalled_lagrangian_is_reported_once() -> None:
     assert pruner.stalled is not None and "has not moved towards the target" in pruner.stalled
     assert [m.get("stalled") for m in h] == [None, 1.0, None, None]  # at the end of the warm-up, once
     live = PruneConfig(method="faster", steps=4, warmup=0.5, budget=vtrans.Budget(params=0.5), lr_masks=0.5,
-                       lr_lambdas=5.0, distill=DistillConfig(logit_weight=0.0),
+                       lr_lambdas=5.0, init="constant", distill=DistillConfig(logit_weight=0.0),
                        vib=vtrans.VIBConfig(logvar_init=-3.0, keep_sharpness=1.0))
     pruner = Pruner(_bert(), live)
     fit(pruner, _batches(x, y))

@@ -70,7 +70,8 @@ def test_training_samples_noise_and_evaluation_is_deterministic() -> None:
 
 def test_kl_weights_and_normalisation() -> None:
     model = tiny("bert", BertModel)
-    vib = vtrans.attach(model, vtrans.VIBConfig(kl_weight=2.0, kl_multipliers={"neurons": 0.0}))
+    vib = vtrans.attach(model, vtrans.VIBConfig(kl_weight=2.0, kl_multipliers={"neurons": 0.0},
+                                                         kl_normalisation="group"))
     expected = sum(2.0 * m.kl() / m.n for kind, m in vib.masks() if kind != "neurons")
     assert vib.kl().item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -84,7 +85,8 @@ def test_unit_kl_normalisation_equals_width_ratio_multipliers() -> None:
     widths = {"hidden": g.hidden, "heads": g.n_groups, "neurons": g.ffn, "mha": g.n_layers, "ffn": g.n_layers}
     assert len(set(widths.values())) > 2  # the tiny model's groups really differ in width
     ratios = {k: r / g.ffn for k, r in widths.items()}
-    group = vtrans.attach(tiny("bert", BertModel), vtrans.VIBConfig(kl_weight=0.5, kl_multipliers=ratios, seed=3))
+    group = vtrans.attach(tiny("bert", BertModel), vtrans.VIBConfig(kl_weight=0.5, kl_multipliers=ratios, seed=3,
+                                                                             kl_normalisation="group"))
     with torch.no_grad():
         for (_, a), (_, b) in zip(unit.masks(), group.masks(), strict=True):
             b.mu.copy_(a.mu * 0.3)
@@ -99,13 +101,29 @@ def test_unit_kl_normalisation_equals_width_ratio_multipliers() -> None:
 
 
 def test_expected_size_at_init_is_the_dense_size() -> None:
+    """VIBNet's start (log-variance -9, sharpness 10): every keep probability is exactly 1, so is the expected size."""
     model = tiny("bert", BertModel)
-    vib = vtrans.attach(model)
+    vib = vtrans.attach(model, vtrans.VIBConfig(logvar_init=-9.0, keep_sharpness=10.0))
     dense = vtrans.count(model)
     assert vib.expected_size("params").item() == pytest.approx(dense.params_blocks, rel=1e-4)
     assert vib.expected_size("flops", "total", 128).item() == pytest.approx(dense.flops_total, rel=1e-4)
     vib.expected_size().backward()
     assert vib.hidden.mu.grad is not None
+
+
+def test_default_keep_probabilities_start_live() -> None:
+    """The default start (log-variance -3, sharpness 1): every unit at keep probability sigmoid(3), with gradient."""
+    from vtrans.budget import Keep, size
+
+    model = tiny("bert", BertModel)
+    vib = vtrans.attach(model)
+    g, p = vib.geometry, float(torch.sigmoid(torch.tensor(3.0)))
+    L = g.n_layers
+    soft = Keep(p * g.hidden, [p * g.n_groups] * L, [p * g.ffn] * L, [p] * L, [p] * L)
+    assert vib.expected_size("params").item() == pytest.approx(size(g, soft, "params"), rel=0.01)
+    assert vib.active_fraction() == 1.0
+    vib.expected_size().backward()
+    assert float(vib.hidden.logvar.grad.abs().min()) > 0  # the budget term reaches every log-variance
 
 
 def test_structures_option_masks_only_the_chosen_types() -> None:
