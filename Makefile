@@ -59,7 +59,7 @@ lint: $(STAMP)  ## ruff check
 
 test: $(STAMP)  ## ruff, then every test in one pytest run (unit first, integration last; gpu skipped without CUDA)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
-	@$(call run_pytest,)
+	@$(call run_pytest,--durations=15)
 
 unit: $(STAMP)  ## fast unit tests only
 	@$(call run_pytest,-m "$(UNIT_MARK)")
