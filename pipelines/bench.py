@@ -71,6 +71,8 @@ VIB_SETTINGS = ("logvar_init", "keep_sharpness", "threshold", "selection")
 PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 EXPERIMENT = "benchmarks"
+# the report whose marked sections the published profiles rewrite (``--readme auto``), relative to the working directory
+BENCHMARKS_REPORT = "pipelines/BENCHMARKS.md"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -411,7 +413,8 @@ PROFILES: dict[str, Profile] = {
         executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=2,
     ),
     # the recipe ablations of the VIB methods (issue 16): MiniLM at two budgets, every budget trained on its own, no
-    # fine-tune, one seed; a row is this profile with the recipe's overrides (README, "What the numbers say")
+    # fine-tune, one seed; a row is this profile with the recipe's overrides (pipelines/BENCHMARKS.md,
+    # "The VIB recipe (issue 16): ablations")
     "ablation": Profile(
         name="ablation", description="VIB recipe ablations: MiniLM, Faster-VTrans and Kwon at 50% and 20% of block "
                                      "parameters, one training per budget, no fine-tune, one seed",
@@ -1514,8 +1517,9 @@ def check_local_resources(profile: Profile, cpus: int | None = None) -> None:
 
 
 def render_only(out: Path, readme: str = "auto") -> dict:
-    """Rewrite ``results.md``, the Pareto plots and the README section of a finished run from its ``results.json``
-    (nothing is run or measured again; the README rule is the run's: its profile, overrides and experiment)."""
+    """Rewrite ``results.md``, the Pareto plots and the report section (``pipelines/BENCHMARKS.md``) of a finished run
+    from its ``results.json`` (nothing is run or measured again; which file is updated follows the run's profile,
+    overrides and experiment, as in :func:`resolve_readme`)."""
     path = Path(out) / "results.json"
     if not path.is_file():
         raise ConfigError(f"--out {str(out)!r} has no results.json: run the benchmark into it first")
@@ -1541,13 +1545,14 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_readme(readme: str, profile: str, overrides: list[str] | None, experiment: str = EXPERIMENT) -> Path | None:
-    """The README the run updates, checked before any work: ``auto`` is ``./README.md`` for the published profiles
-    (quick, full) run as published (no overrides, the ``benchmarks`` experiment) when it has the profile's markers,
-    else nothing; an explicit path must exist and have them."""
+    """The report file the run updates, checked before any work: ``auto`` is ``./pipelines/BENCHMARKS.md`` (relative
+    to the working directory: run from the repository root) for the published profiles (quick, full) run as
+    published (no overrides, the ``benchmarks`` experiment) when it has the profile's markers, else nothing; an
+    explicit path must exist and have them."""
     if readme == "none":
         return None
     if readme == "auto":
-        path = Path("README.md")
+        path = Path(BENCHMARKS_REPORT)
         if profile not in ("quick", "full") or overrides or experiment != EXPERIMENT or not path.is_file():
             return None
         return path.resolve() if bench_report.has_readme_markers(path.read_text(), profile) else None
@@ -1580,10 +1585,11 @@ def main(argv: list[str] | None = None) -> int:
                                                          "sqlite:///<cwd>/mlflow.db)")
     ap.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
     ap.add_argument("--readme", default="auto",
-                    help="README whose results section of the profile this run replaces; 'none': no README. Default "
-                         "auto: ./README.md for the quick and full profiles run without overrides, else none")
+                    help="markdown file whose results section of the profile this run replaces; 'none': no file. "
+                         f"Default auto: ./{BENCHMARKS_REPORT} for the quick and full profiles run without overrides, "
+                         "else none")
     ap.add_argument("--render-only", action="store_true",
-                    help="run nothing: rewrite results.md, the plots and the README section from --out/results.json "
+                    help="run nothing: rewrite results.md, the plots and the --readme section from --out/results.json "
                          "(after a change to the report; the numbers and the command are the run's)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     ap.add_argument("overrides", nargs="*", help="profile overrides key=value, e.g. encoder.prune_steps.vtrans=300")

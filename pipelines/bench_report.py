@@ -501,12 +501,13 @@ __all__ = ["Stat", "aggregate", "budget_met", "check_claims", "flops_reduction",
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the README's results section
+# the results section of the benchmark report (pipelines/BENCHMARKS.md)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def readme_markers(profile: str) -> tuple[str, str]:
-    """The lines between which the README holds a profile's results (written by the command, never by hand)."""
+    """The lines between which the benchmark report (``pipelines/BENCHMARKS.md``) holds a profile's results (written
+    by the command, never by hand)."""
     return f"<!-- bench:{profile}:start -->", f"<!-- bench:{profile}:end -->"
 
 
@@ -516,15 +517,16 @@ def has_readme_markers(text: str, profile: str) -> bool:
 
 
 def readme_section(results: Mapping[str, Any]) -> str:
-    """``results.md`` with its headings two levels down (it sits under the README's "Benchmarks" section)."""
+    """``results.md`` with its headings two levels down (it sits under the "Benchmark profiles" section of
+    ``pipelines/BENCHMARKS.md``)."""
     body = render_markdown(results).splitlines()
     body = [("##" + line) if line.startswith("#") else line for line in body]
     return "\n".join(body).rstrip() + "\n"
 
 
 def update_readme(path: str | Path, results: Mapping[str, Any]) -> None:
-    """Replace the README's section of ``results["profile"]`` (between :func:`readme_markers`) with
-    :func:`readme_section`; written to a temporary file and renamed, so a failure leaves the README as it was."""
+    """Replace the section of ``results["profile"]`` (between :func:`readme_markers`) in the markdown file ``path``
+    with :func:`readme_section`; written to a temporary file and renamed, so a failure leaves the file as it was."""
     import os
 
     path = Path(path)

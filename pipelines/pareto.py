@@ -201,7 +201,7 @@ def text_plot(
     width: int = 56,
     height: int = 14,
 ) -> str:
-    """The plot of :func:`plot_front` in characters, for terminals, logs and the README: ``o`` a front point, ``.``
+    """The plot of :func:`plot_front` in characters, for terminals, logs and markdown: ``o`` a front point, ``.``
     any other row, ``*`` the dense model (drawn over the others where they share a cell); the value range of each
     axis is written at its ends."""
     _check_front(rows, front)

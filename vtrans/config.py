@@ -59,7 +59,8 @@ class VIBConfig:
     (one of a layer's 12 heads, the 6 block gates) carries up to ``ffn / r_i`` times the KL pressure of an FFN
     neuron. ``unit``: the FFN width for every group, so every unit carries the same pressure (equivalent to
     multipliers ``r_i / ffn`` under ``group``), the default: on MiniLM at <= 50% of block parameters ``group`` closed
-    whole blocks and collapsed the model to the majority class; ``unit`` did not (README, "Benchmarks")."""
+    whole blocks and collapsed the model to the majority class; ``unit`` did not (pipelines/BENCHMARKS.md, "What was
+    tried")."""
     selection: str = "threshold"
     """How the trained masks meet a budget. ``threshold``: one global threshold on ``-log_alpha`` over all units
     (a neuron, a head and a hidden dimension compete on the same scale although their costs differ ~100x).

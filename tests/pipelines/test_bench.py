@@ -343,12 +343,24 @@ def test_readme_section_is_replaced_between_its_markers(tmp_path):
     assert readme.read_text() == f"{start}\nno end\n"
 
 
+def test_the_shipped_benchmark_report_has_the_published_profiles_markers():
+    root = Path(__file__).resolve().parents[2]
+    report = (root / bench.BENCHMARKS_REPORT).read_text()
+    readme = (root / "README.md").read_text()
+    for profile in ("quick", "full"):
+        assert bench_report.has_readme_markers(report, profile)
+        assert not any(marker in readme for marker in bench_report.readme_markers(profile))  # moved, not copied
+
+
 def test_which_readme_a_run_updates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert bench.resolve_readme("auto", "quick", [], "benchmarks") is None  # no README here
+    assert bench.resolve_readme("auto", "quick", [], "benchmarks") is None  # no report here
     start, end = bench_report.readme_markers("quick")
     Path("README.md").write_text(f"{start}\n{end}\n")
-    assert bench.resolve_readme("auto", "quick", [], "benchmarks") == tmp_path / "README.md"
+    assert bench.resolve_readme("auto", "quick", [], "benchmarks") is None  # auto is the report, not the README
+    Path("pipelines").mkdir()
+    Path("pipelines/BENCHMARKS.md").write_text(f"{start}\n{end}\n")
+    assert bench.resolve_readme("auto", "quick", [], "benchmarks") == tmp_path / "pipelines" / "BENCHMARKS.md"
     assert bench.resolve_readme("auto", "full", [], "benchmarks") is None  # no section of full
     assert bench.resolve_readme("auto", "quick", ["encoder.lr_masks=0.1"], "benchmarks") is None  # a variation
     assert bench.resolve_readme("auto", "quick", [], "diagnostics") is None
