@@ -65,10 +65,10 @@ KINDS = {"encoder": ("seq-cls", "rotten_tomatoes", "accuracy"), "decoder": ("cau
 CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
                      "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
-                     "init_keep")
+                     "init_keep", "warmup_from")
 #: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
 VIB_SETTINGS = ("logvar_init", "keep_sharpness", "threshold", "selection")
-PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep")
+PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep", "warmup_from")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 EXPERIMENT = "benchmarks"
 # the report whose marked sections the published profiles rewrite (``--readme auto``), relative to the working directory
@@ -192,6 +192,8 @@ class TaskProfile:
     training samples); None: the library's default."""
     init_keep: float | None = None
     """Keep probability of the units a ``fisher`` start keeps; None: the library's default."""
+    warmup_from: str | None = None
+    """``dense`` or ``start`` (``PruneConfig.warmup_from``); None: the library's default."""
     kwon_tune: bool | None = None
     """Kwon's least-squares mask tuning (``vtrans.fisher.kwon_prune(tune=...)``); None: on (the paper's method)."""
     hidden_weight: float = 0.5
@@ -886,7 +888,7 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
 
     steps = t.prune_steps[m]
     data = calibration if m in ("fast", "faster") else train
-    recon_batches = _kwon_batches(train, t, spec.seed, s.pad_token_id)  # what Kwon's tuning sees too
+    recon_batches = _kwon_batches(train, t, spec.seed, s.pad_token_id) if t.reconstruct else None  # as Kwon's tuning
     hidden = t.hidden_weight if m != "faster" else 0.0
 
     def train_vib(b: float):

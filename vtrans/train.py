@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,12 +25,13 @@ from transformers import PreTrainedModel
 
 from vtrans.budget import size
 from vtrans.config import Budget, VIBConfig
-from vtrans.errors import ConfigError, quote
+from vtrans.errors import BudgetError, ConfigError, quote
 from vtrans.vib import VIB, attach
 
 METHODS = ("vtrans", "fast", "faster")
 MASK_LR_DECAYS = ("none", "linear")
 INITS = ("constant", "fisher")
+WARMUP_FROM = ("dense", "start")
 #: Most training steps of any phase (``prune.steps``, ``prune.finetune_steps``, ``finetune.steps``, ``teacher.steps``):
 #: far beyond a real run (the shipped configs take 250-2000), it stops a typo such as ``1e12`` that would never end.
 MAX_STEPS = 1_000_000
@@ -116,6 +118,10 @@ class PruneConfig:
     samples, :func:`vtrans.fisher.search_masks`) sets the start: its kept units at keep probability
     ``init_keep``, the others at 0.5, so training refines a good selection instead of discovering one
     (:meth:`Pruner.warm_start`, before the first step)."""
+    warmup_from: str = "dense"
+    """Where the first round's size target starts its warm-up: ``dense`` (1) or ``start`` (the expected size the masks
+    start at, less than 1 after a ``fisher`` start). ``start`` tracks the budget more closely but moved the Fisher
+    selection further and lost accuracy in the ablations (R12 in pipelines/BENCHMARKS.md)."""
     init_keep: float = 0.95
     """Keep probability of the units a ``fisher`` start keeps (the others start at 0.5)."""
     reconstruct: bool = False
@@ -146,6 +152,8 @@ class PruneConfig:
             _positive("prune.lr_mu", self.lr_mu)
         if self.mask_lr_decay not in MASK_LR_DECAYS:
             raise ConfigError(f"prune.mask_lr_decay must be one of {list(MASK_LR_DECAYS)}, got {self.mask_lr_decay!r}")
+        if self.warmup_from not in WARMUP_FROM:
+            raise ConfigError(f"prune.warmup_from must be one of {list(WARMUP_FROM)}, got {self.warmup_from!r}")
         if self.init not in INITS:
             raise ConfigError(f"prune.init must be one of {list(INITS)}, got {self.init!r}")
         if isinstance(self.init_keep, bool) or not isinstance(self.init_keep, (int, float)) or \
@@ -200,10 +208,11 @@ class PruneConfig:
         """The last step of the first round's warm-up."""
         return max(1, round(self.warmup * self.steps)) - 1
 
-    def target_at(self, step: int) -> float:
-        """The size target t of a pruning step (linear warm-up from the previous round's target)."""
+    def target_at(self, step: int, start_fraction: float = 1.0) -> float:
+        """The size target t of a pruning step: linear warm-up from the previous round's target (the first round: from
+        ``start_fraction``, the expected size the masks start at - 1 for a uniform start, less after a Fisher one)."""
         r, _, k = self.phase(step)
-        start = 1.0 if r == 0 else self.round_target(r - 1)
+        start = start_fraction if r == 0 else self.round_target(r - 1)
         end = self.round_target(r)
         warm = max(1, round(self.warmup * self.steps))
         return start + (end - start) * min(1.0, (k + 1) / warm)
@@ -300,6 +309,9 @@ class Pruner(_Distiller):
         self.optimizers = self._make_optimizers()
         self._mask_lrs = [group["lr"] for group in self.optimizers["masks"].param_groups]
         self._phase: tuple[int, str] | None = None
+        self.start_fraction = 1.0
+        """Expected size the masks start at (set by :meth:`warm_start`): where the first round's target warms up from
+        with ``warmup_from: start``."""
         self.stalled: str | None = None
         """Set at the end of the warm-up when the expected size has not moved towards the target (one line)."""
 
@@ -362,8 +374,13 @@ class Pruner(_Distiller):
         self.model.train(was)
         b = self.config.budget
         # a start, not the final selection: any fill within half the target will do (tiny models have coarse units)
-        sel = search_masks(self.vib.geometry, fisher.scores(),
-                           Budget(**{b.metric: b.value}, scope=b.scope, seq_len=b.seq_len, tolerance=0.5))
+        try:
+            sel = search_masks(self.vib.geometry, fisher.scores(),
+                               Budget(**{b.metric: b.value}, scope=b.scope, seq_len=b.seq_len, tolerance=0.5))
+        except BudgetError as e:  # Kwon never prunes the hidden dimension; the VIB can still reach the budget
+            warnings.warn(f"prune.init=fisher: Kwon's selection cannot start this budget ({e}); the masks start "
+                          f"uniform (init=constant)", UserWarning, stacklevel=2)
+            return
         k, t = self.vib.config.keep_sharpness, self.vib.config.threshold
         keep_la = t - math.log(self.config.init_keep / (1 - self.config.init_keep)) / k  # log_alpha of p = init_keep
 
@@ -381,6 +398,7 @@ class Pruner(_Distiller):
                 start(self.vib.heads[i], sel.groups[i])
             if self.vib.neurons is not None:
                 start(self.vib.neurons[i], sel.neurons[i])
+        self.start_fraction = min(1.0, float(self.expected_fraction()))
 
     def reconstruct(self, calibration) -> None:
         """Rescale the kept units' mask values by least squares on ``calibration`` (batches like the training
@@ -431,7 +449,8 @@ class Pruner(_Distiller):
         if phase == "prune":
             kl = self.vib.kl()
             s = self.expected_fraction()
-            t = c.target_at(step)
+            start = self.start_fraction if c.warmup_from == "start" else 1.0
+            t = c.target_at(step, start)
             penalty = self.lagrangian(s, t)
             loss = loss + kl + penalty
             metrics.update(kl=float(kl.detach()), expected_size=float(s.detach()), target=t,
@@ -441,7 +460,8 @@ class Pruner(_Distiller):
                            active_fraction=self.vib.active_fraction(),
                            **{f"kl_{k}": v for k, v in self.vib.kl_by_type().items()})
             if step == c.warmup_end() and self.stalled is None:
-                moved = (1.0 - metrics["expected_size"]) / max(1e-9, 1.0 - t)
+                gap = start - t  # how far the warm-up asked the masks to move
+                moved = (start - metrics["expected_size"]) / gap if gap > 0.02 else 1.0
                 if moved < 0.1:
                     metrics["stalled"] = 1.0
                     self.stalled = stall_message(dict(metrics, step=step))
@@ -480,6 +500,7 @@ class Pruner(_Distiller):
         meta["optimizers"] = _save_optimizers(self.optimizers, tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         meta["phase"] = list(self._phase) if self._phase else None
+        meta["start_fraction"] = self.start_fraction
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -491,6 +512,7 @@ class Pruner(_Distiller):
                                          if k.startswith("lagrangian.")})
         _load_optimizers(self.optimizers, tensors, meta)
         torch.set_rng_state(tensors["rng.torch"])
+        self.start_fraction = float(meta.get("start_fraction", 1.0))
         self._phase = tuple(meta["phase"]) if meta.get("phase") else None
         if self._phase is not None:
             r, phase = self._phase

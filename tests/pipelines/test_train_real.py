@@ -49,8 +49,13 @@ def test_method_on_minilm(method: str, setup, tmp_path: Path) -> None:
                         RayConfig(num_workers=2), f"minilm-{method}", tmp_path, checkpoint_every=8)
     hist = res.history
     assert [m["step"] for m in hist] == list(range(24))
-    assert _mean(hist[-4:], "objective") < _mean(hist[:4], "objective")
-    assert _mean(hist[-4:], "kl") < _mean(hist[:4], "kl")
+    # the Lagrangian is live: after the warm-up the expected size is above the budget, so lambda1 (gradient ascent on
+    # lambda1 * (s - t)) keeps rising, and the keep probabilities are still where the budget term has gradient
+    after = hist[12:]
+    assert all(m["target"] == pytest.approx(0.5) and m["expected_size"] > 0.5 for m in after)
+    assert [m["lambda1"] for m in after] == sorted(m["lambda1"] for m in after) and after[-1]["lambda1"] > after[0][
+        "lambda1"]
+    assert hist[-1]["active_fraction"] > 0.5
     # the budget is met exactly by the compressed model
     dense = vtrans.count(load_pretrained(path, task="seq-cls", num_labels=2)).params_blocks
     small = load_pretrained(Path(res.output) / "compressed")

@@ -43,6 +43,8 @@ def _bert() -> BertForSequenceClassification:
     ({"budget": vtrans.Budget(params=1000)}, "prune.budget must be a fraction"),
     ({"lr_masks": -1.0}, "prune.lr_masks"),
     ({"task": "qa"}, "prune.task"),
+    ({"warmup_from": "middle"}, "prune.warmup_from must be one of ['dense', 'start'], got 'middle'"),
+    ({"mask_lr_decay": "cosine"}, "prune.mask_lr_decay must be one of ['none', 'linear'], got 'cosine'"),
 ])
 def test_bad_prune_configs(kwargs, needle) -> None:
     with pytest.raises(vtrans.ConfigError) as info:
@@ -311,3 +313,25 @@ def test_fisher_warm_start_sets_keep_probabilities_from_kwons_selection() -> Non
         PruneConfig(init="magic")
     with pytest.raises(vtrans.ConfigError, match="prune.init_keep must be in"):
         PruneConfig(init_keep=0.3)
+
+
+def test_fisher_warm_start_falls_back_when_kwons_search_cannot_reach_the_budget() -> None:
+    """Kwon never prunes the hidden dimension (nor post-LN norms): below that floor the masks start uniform."""
+    from vtrans.budget import Keep, size
+
+    model = _bert()
+    probe = vtrans.attach(model)
+    g = probe.geometry
+    floor = size(g, Keep(g.hidden, [0] * g.n_layers, [0] * g.n_layers, [0] * g.n_layers, [0] * g.n_layers), "params")
+    fraction = 0.9 * floor / size(g, g.dense_keep(), "params")
+    probe.remove()
+    x, y = _data()
+    get = _batches(x, y, bs=32)
+    cfg = PruneConfig(method="faster", steps=2, budget=vtrans.Budget(params=fraction, tolerance=0.5),
+                      distill=DistillConfig(logit_weight=0.0))
+    pruner = Pruner(model, cfg)
+    before = {n: m.logvar.detach().clone() for n, m in pruner.vib.named_modules() if hasattr(m, "logvar")}
+    with pytest.warns(UserWarning, match="prune.init=fisher: Kwon's selection cannot start this budget"):
+        pruner.warm_start([get(100)])
+    after = {n: m.logvar.detach() for n, m in pruner.vib.named_modules() if hasattr(m, "logvar")}
+    assert all(torch.equal(before[n], after[n]) for n in before)
