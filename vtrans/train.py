@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from vtrans.budget import size
 from vtrans.config import Budget, VIBConfig
 from vtrans.errors import BudgetError, ConfigError, quote
+from vtrans.masks import EPS
 from vtrans.vib import VIB, attach
 
 METHODS = ("vtrans", "fast", "faster")
@@ -363,8 +364,6 @@ class Pruner(_Distiller):
         heads and neurons at keep probability ``init_keep``, the pruned ones at 0.5 (hidden dimensions and block gates,
         which Kwon never prunes, at ``init_keep``). Only the log-variances change: ``log_alpha`` is set to the value
         whose keep probability is wanted."""
-        import math
-
         from vtrans.fisher import fisher_information, search_masks
 
         was = self.model.training
@@ -388,7 +387,7 @@ class Pruner(_Distiller):
             la = torch.full_like(m.logvar, keep_la)
             if keep is not None:
                 la[~keep.to(la.device)] = t  # keep probability 0.5
-            m.logvar.copy_(la + torch.log(m.mu.pow(2) + 1e-8))
+            m.logvar.copy_(la + torch.log(m.mu.pow(2) + EPS))
 
         for name, m in self.vib.masks():
             if name in ("hidden", "mha", "ffn"):

@@ -82,25 +82,28 @@ class VIB(nn.Module):
     def mask_parameters(self) -> list[nn.Parameter]:
         return [p for _, m in self.masks() for p in (m.mu, m.logvar)]
 
-    def kl(self) -> torch.Tensor:
-        """``sum_i beta_i / r_i * KL_i`` over all mask groups (beta_i = kl_weight * multiplier of its type); with
-        ``kl_normalisation="unit"`` every ``r_i`` is the FFN width instead of the group's own."""
-        total = torch.zeros((), device=self._device())
+    def _kl_terms(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(structure, beta_i / r_i * KL_i)`` of every mask group with a non-zero weight."""
         unit = self.config.kl_normalisation == "unit"
         for name, m in self.masks():
             beta = self.config.kl_weight * self.config.kl_multipliers[name]
             if beta:
-                total = total + beta * m.kl() / (self.geometry.ffn if unit else m.n)
+                yield name, beta * m.kl() / (self.geometry.ffn if unit else m.n)
+
+    def kl(self) -> torch.Tensor:
+        """``sum_i beta_i / r_i * KL_i`` over all mask groups (beta_i = kl_weight * multiplier of its type); with
+        ``kl_normalisation="unit"`` every ``r_i`` is the FFN width instead of the group's own."""
+        total = torch.zeros((), device=self._device())
+        for _, term in self._kl_terms():
+            total = total + term
         return total
 
+    @torch.no_grad()
     def kl_by_type(self) -> dict[str, float]:
         """The weighted KL of each structure type (its share of :meth:`kl`), for the training curves."""
-        out: dict[str, float] = {}
-        unit = self.config.kl_normalisation == "unit"
-        with torch.no_grad():
-            for name, m in self.masks():
-                beta = self.config.kl_weight * self.config.kl_multipliers[name]
-                out[name] = out.get(name, 0.0) + float(beta * m.kl() / (self.geometry.ffn if unit else m.n))
+        out = dict.fromkeys((name for name, _ in self.masks()), 0.0)
+        for name, term in self._kl_terms():
+            out[name] = out.get(name, 0.0) + float(term)
         return out
 
     @torch.no_grad()
