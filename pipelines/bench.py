@@ -65,10 +65,11 @@ KINDS = {"encoder": ("seq-cls", "rotten_tomatoes", "accuracy"), "decoder": ("cau
 CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
                      "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
-                     "init_keep", "warmup_from")
+                     "init_keep", "warmup_from", "constraint")
 #: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
 VIB_SETTINGS = ("logvar_init", "keep_sharpness", "threshold", "selection")
-PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep", "warmup_from")
+PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep", "warmup_from",
+                  "constraint")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 EXPERIMENT = "benchmarks"
 # the report whose marked sections the published profiles rewrite (``--readme auto``), relative to the working directory
@@ -194,6 +195,8 @@ class TaskProfile:
     """Keep probability of the units a ``fisher`` start keeps; None: the library's default."""
     warmup_from: str | None = None
     """``dense`` or ``start`` (``PruneConfig.warmup_from``); None: the library's default."""
+    constraint: str | None = None
+    """``lagrangian``, ``upper`` or ``projection`` (``PruneConfig.constraint``); None: the library's default."""
     kwon_tune: bool | None = None
     """Kwon's least-squares mask tuning (``vtrans.fisher.kwon_prune(tune=...)``); None: on (the paper's method)."""
     hidden_weight: float = 0.5

@@ -32,9 +32,9 @@ class VIBMask(nn.Module):
         """``0.5 * sum_j log(1 + mu_j^2 / (sigma_j^2 + 1e-8))`` (the VIB upper bound, up to a constant)."""
         return 0.5 * torch.log1p(self.mu.pow(2) / (self.logvar.exp() + EPS)).sum()
 
-    def keep_prob(self, sharpness: float, threshold: float) -> torch.Tensor:
-        """Differentiable keep probability ``sigmoid(-k * (log_alpha - threshold))``, shape (n,)."""
-        return torch.sigmoid(-sharpness * (self.log_alpha() - threshold))
+    def keep_prob(self, sharpness: float, threshold: float, offset: float = 0.0) -> torch.Tensor:
+        """Differentiable keep probability ``sigmoid(-k * (log_alpha + offset - threshold))``, shape (n,)."""
+        return torch.sigmoid(-sharpness * (self.log_alpha() + offset - threshold))
 
     def hard_keep(self, threshold: float) -> torch.Tensor:
         """Boolean keep decision, shape (n,): the budget's when fixed, else the threshold rule."""

@@ -33,6 +33,7 @@ METHODS = ("vtrans", "fast", "faster")
 MASK_LR_DECAYS = ("none", "linear")
 INITS = ("constant", "fisher")
 WARMUP_FROM = ("dense", "start")
+CONSTRAINTS = ("lagrangian", "upper", "projection")
 #: Most training steps of any phase (``prune.steps``, ``prune.finetune_steps``, ``finetune.steps``, ``teacher.steps``):
 #: far beyond a real run (the shipped configs take 250-2000), it stops a typo such as ``1e12`` that would never end.
 MAX_STEPS = 1_000_000
@@ -123,6 +124,14 @@ class PruneConfig:
     """Where the first round's size target starts its warm-up: ``dense`` (1) or ``start`` (the expected size the masks
     start at, less than 1 after a ``fisher`` start). ``start`` tracks the budget more closely but moved the Fisher
     selection further and lost accuracy in the ablations (R12 in pipelines/BENCHMARKS.md)."""
+    constraint: str = "lagrangian"
+    """How the expected size is held to the warmed-up target t during pruning. ``lagrangian``: ``lambda1 * (s - t) +
+    lambda2 * (s - t)^2`` with both lambdas by gradient ascent (CoFi; lambda1 of either sign, so it also pulls the size
+    up while the target is above it). ``upper``: the same with the budget as an upper bound - lambda1 projected onto
+    ``>= 0`` after each step and the quadratic term only over the target - so no multiplier winds up while the
+    target is still above the size. ``projection``: no Lagrangian; after every mask step, every unit's ``log_alpha``
+    moves by the one common offset that brings the expected size back to t whenever it is above t
+    (:meth:`Pruner.project`): the task and the KL decide which units go, the projection how many."""
     init_keep: float = 0.95
     """Keep probability of the units a ``fisher`` start keeps (the others start at 0.5)."""
     reconstruct: bool = False
@@ -155,6 +164,8 @@ class PruneConfig:
             raise ConfigError(f"prune.mask_lr_decay must be one of {list(MASK_LR_DECAYS)}, got {self.mask_lr_decay!r}")
         if self.warmup_from not in WARMUP_FROM:
             raise ConfigError(f"prune.warmup_from must be one of {list(WARMUP_FROM)}, got {self.warmup_from!r}")
+        if self.constraint not in CONSTRAINTS:
+            raise ConfigError(f"prune.constraint must be one of {list(CONSTRAINTS)}, got {quote(self.constraint)}")
         if self.init not in INITS:
             raise ConfigError(f"prune.init must be one of {list(INITS)}, got {self.init!r}")
         if isinstance(self.init_keep, bool) or not isinstance(self.init_keep, (int, float)) or \
@@ -229,16 +240,26 @@ def stall_message(metrics: dict) -> str:
 
 
 class Lagrangian(nn.Module):
-    """``lambda1 * (s - t) + lambda2 * (s - t)^2`` with the lambdas trained by gradient ascent."""
+    """``lambda1 * (s - t) + lambda2 * (s - t)^2`` with the lambdas trained by gradient ascent; with ``upper`` the
+    budget is an upper bound: only ``s > t`` enters the quadratic term and lambda1 stays ``>= 0``
+    (:meth:`project_lambdas`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, upper: bool = False) -> None:
         super().__init__()
+        self.upper = upper
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
 
     def forward(self, expected: torch.Tensor, target: float) -> torch.Tensor:
         gap = expected - target
-        return self.lambda1 * gap + self.lambda2 * gap * gap
+        over = gap.clamp_min(0) if self.upper else gap
+        return self.lambda1 * gap + self.lambda2 * over * over
+
+    @torch.no_grad()
+    def project_lambdas(self) -> None:
+        """After an ascent step: the multiplier of an upper bound is never negative."""
+        if self.upper:
+            self.lambda1.clamp_(min=0.0)
 
 
 class _Distiller(nn.Module):
@@ -303,7 +324,7 @@ class Pruner(_Distiller):
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self.model = model
         self.vib: VIB = attach(model, config.vib)
-        self.lagrangian = Lagrangian().to(next(model.parameters()).device)
+        self.lagrangian = Lagrangian(upper=config.constraint == "upper").to(next(model.parameters()).device)
         b = config.budget
         self.dense_size = float(size(self.vib.geometry, self.vib.geometry.dense_keep(), b.metric, b.scope, b.seq_len))
         self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
@@ -313,6 +334,8 @@ class Pruner(_Distiller):
         self.start_fraction = 1.0
         """Expected size the masks start at (set by :meth:`warm_start`): where the first round's target warms up from
         with ``warmup_from: start``."""
+        self.last_offset = 0.0
+        """``constraint: projection``: the ``log_alpha`` offset the last pruning step applied (:meth:`project`)."""
         self.stalled: str | None = None
         """Set at the end of the warm-up when the expected size has not moved towards the target (one line)."""
 
@@ -450,7 +473,7 @@ class Pruner(_Distiller):
             s = self.expected_fraction()
             start = self.start_fraction if c.warmup_from == "start" else 1.0
             t = c.target_at(step, start)
-            penalty = self.lagrangian(s, t)
+            penalty = self.lagrangian(s, t) if c.constraint != "projection" else torch.zeros((), device=s.device)
             loss = loss + kl + penalty
             metrics.update(kl=float(kl.detach()), expected_size=float(s.detach()), target=t,
                            objective=float((loss - penalty).detach()),
@@ -470,7 +493,8 @@ class Pruner(_Distiller):
     def optimize(self, loss: torch.Tensor, step: int) -> None:
         """Backward and one step of the optimizers of this step's phase."""
         _, phase, _ = self.config.phase(step)
-        names = ["finetune"] if phase == "finetune" else ["masks", "lambdas"] + (
+        names = ["finetune"] if phase == "finetune" else ["masks"] + (
+            ["lambdas"] if self.config.constraint != "projection" else []) + (
             ["weights"] if "weights" in self.optimizers else [])
         opts = [self.optimizers[n] for n in names]
         if phase == "prune":
@@ -486,6 +510,35 @@ class Pruner(_Distiller):
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         for o in opts:
             o.step()
+        if phase == "prune":
+            self.lagrangian.project_lambdas()
+            if self.config.constraint == "projection":
+                start = self.start_fraction if self.config.warmup_from == "start" else 1.0
+                self.last_offset = self.project(self.config.target_at(step, start))
+
+    @torch.no_grad()
+    def project(self, target: float) -> float:
+        """``constraint: projection``: when the expected kept fraction is above ``target``, move every unit's
+        ``log_alpha`` by the smallest common offset that brings it to ``target`` (bisection; the expected size falls
+        monotonically in the offset). Returns the offset applied (0 when the size was not above the target)."""
+        b = self.config.budget
+
+        def fraction(offset: float) -> float:
+            return float(self.vib.expected_size(b.metric, b.scope, b.seq_len, offset=offset)) / self.dense_size
+
+        if fraction(0.0) <= target:
+            return 0.0
+        lo, hi = 0.0, 1.0
+        while fraction(hi) > target and hi < 64.0:  # 64: every keep probability is ~0 by then
+            lo, hi = hi, 2 * hi
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if fraction(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+        self.vib.shift_log_alpha(hi)
+        return hi
 
     # --- checkpointing ----------------------------------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:

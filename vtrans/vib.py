@@ -115,21 +115,32 @@ class VIB(nn.Module):
         return float(((probs >= low) & (probs <= high)).float().mean()) if probs.numel() else 0.0
 
     # --- keep decisions ------------------------------------------------------------------------------------------
-    def keep_probs(self) -> Keep:
-        """Soft keep counts (expectations under the keep probabilities); unmasked structures count fully."""
+    def keep_probs(self, offset: float = 0.0) -> Keep:
+        """Soft keep counts (expectations under the keep probabilities); unmasked structures count fully. ``offset`` is
+        added to every unit's ``log_alpha`` (what :meth:`shift_log_alpha` would do)."""
         g, k, t = self.geometry, self.config.keep_sharpness, self.config.threshold
         L = g.n_layers
         return Keep(
-            hidden=self.hidden.keep_prob(k, t).sum() if self.hidden is not None else g.hidden,
-            groups=[m.keep_prob(k, t).sum() for m in self.heads] if self.heads is not None else [g.n_groups] * L,
-            neurons=[m.keep_prob(k, t).sum() for m in self.neurons] if self.neurons is not None else [g.ffn] * L,
-            mha=list(self.mha.keep_prob(k, t)) if self.mha is not None else [1] * L,
-            ffn=list(self.ffn.keep_prob(k, t)) if self.ffn is not None else [1] * L,
+            hidden=self.hidden.keep_prob(k, t, offset).sum() if self.hidden is not None else g.hidden,
+            groups=[m.keep_prob(k, t, offset).sum() for m in self.heads] if self.heads is not None else
+            [g.n_groups] * L,
+            neurons=[m.keep_prob(k, t, offset).sum() for m in self.neurons] if self.neurons is not None else
+            [g.ffn] * L,
+            mha=list(self.mha.keep_prob(k, t, offset)) if self.mha is not None else [1] * L,
+            ffn=list(self.ffn.keep_prob(k, t, offset)) if self.ffn is not None else [1] * L,
         )
 
-    def expected_size(self, metric: str = "params", scope: str = "blocks", seq_len: int = 128) -> torch.Tensor:
-        """Differentiable expected parameters or FLOPs under the current keep probabilities."""
-        return torch.as_tensor(size(self.geometry, self.keep_probs(), metric, scope, seq_len))
+    def expected_size(self, metric: str = "params", scope: str = "blocks", seq_len: int = 128,
+                      offset: float = 0.0) -> torch.Tensor:
+        """Differentiable expected parameters or FLOPs under the current keep probabilities (every ``log_alpha``
+        moved by ``offset``)."""
+        return torch.as_tensor(size(self.geometry, self.keep_probs(offset), metric, scope, seq_len))
+
+    @torch.no_grad()
+    def shift_log_alpha(self, offset: float) -> None:
+        """Move every unit's ``log_alpha`` by ``offset`` (through its log-variance; the means stay)."""
+        for _, m in self.masks():
+            m.logvar.add_(offset)
 
     def selection(self) -> Selection:
         """The hard keep decision of every unit, with the block rules applied."""

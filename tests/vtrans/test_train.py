@@ -335,3 +335,56 @@ def test_fisher_warm_start_falls_back_when_kwons_search_cannot_reach_the_budget(
         pruner.warm_start([get(100)])
     after = {n: m.logvar.detach() for n, m in pruner.vib.named_modules() if hasattr(m, "logvar")}
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.3])
+def test_projection_holds_the_expected_size_at_the_target_from_the_first_step(budget: float) -> None:
+    """``constraint: projection``: after every pruning step the expected size is at most the warmed-up target and, where
+    the masks had gone over it, equal to it (to the bisection's precision); the multipliers never move."""
+    x, y = _data()
+    cfg = PruneConfig(method="faster", steps=6, warmup=0.5, budget=vtrans.Budget(params=budget), init="constant",
+                      constraint="projection", lr_masks=0.05, distill=DistillConfig(logit_weight=0.0))
+    pruner = Pruner(_bert(), cfg)
+    get = _batches(x, y)
+    projected = 0
+    for step in range(cfg.steps):
+        pruner.begin_step(step)
+        loss, _ = pruner(get(step), step)
+        pruner.optimize(loss, step)
+        s, t = float(pruner.expected_fraction().detach()), cfg.target_at(step)
+        assert s <= t + 1e-6
+        if pruner.last_offset > 0:
+            projected += 1
+            assert s == pytest.approx(t, abs=1e-6)
+    assert projected >= cfg.steps // 2  # the warm-up pulls the target under the masks' size
+    assert float(pruner.lagrangian.lambda1.detach()) == 0.0 and float(pruner.lagrangian.lambda2.detach()) == 0.0
+    assert pruner.project(0.99) == 0.0  # already under: nothing moves
+
+
+def test_projection_finds_the_common_offset_exactly() -> None:
+    pruner = Pruner(_bert(), PruneConfig(method="faster", steps=2, init="constant", constraint="projection",
+                                         distill=DistillConfig(logit_weight=0.0)))
+    before = [m.log_alpha().detach().clone() for _, m in pruner.vib.masks()]
+    offset = pruner.project(0.4)
+    assert offset > 0 and float(pruner.expected_fraction()) == pytest.approx(0.4, abs=1e-6)
+    for (_, m), b in zip(pruner.vib.masks(), before):  # one common shift of every unit's log_alpha
+        assert torch.allclose(m.log_alpha().detach() - b, torch.full_like(b, offset), atol=1e-5)
+
+
+def test_an_upper_bound_multiplier_never_winds_up_below_zero() -> None:
+    """``constraint: upper``: while the target is above the expected size, lambda1 stays at 0 (``lagrangian`` lets it
+    go negative and pull the masks back towards dense); lambda1 rises once the size is over the target."""
+    x, y = _data()
+    runs = {}
+    for constraint in ("lagrangian", "upper"):
+        cfg = PruneConfig(method="faster", steps=8, warmup=0.5, budget=vtrans.Budget(params=0.3), init="constant",
+                          constraint=constraint, lr_lambdas=0.5, distill=DistillConfig(logit_weight=0.0),
+                          vib=vtrans.VIBConfig(logvar_init=-2.0, keep_sharpness=1.0))  # expected size 0.69 at first
+        pruner = Pruner(_bert(), cfg)
+        runs[constraint] = [(m["lambda1"], m["expected_size"], m["target"]) for m in fit(pruner, _batches(x, y))]
+    assert runs["lagrangian"][1][0] < 0  # the first ascent step: s < t, so lambda1 went negative
+    assert all(lam >= 0.0 for lam, _, _ in runs["upper"])
+    assert runs["upper"][-1][0] > 0  # the target fell below the size and lambda1 acted
+    assert runs["upper"][-1][1] < runs["lagrangian"][-1][1]  # no wound-up multiplier holding the size up
+    with pytest.raises(vtrans.ConfigError, match="prune.constraint must be one of"):
+        PruneConfig(constraint="soft")
