@@ -64,7 +64,8 @@ def test_real_model_to_half_of_block_params(name: str, task: str, cls_name: str,
     with torch.no_grad():
         out = small(input_ids=ids)
     out = out.logits if task == "causal-lm" else out.last_hidden_state
-    assert ((out - masked).abs().max() / masked.abs().max()).item() < 1e-5
+    # float32, different summation orders through 6-30 layers: ~1e-5 relative is rounding, a wrong unit is > 1e-2
+    assert ((out - masked).abs().max() / masked.abs().max()).item() < 1e-4
 
     kept = vtrans.count(small)
     assert sum(p.numel() for p in small.parameters()) == kept.params_total
