@@ -7,6 +7,11 @@ point: speedup = dense latency / compressed latency, FLOPs reduction = dense / c
 (1.0: the wall clock gains all that the FLOPs promise). Peak memory: the measuring process's peak RSS on CPU, the
 peak CUDA allocation on GPU.
 
+The dense model is measured once per (teacher, test split, evaluate settings, device model, threads): the trials of
+a sweep compare against one dense measurement, kept under ``stages/evaluate/dense/<key>/dense.json`` (``--force``
+or ``--from evaluate`` measures it again). The device model is part of the key, so a trial scheduled on another
+kind of GPU or CPU measures its own dense baseline.
+
 Outputs: ``report.json`` and ``report.md``; the compressed model is logged to the stage's MLflow run as a pyfunc
 (:mod:`pipelines.mlflow_model`), its quality and size linked to the logged model.
 """
@@ -14,11 +19,13 @@ Outputs: ``report.json`` and ``report.md``; the compressed model is logged to th
 from __future__ import annotations
 
 import json
+import os
+import platform
 import resource
 from pathlib import Path
 
-from pipelines.config import PipelineConfig, to_dict
-from pipelines.stages.base import StageContext, StageOutput, StageResult
+from pipelines.config import PipelineConfig, config_hash, to_dict
+from pipelines.stages.base import STAGES_DIR, StageContext, StageOutput, StageResult
 
 NAME = "evaluate"
 NEEDS = ("calibrate", "teacher", "finetune")
@@ -56,8 +63,8 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
     baseline_mb = _peak_rss_mb()  # the interpreter, torch and transformers, before the model
     model = load_pretrained(model_dir, task=task, dtype=torch.float32).to(device).eval()
     data = TokenizedDataset(test_path, task)
-    out: dict = {"model_dir": model_dir, "device": device, "threads": torch.get_num_threads(),
-                 "model_mb": model_bytes(model) / 2**20}
+    out: dict = {"model_dir": model_dir, "device": device, "device_name": device_name(device),
+                 "threads": torch.get_num_threads(), "model_mb": model_bytes(model) / 2**20}
     for metric in e.metrics:
         fn = accuracy if metric == "accuracy" else perplexity
         out[metric] = fn(model, data, pad_token_id, batch_size=e.batch_size, desc=f"{label} {metric}")
@@ -74,6 +81,22 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
     out["peak_rss_mb"] = _peak_rss_mb()
     out["peak_rss_over_baseline_mb"] = out["peak_rss_mb"] - baseline_mb
     return out
+
+
+def device_name(device: str) -> str:
+    """The hardware model the measurements ran on: the GPU's name, or the CPU's model name."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _peak_rss_mb() -> float:
@@ -141,6 +164,14 @@ def markdown(cfg: PipelineConfig, m: dict[str, float], device: str) -> str:
     return f"Evaluation of `{cfg.name}` on {device}:\n\n" + "\n".join(rows) + "\n"
 
 
+def _dense_file(ctx: StageContext, comp: dict) -> Path:
+    """Where the dense measurement for this teacher, test split, evaluate material and hardware is kept."""
+    key = config_hash({"version": VERSION, "teacher": ctx.keys["teacher"], "calibrate": ctx.keys["calibrate"],
+                       "material": material(ctx.config), "device_name": comp["device_name"],
+                       "threads": comp["threads"]})
+    return Path(ctx.root) / STAGES_DIR / NAME / "dense" / key / "dense.json"
+
+
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
     import ray
 
@@ -151,7 +182,16 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     remote = _measure_remote(cfg)
     # one after the other: timings taken side by side on shared cores would disturb each other
     comp = ray.get(remote.remote(compressed, cfg.task, test, cfg, pad, "compressed"))
-    dense = ray.get(remote.remote(dense_dir, cfg.task, test, cfg, pad, "dense"))
+    dense_file = _dense_file(ctx, comp)
+    if dense_file.is_file() and NAME not in ctx.rerun:
+        dense = json.loads(dense_file.read_text())
+        print(f"[{NAME}] dense: measured before on the same {comp['device_name']} ({dense_file})", flush=True)
+    else:
+        dense = ray.get(remote.remote(dense_dir, cfg.task, test, cfg, pad, "dense"))
+        dense_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dense_file.with_name(f".{dense_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dense, indent=1))
+        os.replace(tmp, dense_file)  # concurrent trials: the last complete measurement wins, never a partial one
     metrics = compare(cfg, dense, comp)
     report = {"metrics": metrics, "compressed": comp, "dense": dense, "device": comp["device"],
               "threads": comp["threads"], "grid": grid(cfg)}

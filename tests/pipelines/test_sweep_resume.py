@@ -50,12 +50,13 @@ RESUME = {
     "sweep": {"space": {"prune.budget.params": BUDGETS}, "max_concurrent_trials": 1},
 }
 LOW, HIGH = 0.3, 0.7
+SAMPLES = 2
 OPTUNA = {
     **BASE, "name": "optuna-sweep",
     "prune": {"method": "faster", "budget": {"params": 0.5, "seq_len": 32, "tolerance": TOLERANCE}, "steps": 2,
               "batch_size": 8},
     "tracking": {"experiment": "sweep-optuna"},
-    "sweep": {"space": {"prune.budget.params": {"uniform": [LOW, HIGH]}}, "search": "optuna", "num_samples": 3,
+    "sweep": {"space": {"prune.budget.params": {"uniform": [LOW, HIGH]}}, "search": "optuna", "num_samples": SAMPLES,
               "objectives": ["accuracy:max", "params_blocks:min"], "seed": 7},
 }
 TRIAL_TAG, KEY_TAG = "vtrans.trial", "vtrans.sweep_key"
@@ -320,14 +321,14 @@ def test_resume_after_the_driver_is_killed_continues_the_same_experiment(tmp_pat
 def test_optuna_search_samples_inside_the_space_and_logs_the_recomputed_front(tmp_path: Path) -> None:
     d = _sweep_dir(tmp_path, OPTUNA)
     text = _finish(d, _start(d, log="optuna.log"), "optuna.log")
-    assert "sweep optuna-sweep: 3 trials finished, 0 failed" in text
+    assert f"sweep optuna-sweep: {SAMPLES} trials finished, 0 failed" in text
     client = _client(d)
     (parent,) = _runs(client, "sweep-optuna", f"tags.`{KEY_TAG}` != ''")
     assert parent.info.status == "FINISHED" and parent.data.params["sweep.search"] == "optuna"
     trials = _trials(client, "sweep-optuna", parent.info.run_id)
-    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    assert len(trials) == SAMPLES and all(t.info.status == "FINISHED" for t in trials)
     budgets = [float(t.data.params["prune.budget.params"]) for t in trials]
-    assert all(LOW <= b <= HIGH for b in budgets) and len(set(budgets)) == 3, budgets  # sampled, not the bounds
+    assert all(LOW <= b <= HIGH for b in budgets) and len(set(budgets)) == SAMPLES, budgets  # sampled, not the bounds
     for t, budget in zip(trials, budgets):
         ratio = t.data.metrics["params_blocks_ratio"]
         assert budget - TOLERANCE <= ratio <= budget, (budget, ratio)
@@ -343,7 +344,7 @@ def test_optuna_search_samples_inside_the_space_and_logs_the_recomputed_front(tm
     assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     told = sorted((t.params["prune.budget.params"], *t.values) for t in study.trials
                   if t.state == optuna.trial.TrialState.COMPLETE)
-    assert len(study.trials) == 3
+    assert len(study.trials) == SAMPLES
     assert told == sorted((b, t.data.metrics["accuracy"], t.data.metrics["params_blocks"])
                           for t, b in zip(trials, budgets))
 

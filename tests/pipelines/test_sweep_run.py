@@ -1,5 +1,5 @@
-"""A real sweep on local Ray Tune with the embedded MLflow: 2 models x 2 budgets x 2 KL weights, one MLflow run per
-trial under the sweep's parent, one mask training per (model, KL weight) re-thresholded for the other budget
+"""A real sweep on local Ray Tune with the embedded MLflow: 2 models x 2 budgets, one MLflow run per
+trial under the sweep's parent, one mask training per model re-thresholded for the other budget
 (``reuse_posterior``), Pareto tables equal to a recomputation from the trial runs, the Pareto models in the registry
 with their aliases, and a registered model consumed in a fresh process."""
 
@@ -33,7 +33,7 @@ SWEEP = {
     "ray": {"num_workers": 2},
     "tracking": {"experiment": "sweep-test"},
     "sweep": {"models": {"a": {}, "b": {"model.name": "tiny-b"}},
-              "space": {"prune.budget.params": [0.6, 0.4], "prune.vib.kl_weight": [0.01, 0.1]},
+              "space": {"prune.budget.params": [0.6, 0.4]},  # a posterior per KL weight etc.: test_sweep.py
               "reuse_posterior": True},
 }
 
@@ -70,16 +70,15 @@ def _client(run):
 
 def test_one_parent_and_one_run_per_trial(swept) -> None:
     _, run = swept
-    assert run.errors == 0 and len(run.rows) == 8
+    assert run.errors == 0 and len(run.rows) == 4
     client = _client(run)
     parent = client.get_run(run.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["vtrans.sweep"] == "tiny-sweep"
     assert parent.data.params["sweep.space.prune.budget.params"] == "[0.6, 0.4]"
     trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'")
-    assert len(trials) == 8
-    points = {(t.data.params["sweep.model"], t.data.params["prune.budget.params"],
-               t.data.params["prune.vib.kl_weight"]) for t in trials}
-    assert points == {(m, b, k) for m in ("a", "b") for b in ("0.6", "0.4") for k in ("0.01", "0.1")}
+    assert len(trials) == 4
+    points = {(t.data.params["sweep.model"], t.data.params["prune.budget.params"]) for t in trials}
+    assert points == {(m, b) for m in ("a", "b") for b in ("0.6", "0.4")}
     for t in trials:  # every stage inside the one trial run, none in runs of their own
         assert t.info.status == "FINISHED"
         assert {"evaluate.accuracy", "accuracy", "prune.params_blocks_ratio"} <= set(t.data.metrics)
@@ -91,28 +90,44 @@ def test_one_parent_and_one_run_per_trial(swept) -> None:
         assert budget - 0.05 <= ratio <= budget  # tolerance 0.05 of the tiny model
 
 
-def test_one_mask_training_per_model_and_kl_weight(swept) -> None:
-    """reuse_posterior: the 0.4 prune stage of each (model, KL weight) is its only mask training; the 0.6 trial
+def test_the_trials_of_a_model_compare_against_one_dense_measurement(swept) -> None:
+    d, run = swept
+    client = _client(run)
+    trials = client.search_runs([client.get_run(run.run_id).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{run.run_id}'")
+    stages = d / "runs" / "stages" / "evaluate"
+    reports = {(t.data.params["sweep.model"], t.data.params["prune.budget.params"]):
+               json.loads((stages / t.data.tags["vtrans.key.evaluate"] / "report.json").read_text()) for t in trials}
+    dense = sorted(stages.glob("dense/*/dense.json"))
+    assert len(dense) == 2  # one per model (one teacher each), not one per trial
+    for m in ("a", "b"):
+        small, large = reports[(m, "0.4")], reports[(m, "0.6")]
+        assert small["dense"] == large["dense"]  # the same timings to the last digit: one measurement
+        assert small["compressed"]["latency"] != large["compressed"]["latency"]
+        assert small["dense"] in [json.loads(f.read_text()) for f in dense]
+    assert reports[("a", "0.4")]["dense"] != reports[("b", "0.4")]["dense"]
+
+
+def test_one_mask_training_per_model(swept) -> None:
+    """reuse_posterior: the 0.4 prune stage of each model is its only mask training; the 0.6 trial
     re-thresholds that posterior. Whichever trial got there first trained it, with its curves in that trial's run."""
     d, run = swept
     client = _client(run)
     trials = client.search_runs([client.get_run(run.run_id).info.experiment_id],
                                 f"tags.mlflow.parentRunId = '{run.run_id}'")
-    assert len(list((d / "runs" / "stages" / "prune").glob("*/train/output/posterior"))) == 4
+    assert len(list((d / "runs" / "stages" / "prune").glob("*/train/output/posterior"))) == 2
     for m in ("a", "b"):
-        for kl in ("0.01", "0.1"):
-            group = {t.data.params["prune.budget.params"]: t for t in trials
-                     if (t.data.params["sweep.model"], t.data.params["prune.vib.kl_weight"]) == (m, kl)}
-            small, large = group["0.4"], group["0.6"]
-            trained = [(t.info.run_id, key) for t in (small, large) for key in ("prune.loss", "posterior.loss")
-                       if client.get_metric_history(t.info.run_id, key)]
-            assert len(trained) == 1, trained  # one training, 2 steps of curves
-            trainer, key = trained[0]
-            assert len(client.get_metric_history(trainer, key)) == 2
-            assert (trainer, key) in ((small.info.run_id, "prune.loss"), (large.info.run_id, "posterior.loss"))
-            assert large.data.tags["vtrans.posterior_run_id"] == trainer
-            assert large.data.tags["vtrans.key.posterior"] == small.data.tags["vtrans.key.prune"]
-            assert "prune.job_wall_s" not in large.data.metrics and large.data.metrics["prune.derive_wall_s"] < 60
+        group = {t.data.params["prune.budget.params"]: t for t in trials if t.data.params["sweep.model"] == m}
+        small, large = group["0.4"], group["0.6"]
+        trained = [(t.info.run_id, key) for t in (small, large) for key in ("prune.loss", "posterior.loss")
+                   if client.get_metric_history(t.info.run_id, key)]
+        assert len(trained) == 1, trained  # one training, 2 steps of curves
+        trainer, key = trained[0]
+        assert len(client.get_metric_history(trainer, key)) == 2
+        assert (trainer, key) in ((small.info.run_id, "prune.loss"), (large.info.run_id, "posterior.loss"))
+        assert large.data.tags["vtrans.posterior_run_id"] == trainer
+        assert large.data.tags["vtrans.key.posterior"] == small.data.tags["vtrans.key.prune"]
+        assert "prune.job_wall_s" not in large.data.metrics and large.data.metrics["prune.derive_wall_s"] < 60
 
 
 def test_pareto_tables_equal_a_recomputation_from_the_trial_runs(swept) -> None:
@@ -127,7 +142,7 @@ def test_pareto_tables_equal_a_recomputation_from_the_trial_runs(swept) -> None:
                                          str(d / "dl"))
         table = json.loads(Path(path).read_text())
         logged = [dict(zip(table["columns"], row)) for row in table["data"]]
-        # the same points; exact duplicates (two KL weights that kept the same units) may come in either order
+        # the same points; exact duplicates (two trials that kept the same units) may come in either order
         assert sorted(r["run_id"] for r in logged) == sorted(rows[i]["run_id"] for i in expected)
         assert [r["params_blocks"] for r in logged] == [rows[i]["params_blocks"] for i in expected]
         assert [r["accuracy"] for r in logged] == pytest.approx([rows[i]["accuracy"] for i in expected], abs=1e-9)
