@@ -10,8 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import bench, bench_report
-from pipelines.bench_report import Stat, aggregate, mean_std
+from pipelines import bench
+from pipelines.bench import report
+from pipelines.bench.stats import (
+    Stat,
+    aggregate,
+    budget_met,
+    flops_reduction,
+    mean_std,
+    speedup,
+    speedup_per_flops,
+    time_ratios,
+)
+from pipelines.config import config_hash, to_dict
 from vtrans.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,20 +68,20 @@ def test_aggregate_groups_seeds():
 
 
 def test_ratios():
-    assert bench_report.speedup(30.0, 15.0) == 2.0
-    assert bench_report.flops_reduction(2_868_903_936, 1_434_451_968) == 2.0
-    assert bench_report.speedup_per_flops(1.6, 2.0) == pytest.approx(0.8)
+    assert speedup(30.0, 15.0) == 2.0
+    assert flops_reduction(2_868_903_936, 1_434_451_968) == 2.0
+    assert speedup_per_flops(1.6, 2.0) == pytest.approx(0.8)
     for bad in (0, -1.0, math.inf, math.nan, True):
         with pytest.raises(ConfigError, match="must be a finite number > 0"):
-            bench_report.speedup(10.0, bad)
+            speedup(10.0, bad)
 
 
 def test_budget_met_is_exact():
     # target 500 of 1000, tolerance 0.5%: [497.5, 500]
-    assert bench_report.budget_met(500, 1000, 0.5, 0.005)
-    assert bench_report.budget_met(498, 1000, 0.5, 0.005)
-    assert not bench_report.budget_met(501, 1000, 0.5, 0.005)
-    assert not bench_report.budget_met(497, 1000, 0.5, 0.005)
+    assert budget_met(500, 1000, 0.5, 0.005)
+    assert budget_met(498, 1000, 0.5, 0.005)
+    assert not budget_met(501, 1000, 0.5, 0.005)
+    assert not budget_met(497, 1000, 0.5, 0.005)
 
 
 def test_time_ratio_counts_a_shared_posterior_once_per_seed():
@@ -79,10 +90,10 @@ def test_time_ratio_counts_a_shared_posterior_once_per_seed():
         _row("vtrans", 0.3, 0, False, 0.6, compress_s=100.0, compress_group="posterior@0.3", prune_steps=200),
         _row("faster", 0.5, 0, False, 0.7, compress_s=4.0, compress_group="posterior@0.3", prune_steps=100),
         _row("faster", 0.5, 1, False, 0.7, compress_s=6.0, compress_group="posterior@0.3", prune_steps=100)]}
-    r = bench_report.time_ratios(task)
+    r = time_ratios(task)
     assert r["faster_over_vtrans"] == pytest.approx(5.0 / 100.0)
     assert r["faster_over_vtrans_per_step"] == pytest.approx((5.0 / 100) / (100.0 / 200))
-    assert bench_report.time_ratios({"rows": task["rows"][:2]}) == {}
+    assert time_ratios({"rows": task["rows"][:2]}) == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,7 +146,7 @@ def _results() -> dict:
 
 
 def test_markdown_tables():
-    md = bench_report.render_markdown(_results())
+    md = report.render_markdown(_results())
     # quality: mean ± std over seeds, the best of each column in bold, without and with the fine-tune
     assert "| random | 0.6200 ± 0.0283 (n=2) | 0.5600 ± 0.0141 (n=2) |" in md
     assert "| vtrans | **0.8050 (n=1)** | **0.7000 (n=1)** |" in md
@@ -163,18 +174,18 @@ def test_markdown_tables():
 
 def test_cached_rows_are_disclosed():
     res = _results()
-    assert bench_report.cache_notes(res) == []
+    assert report.cache_notes(res) == []
     res["tasks"]["t"]["rows"][0]["cached"] = True
     res["tasks"]["t"]["setup"] = {"data": {"status": "cached"}, "teacher": {"status": "ran"}}
-    notes = bench_report.cache_notes(res)
+    notes = report.cache_notes(res)
     assert notes == [f"t: 1 of {len(res['tasks']['t']['rows'])} rows, the data came from the cache of an earlier "
                      f"invocation with the same settings (their quality, sizes and compression / fine-tune times were "
                      f"measured then; latency is measured every time)."]
-    assert notes[0] in bench_report.render_markdown(res)
+    assert notes[0] in report.render_markdown(res)
 
 
 def test_claims_are_checked_against_the_numbers():
-    claims = "\n".join(bench_report.check_claims(_results()["tasks"]["t"]))
+    claims = "\n".join(report.check_claims(_results()["tasks"]["t"]))
     assert "dominate the baselines (without fine-tune): **confirmed**; better at 0.5, 0.3." in claims
     assert "dominate the baselines (with fine-tune): **confirmed**" in claims
     assert "vtrans loses <= 1 accuracy point at 50% (fine-tuned): **confirmed** (+0.0 points" in claims
@@ -189,13 +200,13 @@ def test_claims_contradicted():
             r["quality"] = 0.9
         if r["method"] == "faster":
             r["compress_s"] = 50.0
-    claims = "\n".join(bench_report.check_claims(task))
+    claims = "\n".join(report.check_claims(task))
     assert "(with fine-tune): **contradicted**; better at no budget; not at 0.5 (beaten or tied by random)" in claims
     assert "Faster-VTrans >= 10x faster than VTrans: **contradicted** (4.0x)" in claims
 
 
 def test_pareto_plot_is_a_png(tmp_path):
-    path = bench_report.plot_pareto(_results()["tasks"]["t"], tmp_path / "p.png")
+    path = report.plot_pareto(_results()["tasks"]["t"], tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -295,11 +306,11 @@ def test_cell_key_depends_on_what_changes_the_rows():
                                             "random", 0, True, "cpu")
     # a setting added after cells were cached, left at None, leaves the keys of those cells as they were
     legacy = bench.load_profile("quick", ["encoder.kl_normalisation=null"]).encoder
-    settings = {k: v for k, v in bench.to_dict(legacy).items()
+    settings = {k: v for k, v in to_dict(legacy).items()
                 if k not in ("label", "methods", "seeds", "trained_seeds", "finetune_seeds", "latency",
                              *bench.OPTIONAL_SETTINGS)}
     settings["flops_seq_len"] = legacy.latency.seq_len
-    assert bench.cell_key(setup, legacy, "vtrans", 0, True, "cpu") == bench.config_hash(
+    assert bench.cell_key(setup, legacy, "vtrans", 0, True, "cpu") == config_hash(
         {"settings": settings, "method": "vtrans", "seed": 0, "finetune": True, "data": setup.keys, "device": "cpu",
          "version": bench.CELL_VERSION})
 
@@ -324,10 +335,10 @@ def test_a_cell_bigger_than_the_local_ray_is_refused_before_any_work(monkeypatch
 
 def test_readme_section_is_replaced_between_its_markers(tmp_path):
     readme = tmp_path / "README.md"
-    start, end = bench_report.readme_markers("unit")
+    start, end = report.readme_markers("unit")
     readme.write_text(f"# Project\n\nintro\n\n{start}\nold numbers\n{end}\n\n## After\nkept\n")
     res = _results()
-    bench_report.update_readme(readme, res)
+    report.update_readme(readme, res)
     text = readme.read_text()
     assert text.startswith("# Project\n\nintro\n\n") and text.endswith(f"{end}\n\n## After\nkept\n")
     assert "old numbers" not in text
@@ -335,27 +346,27 @@ def test_readme_section_is_replaced_between_its_markers(tmp_path):
     assert section.startswith("\n### Benchmark `unit`\n")  # headings two levels down
     assert "Command: `python -m pipelines.bench --profile unit`. Date: 2026-01-01." in section
     assert "| vtrans | **0.8100 (n=1)** | **0.7050 (n=1)** |" in section and "#### Ray overhead" in section
-    bench_report.update_readme(readme, res)  # idempotent
+    report.update_readme(readme, res)  # idempotent
     assert readme.read_text() == text
     readme.write_text(f"{start}\nno end\n")
     with pytest.raises(ValueError, match="needs exactly one"):
-        bench_report.update_readme(readme, res)
+        report.update_readme(readme, res)
     assert readme.read_text() == f"{start}\nno end\n"
 
 
 def test_the_shipped_benchmark_report_has_the_published_profiles_markers():
     root = Path(__file__).resolve().parents[2]
-    report = (root / bench.BENCHMARKS_REPORT).read_text()
+    shipped = (root / bench.BENCHMARKS_REPORT).read_text()
     readme = (root / "README.md").read_text()
     for profile in ("quick", "full"):
-        assert bench_report.has_readme_markers(report, profile)
-        assert not any(marker in readme for marker in bench_report.readme_markers(profile))  # moved, not copied
+        assert report.has_readme_markers(shipped, profile)
+        assert not any(marker in readme for marker in report.readme_markers(profile))  # moved, not copied
 
 
 def test_which_readme_a_run_updates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert bench.resolve_readme("auto", "quick", [], "benchmarks") is None  # no report here
-    start, end = bench_report.readme_markers("quick")
+    start, end = report.readme_markers("quick")
     Path("README.md").write_text(f"{start}\n{end}\n")
     assert bench.resolve_readme("auto", "quick", [], "benchmarks") is None  # auto is the report, not the README
     Path("pipelines").mkdir()
@@ -437,10 +448,10 @@ def test_smoke_profile_end_to_end(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "bench"
     readme = tmp_path / "README.md"
-    start, end = bench_report.readme_markers("smoke")
+    start, end = report.readme_markers("smoke")
     readme.write_text(f"# x\n{start}\n{end}\n")
     res = bench.run_bench(profile, out, "cpu", uri, command="pytest", overrides=overrides, readme=readme)
-    assert readme.read_text() == f"# x\n{start}\n{bench_report.readme_section(res)}{end}\n"
+    assert readme.read_text() == f"# x\n{start}\n{report.readme_section(res)}{end}\n"
 
     # every row: method x budget x seed, pruned (a deterministic method once) and fine-tuned (seeds < finetune_seeds)
     for kind, t in profile.tasks():
@@ -475,7 +486,7 @@ def test_smoke_profile_end_to_end(tmp_path):
             assert e["ops"]["matmul"] > 0 and e["ops"]["total"] == pytest.approx(sum(
                 v for k, v in e["ops"].items() if k != "total"))
         assert {"data", "teacher", "evaluate", "finetune", "latency"} <= set(task["stages"])
-        assert bench_report.time_ratios(task)["faster_over_vtrans"] > 0
+        assert time_ratios(task)["faster_over_vtrans"] > 0
 
     ov = res["overhead"]
     assert set(ov["dag"]["stages"]) == set(ov["local"]["stages"]) == {"calibrate", "teacher", "prune", "finetune",
