@@ -17,7 +17,14 @@ import torch
 from pipelines.bench import stats
 from pipelines.bench.in_process import _save, load_model, train_in_process
 from pipelines.bench.measure import PeakRSS, _log, torch_threads
-from pipelines.bench.profiles import DETERMINISTIC, TRAINING_FREE, VIB_METHODS, TaskProfile
+from pipelines.bench.profiles import (
+    DETERMINISTIC,
+    PRUNE_SETTINGS,
+    TRAINING_FREE,
+    VIB_METHODS,
+    VIB_SETTINGS,
+    TaskProfile,
+)
 from pipelines.bench.tasks import TaskSetup
 from pipelines.config import config_hash, to_dict
 
@@ -26,10 +33,6 @@ OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_
                      "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
                      "init_keep", "warmup_from", "constraint")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
-#: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
-VIB_SETTINGS = ("logvar_init", "keep_sharpness", "threshold", "selection")
-PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep", "warmup_from",
-                  "constraint")
 
 
 @dataclass

@@ -12,6 +12,11 @@ from typing import Literal
 from pipelines.config import from_dict, merge_overrides, to_dict
 from vtrans.errors import ConfigError
 
+#: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
+VIB_SETTINGS = ("logvar_init", "keep_sharpness", "threshold", "selection")
+PRUNE_SETTINGS = ("lr_mu", "lr_lambdas", "mask_lr_decay", "warmup", "reconstruct", "init", "init_keep", "warmup_from",
+                  "constraint")
+
 METHODS = ("random", "magnitude", "kwon", "vtrans", "fast", "faster")
 TRAINING_FREE = ("random", "magnitude", "kwon")
 VIB_METHODS = ("vtrans", "fast", "faster")
@@ -227,6 +232,23 @@ class TaskProfile:
                     raise ConfigError(f"kl_multipliers has unknown structure {k!r}; choose from {list(STRUCTURES)}")
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                     raise ConfigError(f"kl_multipliers.{k} must be a number >= 0, got {v!r}")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The VIB recipe settings, checked by the library configs they are passed to (a typo fails here, not after
+        the teacher trained)."""
+        import vtrans
+        from vtrans.train import PruneConfig
+
+        for keys, cls in ((VIB_SETTINGS, vtrans.VIBConfig), (PRUNE_SETTINGS, PruneConfig)):
+            for key in keys:
+                value = getattr(self, key)
+                if value is None:
+                    continue
+                try:
+                    cls(**{key: value})
+                except ConfigError as e:
+                    raise ConfigError(f"{key}={value!r}: {e}") from None
 
     def seeds_of(self, method: str) -> int:
         """How many pruning seeds ``method`` runs."""

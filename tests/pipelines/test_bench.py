@@ -258,6 +258,10 @@ def test_overrides():
     (["executor=slurm"], "executor must be one of"),
     (["overhead.method=random"], "overhead.method must be one of"),
     (["encoder.kl_normalisation=layer"], r"kl_normalisation must be one of \['group', 'unit'\], got 'layer'"),
+    (["encoder.constraint=projectoin"], r"constraint='projectoin': prune.constraint must be one of \['lagrangian', "),
+    (["encoder.init=fishr"], r"init='fishr': prune.init must be one of \['constant', 'fisher'\], got 'fishr'"),
+    (["encoder.selection=qouta"], r"selection='qouta': vib.selection must be one of"),
+    (["encoder.lr_mu=-1"], r"lr_mu=-1.0: prune.lr_mu must be a number > 0, got -1.0"),
 ])
 def test_bad_profile_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
