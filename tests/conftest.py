@@ -36,3 +36,20 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "vtrans-cache"
     monkeypatch.setenv("VTRANS_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_for_unit_tests(request: pytest.FixtureRequest):
+    """Unit tests run tiny models, where a second intra-op thread costs more than it gives (and on a busy 2-core
+    machine spins against the other process); integration tests keep torch's default."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
