@@ -210,18 +210,6 @@ class TaskProfile:
                 raise ConfigError(f"{key} must be a number >= 0, got {v!r}")
         if not 0 < self.tolerance < 1:
             raise ConfigError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
-        if self.logvar_init is not None and (isinstance(self.logvar_init, bool)
-                                             or not isinstance(self.logvar_init, (int, float))
-                                             or not math.isfinite(self.logvar_init)):
-            raise ConfigError(f"logvar_init must be a finite number, got {self.logvar_init!r}")
-        if self.keep_sharpness is not None:
-            _check_positive("keep_sharpness", self.keep_sharpness)
-        if self.kl_normalisation is not None:
-            from vtrans.config import KL_NORMALISATIONS
-
-            if self.kl_normalisation not in KL_NORMALISATIONS:
-                raise ConfigError(f"kl_normalisation must be one of {list(KL_NORMALISATIONS)}, "
-                                  f"got {self.kl_normalisation!r}")
         if self.kl_multipliers is not None:
             from vtrans.config import STRUCTURES
 
@@ -240,7 +228,7 @@ class TaskProfile:
         import vtrans
         from vtrans.train import PruneConfig
 
-        for keys, cls in ((VIB_SETTINGS, vtrans.VIBConfig), (PRUNE_SETTINGS, PruneConfig)):
+        for keys, cls in ((("kl_normalisation", *VIB_SETTINGS), vtrans.VIBConfig), (PRUNE_SETTINGS, PruneConfig)):
             for key in keys:
                 value = getattr(self, key)
                 if value is None:

@@ -19,13 +19,12 @@ Outputs: ``report.json`` and ``report.md``; the compressed model is logged to th
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, config_hash, to_dict
-from pipelines.stages.base import STAGES_DIR, StageContext, StageOutput, StageResult
+from pipelines.stages.base import STAGES_DIR, StageContext, StageOutput, StageResult, _write_json
 
 NAME = "evaluate"
 NEEDS = ("calibrate", "teacher", "finetune")
@@ -189,9 +188,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     else:
         dense = ray.get(remote.remote(dense_dir, cfg.task, test, cfg, pad, "dense"))
         dense_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dense_file.with_name(f".{dense_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dense, indent=1))
-        os.replace(tmp, dense_file)  # concurrent trials: the last complete measurement wins, never a partial one
+        _write_json(dense_file, dense)  # atomic: concurrent trials leave the last complete measurement, never a part
     metrics = compare(cfg, dense, comp)
     report = {"metrics": metrics, "compressed": comp, "dense": dense, "device": comp["device"],
               "threads": comp["threads"], "grid": grid(cfg)}
