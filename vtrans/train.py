@@ -103,11 +103,13 @@ class PruneConfig:
     lr_mu: float | None = 5e-3
     """Adam learning rate of the mask means ``mu`` (None: ``lr_masks``). The means carry the task gradient's drift;
     the log-variances carry the budget's and the KL's pressure."""
-    mask_lr_decay: str = "none"
-    """``none`` or ``linear``: the mask learning rates fall linearly to 0 over each round's pruning steps."""
+    mask_lr_decay: str = "linear"
+    """``none`` or ``linear``: the mask learning rates fall linearly to 0 over each round's pruning steps (the
+    default, with ``constraint: projection`` and 200 steps: ablation row R15 in pipelines/BENCHMARKS.md, +1.7 / +2.4
+    points at 50 / 20% over R14's constant rate at 100 steps; R11: 200 steps and linear decay under the Lagrangian)."""
     lr_lambdas: float = 0.5
-    """Adam learning rate (ascent) of the Lagrange multipliers: fast enough that the expected size follows the target
-    within the run's few hundred steps."""
+    """Adam learning rate (ascent) of the Lagrange multipliers (``constraint: lagrangian | upper``): fast enough that
+    the expected size follows the target within the run's few hundred steps."""
     finetune_lr: float = 3e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -124,14 +126,17 @@ class PruneConfig:
     """Where the first round's size target starts its warm-up: ``dense`` (1) or ``start`` (the expected size the masks
     start at, less than 1 after a ``fisher`` start). ``start`` tracks the budget more closely but moved the Fisher
     selection further and lost accuracy in the ablations (R12 in pipelines/BENCHMARKS.md)."""
-    constraint: str = "lagrangian"
+    constraint: str = "projection"
     """How the expected size is held to the warmed-up target t during pruning. ``lagrangian``: ``lambda1 * (s - t) +
     lambda2 * (s - t)^2`` with both lambdas by gradient ascent (CoFi; lambda1 of either sign, so it also pulls the size
     up while the target is above it). ``upper``: the same with the budget as an upper bound - lambda1 projected onto
     ``>= 0`` after each step and the quadratic term only over the target - so no multiplier winds up while the
     target is still above the size. ``projection``: no Lagrangian; after every mask step, every unit's ``log_alpha``
-    moves by the one common offset that brings the expected size back to t whenever it is above t
-    (:meth:`Pruner.project`): the task and the KL decide which units go, the projection how many."""
+    moves by the one common offset that brings the expected size back to t whenever it is above t, and, once the
+    warm-up is over, below it too (:meth:`Pruner.project`): the task and the KL decide which units go, the projection
+    how many. The default: the only one whose expected size ends on the budget (within 0.004 over three seeds, against
+    0.12-0.14 above it for the Lagrangian; R4 / R15 in pipelines/BENCHMARKS.md), at accuracy within one standard
+    deviation at 50% and +1.2 points at 20%."""
     init_keep: float = 0.95
     """Keep probability of the units a ``fisher`` start keeps (the others start at 0.5)."""
     reconstruct: bool = False
@@ -232,7 +237,8 @@ class PruneConfig:
 
 def stall_message(metrics: dict) -> str:
     """The one-line warning of a pruning run whose expected size had not moved by the end of the warm-up (the step's
-    metrics, flagged ``stalled``)."""
+    metrics, flagged ``stalled``). Under ``constraint: projection`` the expected size follows the target by
+    construction, so only the Lagrangian constraints can stall."""
     return (f"expected size {metrics['expected_size']:.4f} has not moved towards the target {metrics['target']:.4f} "
             f"by the end of the warm-up (step {metrics['step'] + 1}): the budget is met only by the final "
             f"selection; raise prune.lr_masks / prune.lr_lambdas or the steps, or start the masks live "
@@ -513,32 +519,40 @@ class Pruner(_Distiller):
         if phase == "prune":
             self.lagrangian.project_lambdas()
             if self.config.constraint == "projection":
-                start = self.start_fraction if self.config.warmup_from == "start" else 1.0
-                self.last_offset = self.project(self.config.target_at(step, start))
+                c = self.config
+                start = self.start_fraction if c.warmup_from == "start" else 1.0
+                _, _, k = c.phase(step)
+                self.last_offset = self.project(c.target_at(step, start),
+                                                both_ways=k + 1 >= max(1, round(c.warmup * c.steps)))
 
     @torch.no_grad()
-    def project(self, target: float) -> float:
-        """``constraint: projection``: when the expected kept fraction is above ``target``, move every unit's
-        ``log_alpha`` by the smallest common offset that brings it to ``target`` (bisection; the expected size falls
-        monotonically in the offset). Returns the offset applied (0 when the size was not above the target)."""
+    def project(self, target: float, both_ways: bool = False) -> float:
+        """``constraint: projection``: when the expected kept fraction is above ``target`` (or, with ``both_ways``,
+        anywhere off it), move every unit's ``log_alpha`` by the one common offset that brings it to ``target``
+        (bisection; the expected size falls monotonically in the offset). During a round's warm-up the target is an
+        upper bound (a Fisher start below it is not pulled back up); once the target stops moving it is held both ways,
+        so the KL's pull on every keep probability decides which units go, never how many. Returns the offset applied
+        (0 when the size was already where it should be)."""
         b = self.config.budget
 
         def fraction(offset: float) -> float:
             return float(self.vib.expected_size(b.metric, b.scope, b.seq_len, offset=offset)) / self.dense_size
 
-        if fraction(0.0) <= target:
+        now = fraction(0.0)
+        if now <= target and not (both_ways and now < target):
             return 0.0
-        lo, hi = 0.0, 1.0
-        while fraction(hi) > target and hi < 64.0:  # 64: every keep probability is ~0 by then
+        sign = 1.0 if now > target else -1.0  # positive offsets shrink the size
+        lo, hi = 0.0, 1.0  # magnitudes of the offset: |lo| on the current side of the target, |hi| across it
+        while (fraction(sign * hi) - target) * sign > 0 and hi < 64.0:  # 64: every keep probability is ~0 or ~1
             lo, hi = hi, 2 * hi
         for _ in range(40):
             mid = (lo + hi) / 2
-            if fraction(mid) > target:
+            if (fraction(sign * mid) - target) * sign > 0:
                 lo = mid
             else:
                 hi = mid
-        self.vib.shift_log_alpha(hi)
-        return hi
+        self.vib.shift_log_alpha(sign * hi)
+        return sign * hi
 
     # --- checkpointing ----------------------------------------------------------------------------------------------
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:

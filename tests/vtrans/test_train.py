@@ -90,17 +90,19 @@ def test_pruning_learns_the_task_meets_the_budget_and_shrinks_kl() -> None:
     assert small.config.vtrans["report"]["method"] == "vtrans"
 
 
-def test_faster_trains_only_masks_and_lambdas() -> None:
+@pytest.mark.parametrize("constraint", ["projection", "lagrangian"])
+def test_faster_trains_only_masks_and_lambdas(constraint: str) -> None:
     x, y = _data()
     model = _bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruner = Pruner(model, PruneConfig(method="faster", budget=vtrans.Budget(params=0.6, tolerance=0.05), steps=30))
+    pruner = Pruner(model, PruneConfig(method="faster", budget=vtrans.Budget(params=0.6, tolerance=0.05), steps=30,
+                                       constraint=constraint))
     assert "weights" not in pruner.optimizers
     mu0 = pruner.vib.hidden.mu.detach().clone()
     fit(pruner, _batches(x, y))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(mu0, pruner.vib.hidden.mu.detach())
-    assert pruner.lagrangian.lambda1.item() != 0.0
+    assert (pruner.lagrangian.lambda1.item() != 0.0) == (constraint == "lagrangian")
 
 
 def test_rounds_fix_each_round_budget_before_fine_tuning() -> None:
@@ -255,14 +257,15 @@ def test_a_stalled_lagrangian_is_reported_once() -> None:
     """The old initialisation (log-variance -9, sharpness 10): keep probabilities exactly 1, nothing moves."""
     x, y = _data()
     stalled = PruneConfig(method="faster", steps=4, warmup=0.5, budget=vtrans.Budget(params=0.5), init="constant",
-                          distill=DistillConfig(logit_weight=0.0),
+                          constraint="lagrangian", distill=DistillConfig(logit_weight=0.0),
                           vib=vtrans.VIBConfig(logvar_init=-9.0, keep_sharpness=10.0))
     pruner = Pruner(_bert(), stalled)
     h = fit(pruner, _batches(x, y))
     assert pruner.stalled is not None and "has not moved towards the target" in pruner.stalled
     assert [m.get("stalled") for m in h] == [None, 1.0, None, None]  # at the end of the warm-up, once
     live = PruneConfig(method="faster", steps=4, warmup=0.5, budget=vtrans.Budget(params=0.5), lr_masks=0.5,
-                       lr_lambdas=5.0, init="constant", distill=DistillConfig(logit_weight=0.0),
+                       lr_lambdas=5.0, init="constant", constraint="lagrangian",
+                       distill=DistillConfig(logit_weight=0.0),
                        vib=vtrans.VIBConfig(logvar_init=-3.0, keep_sharpness=1.0))
     pruner = Pruner(_bert(), live)
     fit(pruner, _batches(x, y))
@@ -339,10 +342,11 @@ def test_fisher_warm_start_falls_back_when_kwons_search_cannot_reach_the_budget(
 
 @pytest.mark.parametrize("budget", [0.5, 0.3])
 def test_projection_holds_the_expected_size_at_the_target_from_the_first_step(budget: float) -> None:
-    """``constraint: projection``: after every pruning step the expected size is at most the warmed-up target and, where
-    the masks had gone over it, equal to it (to the bisection's precision); the multipliers never move."""
+    """``constraint: projection``: during the warm-up the expected size after every pruning step is at most the
+    warmed-up target and, where the masks had gone over it, equal to it (to the bisection's precision); after the
+    warm-up it is held at the target both ways; the multipliers never move."""
     x, y = _data()
-    cfg = PruneConfig(method="faster", steps=6, warmup=0.5, budget=vtrans.Budget(params=budget), init="constant",
+    cfg = PruneConfig(method="faster", steps=8, warmup=0.5, budget=vtrans.Budget(params=budget), init="constant",
                       constraint="projection", lr_masks=0.05, distill=DistillConfig(logit_weight=0.0))
     pruner = Pruner(_bert(), cfg)
     get = _batches(x, y)
@@ -352,13 +356,16 @@ def test_projection_holds_the_expected_size_at_the_target_from_the_first_step(bu
         loss, _ = pruner(get(step), step)
         pruner.optimize(loss, step)
         s, t = float(pruner.expected_fraction().detach()), cfg.target_at(step)
-        assert s <= t + 1e-6
-        if pruner.last_offset > 0:
+        if step >= cfg.warmup_end():
+            assert t == pytest.approx(budget) and s == pytest.approx(t, abs=1e-5)
+        else:
+            assert s <= t + 1e-6
+        if pruner.last_offset != 0:
             projected += 1
             assert s == pytest.approx(t, abs=1e-6)
-    assert projected >= cfg.steps // 2  # the warm-up pulls the target under the masks' size
+    assert projected >= cfg.steps // 2  # the warm-up pulls the target under the masks' size, the KL after it
     assert float(pruner.lagrangian.lambda1.detach()) == 0.0 and float(pruner.lagrangian.lambda2.detach()) == 0.0
-    assert pruner.project(0.99) == 0.0  # already under: nothing moves
+    assert pruner.project(0.99) == 0.0  # under an upper bound: nothing moves
 
 
 def test_projection_finds_the_common_offset_exactly() -> None:
@@ -369,6 +376,9 @@ def test_projection_finds_the_common_offset_exactly() -> None:
     assert offset > 0 and float(pruner.expected_fraction()) == pytest.approx(0.4, abs=1e-6)
     for (_, m), b in zip(pruner.vib.masks(), before):  # one common shift of every unit's log_alpha
         assert torch.allclose(m.log_alpha().detach() - b, torch.full_like(b, offset), atol=1e-5)
+    back = pruner.project(0.6, both_ways=True)  # held both ways: a size under the target is raised to it
+    assert back < 0 and float(pruner.expected_fraction()) == pytest.approx(0.6, abs=1e-6)
+    assert pruner.project(0.6, both_ways=True) == 0.0 or abs(pruner.last_offset) < 1e-4
 
 
 def test_an_upper_bound_multiplier_never_winds_up_below_zero() -> None:
