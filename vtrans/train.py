@@ -4,11 +4,12 @@ The :class:`Pruner` is an ``nn.Module`` holding the model, its VIB masks and the
 data-parallel wrapper (DDP, Ray Train's ``prepare_model``) all-reduces the gradients of weights, masks and lambdas
 alike. A step is ``loss, metrics = module(batch, step)`` (through the wrapper) then ``pruner.optimize(loss, step)``.
 
-Objective (METHOD.md): ``task_weight * task + logit_weight * KD(T) + hidden_weight * layer_distill + vib.kl()
-+ lambda1 * (s - t) + lambda2 * (s - t)^2`` where ``s`` is the expected kept fraction of the budget's metric and
-``t`` moves linearly from the previous round's target to this round's over the warm-up; the lambdas are trained by
-gradient ascent. After each round the masks are fixed to the round's budget exactly and the kept weights are
-fine-tuned (masks frozen) with distillation.
+Objective (METHOD.md): ``task_weight * task + logit_weight * KD(T) + hidden_weight * layer_distill + vib.kl()``, with
+the expected kept fraction ``s`` of the budget's metric held at the target ``t`` - which moves linearly from the
+previous round's target to this round's over the warm-up - by a projection after every step (``constraint:
+projection``, the default) or by ``+ lambda1 * (s - t) + lambda2 * (s - t)^2`` with the lambdas trained by gradient
+ascent (``constraint: lagrangian | upper``). After each round the masks are fixed to the round's budget exactly and the
+kept weights are fine-tuned (masks frozen) with distillation.
 """
 
 from __future__ import annotations
@@ -331,6 +332,8 @@ class Pruner(_Distiller):
         self.model = model
         self.vib: VIB = attach(model, config.vib)
         self.lagrangian = Lagrangian(upper=config.constraint == "upper").to(next(model.parameters()).device)
+        if config.constraint == "projection":  # no multiplier in the loss: frozen, so DDP expects no gradient for it
+            self.lagrangian.requires_grad_(False)
         b = config.budget
         self.dense_size = float(size(self.vib.geometry, self.vib.geometry.dense_keep(), b.metric, b.scope, b.seq_len))
         self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}

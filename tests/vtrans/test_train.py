@@ -398,3 +398,18 @@ def test_an_upper_bound_multiplier_never_winds_up_below_zero() -> None:
     assert runs["upper"][-1][1] < runs["lagrangian"][-1][1]  # no wound-up multiplier holding the size up
     with pytest.raises(vtrans.ConfigError, match="prune.constraint must be one of"):
         PruneConfig(constraint="soft")
+
+
+@pytest.mark.parametrize("constraint", ["projection", "lagrangian", "upper"])
+@pytest.mark.parametrize("method", ["faster", "vtrans"])
+def test_every_trainable_parameter_gets_a_gradient_in_a_pruning_step(method: str, constraint: str) -> None:
+    """What DDP (Ray Train's ``prepare_model``) requires of a pruning step: a parameter that requires grad and gets none
+    fails the next step on every worker ("Expected to have finished reduction in the prior iteration")."""
+    x, y = _data()
+    pruner = Pruner(_bert(), PruneConfig(method=method, steps=2, constraint=constraint, init="constant"))
+    pruner.begin_step(0)
+    loss, _ = pruner(_batches(x, y)(0), 0)
+    loss.backward()
+    missing = [n for n, p in pruner.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert any(p.requires_grad for p in pruner.lagrangian.parameters()) == (constraint != "projection")
