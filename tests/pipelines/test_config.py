@@ -79,7 +79,8 @@ def test_minilm_config_values() -> None:
     assert cfg.calibration == CalibrationConfig(fraction=0.03, count=None, stratified=True, seed=0)
     assert (cfg.teacher.steps, cfg.teacher.lr, cfg.teacher.batch_size) == (250, 1e-4, 32)
     p = cfg.prune
-    assert (p.method, p.steps, p.batch_size, p.lr_masks, p.rounds) == ("faster", 100, 16, 0.05, 1)
+    assert (p.method, p.steps, p.batch_size, p.lr_masks, p.rounds) == ("faster", 200, 16, 0.05, 1)
+    assert (p.constraint, p.mask_lr_decay) == ("projection", "linear")
     assert p.budget == Budget(params=0.5, scope="blocks", seq_len=128)
     assert p.calibration_fraction == 0.03 and cfg.calibrates
     assert (cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.batch_size) == (150, 5e-5, 16)
