@@ -56,7 +56,8 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
     min_d = max(_n_inf(scores.hidden), 1)
     min_groups = max([_n_inf(x) for x in scores.groups] + [1])
     min_neurons = max([_n_inf(x) for x in scores.neurons] + [1])
-    pinned = [bool(_n_inf(scores.mha[i:i + 1]) or _n_inf(scores.ffn[i:i + 1])) for i in range(L)]
+    # as in select(), a block goes when it keeps no unit whatever its gate scores: a layer stays for its +inf units
+    pinned = [bool(_n_inf(scores.groups[i]) or _n_inf(scores.neurons[i])) for i in range(L)]
     layer_counts = range(max(sum(pinned), 1), L + 1) if rules.drop_layers else [L]
     shapes = [(d, k) for d, k in rules.shapes if d >= min_d and k >= min_groups]
 
