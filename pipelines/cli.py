@@ -285,6 +285,12 @@ def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget
             raise vtrans.BudgetError(f"--budget {budget.metric}={budget.value} is not below the dense model's "
                                      f"{size:,} {budget.metric} ({budget.scope}); give a smaller count or a fraction "
                                      f"such as {budget.metric}=0.5")
+    if budget is not None and budget.uniform:  # a budget no uniform shape reaches fails before the weights load
+        from vtrans.uniform import check_reachable
+
+        meta = meta_model(path)
+        meta_adapter = vtrans.arch.for_model(meta)
+        check_reachable(meta_adapter.geometry(meta), budget, meta_adapter.stock_rules(meta))
     model = load_pretrained(path, task=task, dtype=torch.float32).eval()
     return model, load_tokenizer(path), path
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from vtrans.arch.base import StockRules
-from vtrans.budget import Geometry, Scores, Selection, layer_size, outside_size, select, size
+from vtrans.budget import Geometry, Keep, Scores, Selection, layer_size, outside_size, select, size
 from vtrans.config import Budget
 from vtrans.errors import BudgetError
 
@@ -41,11 +41,13 @@ def _n_inf(t: torch.Tensor) -> int:
     return int((torch.isinf(t) & (t > 0)).sum())
 
 
-def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRules) -> Selection:
+def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRules,
+                   reference: Keep | None = None) -> Selection:
     """Hard masks with the same kept key/value groups and FFN neurons in every kept layer, whole layers removed only
     where ``rules.drop_layers``, and a (hidden size, groups) pair of ``rules.shapes``, meeting ``budget`` within its
     tolerance under the target. Raises :class:`BudgetError` with the closest achievable size and the reason when no
-    uniform shape lands in the window."""
+    uniform shape lands in the window. ``reference``: the proportions to follow (default: what the heterogeneous
+    selection keeps at this budget; ``g.dense_keep()`` for a quick reachability check)."""
     metric, scope, s = budget.metric, budget.scope, budget.seq_len
     dense = float(size(g, g.dense_keep(), metric, scope, s))
     target = budget.target(dense)
@@ -62,11 +64,13 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
     shapes = [(d, k) for d, k in rules.shapes if d >= min_d and k >= min_groups]
 
     # the proportions the heterogeneous selection would keep at this budget (dense proportions if it cannot)
-    try:
-        ref = select(g, scores, Budget(**{metric: budget.value}, seq_len=s, scope=scope,
-                                       tolerance=budget.tolerance)).keep()
-    except BudgetError:
-        ref = g.dense_keep()
+    ref = reference
+    if ref is None:
+        try:
+            ref = select(g, scores, Budget(**{metric: budget.value}, seq_len=s, scope=scope,
+                                           tolerance=budget.tolerance)).keep()
+        except BudgetError:
+            ref = g.dense_keep()
     live = [i for i in range(L) if ref.mha[i] or ref.ffn[i]] or list(range(L))
     ref_frac = (len(live) / L, sum(ref.groups[i] for i in live) / len(live) / g.n_groups, ref.hidden / g.hidden,
                 sum(ref.neurons[i] for i in live) / len(live) / g.ffn)
@@ -125,3 +129,11 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
     sel.achieved = {"size": achieved, "target": target, "dense": dense, "fraction": achieved / dense}
     return sel
 
+
+
+def check_reachable(g: Geometry, budget: Budget, rules: StockRules) -> None:
+    """Raise the :class:`BudgetError` of :func:`select_uniform` when no uniform shape meets ``budget`` (from the
+    geometry alone, before any weights are read)."""
+    zeros = Scores(torch.zeros(g.hidden), [torch.zeros(g.n_groups)] * g.n_layers, [torch.zeros(g.ffn)] * g.n_layers,
+                   torch.zeros(g.n_layers), torch.zeros(g.n_layers))
+    select_uniform(g, zeros, budget, rules, reference=g.dense_keep())
