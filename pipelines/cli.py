@@ -416,11 +416,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         is_vtrans_checkpoint,
         load_pretrained,
         load_tokenizer,
+        meta_model,
         read_config,
         write_atomically,
     )
     from vtrans.errors import KIND_WORDS, path_kind, quote
-    from vtrans.export import FORMATS, to_stock
+    from vtrans.export import FORMATS, stock_shape, to_stock
 
     # every argument is checked before anything is loaded; nothing is written unless the export is exact
     if args.format not in FORMATS:
@@ -439,6 +440,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if config.model_type not in VTRANS_MODEL_TYPES:
         raise vtrans.ConfigError(f"DIR={quote(args.dir)} has model_type={config.model_type!r}, not a vtrans one "
                                  f"({sorted(VTRANS_MODEL_TYPES)}); it needs no export")
+    stock_shape(meta_model(args.dir))  # what cannot be exported fails before the weights load
     model = load_pretrained(args.dir, dtype=torch.float32).eval()
     stock = to_stock(model).eval()  # ExportError (one line) where the stock architecture cannot express it exactly
     tokenizer = load_tokenizer(args.dir)

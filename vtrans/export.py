@@ -78,13 +78,9 @@ def _target_shape(rules, kept: int, groups: int, name: str) -> tuple[int, int]:
     return min(fits)
 
 
-@torch.no_grad()
-def to_stock(model: PreTrainedModel) -> PreTrainedModel:
-    """The stock Hugging Face model computing what the vtrans-compressed ``model`` computes (see the module doc).
-
-    Raises :class:`ExportError` for a model that is not vtrans-compressed and for one the stock architecture cannot
-    express exactly (a LayerNorm model's pruned hidden size). The result's ``save_pretrained`` writes the stock
-    checkpoint plus compression.json (and the tokenizer the compressed model carried)."""
+def stock_shape(model: PreTrainedModel) -> tuple[list[int], int, int, int]:
+    """``(kept layers, hidden size, key/value groups, FFN width)`` of the stock form of a vtrans-compressed model
+    (from its config alone: a model on the meta device will do), or :class:`ExportError`."""
     adapter = arch.for_model(model)
     rec = getattr(model.config, "vtrans", None)
     if rec is None:
@@ -94,10 +90,22 @@ def to_stock(model: PreTrainedModel) -> PreTrainedModel:
     specs = rec["layers"]
     kept = [i for i, s in enumerate(specs) if not (rules.drop_layers and s["heads"] == 0
                                                     and s["intermediate_size"] == 0)] or [0]
-    d = model.config.hidden_size
     groups = max([specs[i]["kv_heads"] for i in kept] + [1])
     ffn = max([specs[i]["intermediate_size"] for i in kept] + [1])
-    d_t, groups_t = _target_shape(rules, d, groups, adapter.name)
+    d_t, groups_t = _target_shape(rules, model.config.hidden_size, groups, adapter.name)
+    return kept, d_t, groups_t, ffn
+
+
+@torch.no_grad()
+def to_stock(model: PreTrainedModel) -> PreTrainedModel:
+    """The stock Hugging Face model computing what the vtrans-compressed ``model`` computes (see the module doc).
+
+    Raises :class:`ExportError` for a model that is not vtrans-compressed and for one the stock architecture cannot
+    express exactly (a LayerNorm model's pruned hidden size). The result's ``save_pretrained`` writes the stock
+    checkpoint plus compression.json (and the tokenizer the compressed model carried)."""
+    adapter = arch.for_model(model)
+    kept, d_t, groups_t, ffn = stock_shape(model)
+    rec, specs, d = model.config.vtrans, model.config.vtrans["layers"], model.config.hidden_size
 
     config = adapter.stock_config(model, n_layers=len(kept), hidden=d_t, groups=groups_t, ffn=ffn)
     cls = stock_class(type(model).__name__.removeprefix("Vtrans"))
