@@ -6,7 +6,9 @@
     vtrans configs
     vtrans inspect MODEL [--seq-len 128]
     vtrans compress --model MODEL --scorer {magnitude,random} --budget params=0.5 --out DIR
-                    [--seq-len 128] [--scope blocks|total] [--task auto|base|seq-cls|causal-lm] [--overwrite]
+                    [--seq-len 128] [--scope blocks|total] [--task auto|base|seq-cls|causal-lm] [--uniform]
+                    [--overwrite]
+    vtrans export DIR --format stock --out OUT [--overwrite]
     vtrans --version
 
 CONFIG is a pipeline or sweep YAML, or the name of a shipped one (``vtrans configs`` lists them); ``key=value``
@@ -164,7 +166,21 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--scope", default="blocks", help="blocks (transformer layers, default) | total")
     com.add_argument("--task", default="auto", help="auto|base|seq-cls|causal-lm (default: from the checkpoint)")
     com.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default 0)")
+    com.add_argument("--uniform", action="store_true", help="the same heads / FFN width in every layer, saved as the "
+                     "stock architecture (model_type llama|bert|roberta|gpt2; loads without vtrans)")
     com.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    exp = sub.add_parser("export", help="write a vtrans checkpoint as the stock architecture (loads without vtrans)",
+                         description="Write a vtrans-compressed checkpoint as the stock Hugging Face architecture "
+                         "(model_type llama|bert|roberta|gpt2, no auto_map, no modeling file) computing the same "
+                         "outputs: every layer zero-padded to common widths (this gives up the speedup of the pruned "
+                         "widths; `vtrans compress --uniform` keeps it). A pruned hidden size under LayerNorm (BERT, "
+                         "RoBERTa, GPT-2) cannot be padded exactly and is refused.",
+                         epilog="example: vtrans export runs/smollm2-p50 --format stock --out runs/smollm2-p50-stock")
+    exp.add_argument("dir", metavar="DIR", help="a checkpoint directory written by vtrans compress or a pipeline")
+    exp.add_argument("--format", required=True, help="stock (the only format so far)")
+    exp.add_argument("--out", required=True, help="output directory (must not exist or be empty, or --overwrite)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
 
 
@@ -269,6 +285,12 @@ def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget
             raise vtrans.BudgetError(f"--budget {budget.metric}={budget.value} is not below the dense model's "
                                      f"{size:,} {budget.metric} ({budget.scope}); give a smaller count or a fraction "
                                      f"such as {budget.metric}=0.5")
+    if budget is not None and budget.uniform:  # a budget no uniform shape reaches fails before the weights load
+        from vtrans.uniform import check_reachable
+
+        meta = meta_model(path)
+        meta_adapter = vtrans.arch.for_model(meta)
+        check_reachable(meta_adapter.geometry(meta), budget, meta_adapter.stock_rules(meta))
     model = load_pretrained(path, task=task, dtype=torch.float32).eval()
     return model, load_tokenizer(path), path
 
@@ -323,7 +345,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     # every argument is checked before anything is loaded
     budget = vtrans.Budget.parse(args.budget, seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
-                                 scope=args.scope)
+                                 scope=args.scope, uniform=args.uniform)
     if args.scorer not in SCORERS:
         raise vtrans.ConfigError(f"--scorer must be one of {list(SCORERS)}, got {args.scorer!r}")
     if args.task not in TASKS:
@@ -375,8 +397,76 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(_table(rows))
     print(f"max |masked - compressed| / max |masked| = {err:.2e}")
     print(f"load {t_load:.1f}s, select + compress {t_compress:.1f}s")
-    print(f"saved: {out_dir}  (load with vtrans.checkpoint.load_pretrained(dir), or from_pretrained(dir) after "
-          f"`import vtrans`)")
+    if budget.uniform:
+        print(f"saved: {out_dir}  (stock {small.config.model_type}: from_pretrained(dir) loads it, with or without "
+              f"vtrans)")
+    else:
+        print(f"saved: {out_dir}  (load with vtrans.checkpoint.load_pretrained(dir), or from_pretrained(dir) after "
+              f"`import vtrans`)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import vtrans
+    from vtrans.checkpoint import (
+        VTRANS_MODEL_TYPES,
+        check_output_dir,
+        is_vtrans_checkpoint,
+        load_pretrained,
+        load_tokenizer,
+        meta_model,
+        read_config,
+        write_atomically,
+    )
+    from vtrans.errors import KIND_WORDS, path_kind, quote
+    from vtrans.export import FORMATS, stock_shape, to_stock
+
+    # every argument is checked before anything is loaded; nothing is written unless the export is exact
+    if args.format not in FORMATS:
+        raise vtrans.ConfigError(f"--format must be one of {list(FORMATS)}, got {quote(args.format)}")
+    kind = path_kind("DIR", args.dir)
+    if kind != "dir":
+        what = "does not exist" if kind is None else f"is {KIND_WORDS[kind]}"
+        raise vtrans.ConfigError(f"DIR={quote(args.dir)} {what}; give a checkpoint directory written by vtrans "
+                                 f"compress or a pipeline run")
+    if not is_vtrans_checkpoint(args.dir):
+        raise vtrans.ConfigError(f"DIR={quote(args.dir)} is not a vtrans checkpoint (it lacks compression.json or "
+                                 f"modeling_vtrans.py); export takes a directory written by vtrans compress or a "
+                                 f"pipeline run (a --uniform one is stock already)")
+    check_output_dir(args.out, args.overwrite, sources=[args.dir])
+    config = read_config(args.dir)
+    if config.model_type not in VTRANS_MODEL_TYPES:
+        raise vtrans.ConfigError(f"DIR={quote(args.dir)} has model_type={config.model_type!r}, not a vtrans one "
+                                 f"({sorted(VTRANS_MODEL_TYPES)}); it needs no export")
+    stock_shape(meta_model(args.dir))  # what cannot be exported fails before the weights load
+    model = load_pretrained(args.dir, dtype=torch.float32).eval()
+    stock = to_stock(model).eval()  # ExportError (one line) where the stock architecture cannot express it exactly
+    tokenizer = load_tokenizer(args.dir)
+    if tokenizer is not None:
+        stock.vtrans_tokenizer = tokenizer
+
+    # the stock model must compute what the checkpoint computes (a padded hidden size adds zero dimensions)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = model(input_ids=ids), stock(input_ids=ids)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    a, b = getattr(ref, key), getattr(out, key)
+    b = b[..., : a.shape[-1]]
+    err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-12)
+    saved = getattr(config, "dtype", None)
+    if isinstance(saved, torch.dtype):
+        stock.to(dtype=saved)
+    out_dir = write_atomically(args.out, stock.save_pretrained, overwrite=args.overwrite, sources=[args.dir])
+    info = stock.vtrans_report["stock"]
+    c = vtrans.count(stock)
+    print(f"exported: {args.dir} -> {out_dir}  (stock {info['model_type']}, {type(stock).__name__})")
+    print(f"layers {len(info['layers'])}, hidden {info['hidden_size']}, kv heads {info['kv_heads']}, ffn "
+          f"{info['intermediate_size']}{' (zero-padded to common widths)' if info['padded'] else ''}; params "
+          f"{c.params_total:,} (vtrans checkpoint {vtrans.count(model).params_total:,})")
+    print(f"max |vtrans - stock| / max |vtrans| = {err:.2e}")
+    print("loads with AutoModel*.from_pretrained(dir), with or without vtrans")
     return 0
 
 
@@ -559,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate, "configs": cmd_configs,
-                "inspect": cmd_inspect, "compress": cmd_compress, "relog": cmd_relog}
+                "inspect": cmd_inspect, "compress": cmd_compress, "relog": cmd_relog, "export": cmd_export}
     args.console = None
     from safetensors import SafetensorError
 

@@ -28,6 +28,7 @@ from vtrans.errors import (
     AssetError,
     BudgetError,
     ConfigError,
+    ExportError,
     OutputError,
     UnknownModelError,
     UnsupportedModelError,
@@ -49,8 +50,8 @@ def count(model: PreTrainedModel, seq_len: int = 128) -> Counts:
 
 
 __all__ = [
-    "STRUCTURES", "VIB", "AssetError", "Budget", "BudgetError", "ConfigError", "Counts", "Geometry", "Keep",
-    "OutputError", "Scores", "Selection", "UnknownModelError", "UnsupportedModelError", "VIBConfig", "VtransError",
-    "__version__", "arch", "attach", "compress", "count", "kwon_prune", "load_posterior", "save_posterior",
-    "score",
+    "STRUCTURES", "VIB", "AssetError", "Budget", "BudgetError", "ConfigError", "Counts", "ExportError", "Geometry",
+    "Keep", "OutputError", "Scores", "Selection", "UnknownModelError", "UnsupportedModelError", "VIBConfig",
+    "VtransError", "__version__", "arch", "attach", "compress", "count", "kwon_prune", "load_posterior",
+    "save_posterior", "score",
 ]

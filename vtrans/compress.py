@@ -36,6 +36,29 @@ def _along(vec: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return vec.view(shape)
 
 
+def axis_masks(shapes: dict[str, tuple[int, ...]], layout: Layout,
+               sel: Selection) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """Per tensor of ``shapes``, ``(axis, keep)`` for every axis some structure indexes: the elements of that axis a
+    selection keeps (all its slots together; elements outside every slot are kept). bool (length,) each."""
+    structures = [(layout.hidden, sel.hidden)]
+    for i in range(len(layout.groups)):
+        structures += [(layout.groups[i], sel.groups[i]), (layout.neurons[i], sel.neurons[i])]
+    keep_masks: dict[tuple[str, int], torch.Tensor] = {}
+    for slots, keep in structures:
+        for slot in slots:
+            if slot.key not in shapes:
+                continue
+            length = shapes[slot.key][slot.axis]
+            km = keep_masks.setdefault((slot.key, slot.axis), torch.ones(length, dtype=torch.bool))
+            ids = _unit_index(slot, len(keep), length)
+            inside = ids >= 0
+            km[inside] &= keep[ids[inside]]
+    by_key: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for (key, axis), km in keep_masks.items():
+        by_key[key].append((axis, km))
+    return dict(by_key)
+
+
 def fold_and_slice(sd: dict[str, torch.Tensor], layout: Layout, sel: Selection,
                    values: dict) -> dict[str, torch.Tensor]:
     """Apply a selection to a dense state dict: mask values multiplied in, pruned units and removed blocks cut out."""
@@ -69,20 +92,7 @@ def fold_and_slice(sd: dict[str, torch.Tensor], layout: Layout, sel: Selection,
     sd = {k: v for k, v in sd.items() if k not in removed}
 
     # 3) slice: every (tensor, axis) once, with the pruned elements of all its slots removed together
-    keep_masks: dict[tuple[str, int], torch.Tensor] = {}
-    for slots, _, keep in structures:
-        for slot in slots:
-            if slot.key not in sd:
-                continue
-            length = sd[slot.key].shape[slot.axis]
-            km = keep_masks.setdefault((slot.key, slot.axis), torch.ones(length, dtype=torch.bool))
-            ids = _unit_index(slot, len(keep), length)
-            inside = ids >= 0
-            km[inside] &= keep[ids[inside]]
-    by_key: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    for (key, axis), km in keep_masks.items():
-        by_key[key].append((axis, km))
-    for key, cuts in by_key.items():
+    for key, cuts in axis_masks({k: tuple(v.shape) for k, v in sd.items()}, layout, sel).items():
         t = sd[key]
         for axis, km in cuts:
             t = t.index_select(axis, torch.nonzero(km).flatten().to(t.device))
@@ -135,7 +145,8 @@ def compress(vib: VIB, tokenizer=None) -> PreTrainedModel:
     Its config records the per-layer widths; ``save_pretrained`` writes the weights (safetensors), the config, the
     modeling code with ``auto_map`` (with vtrans installed ``from_pretrained(dir)`` uses the installed classes and
     needs no flag; without vtrans, ``trust_remote_code=True`` runs the stored file), compression.json, and the
-    tokenizer when one is given here.
+    tokenizer when one is given here. After a uniform budget (``Budget(uniform=True)``) it is the stock Hugging Face
+    class instead (:func:`vtrans.export.to_stock`: no ``auto_map``, no modeling file; compression.json is written).
     """
     model, adapter = vib.model, vib.adapter
     sel = vib.selection()
@@ -163,4 +174,8 @@ def compress(vib: VIB, tokenizer=None) -> PreTrainedModel:
     small.train(model.training)
     if tokenizer is not None:
         small.vtrans_tokenizer = tokenizer
+    if vib.budget is not None and vib.budget.uniform:
+        from vtrans.export import to_stock  # imports this module
+
+        return to_stock(small)
     return small

@@ -120,6 +120,11 @@ class Budget:
     """``blocks`` (transformer layers only, the default, as CoFi) or ``total`` (embeddings and heads too)."""
     tolerance: float = 0.005
     """The kept size must lie in ``[(1 - tolerance) * target, target]``."""
+    uniform: bool = False
+    """Every layer keeps the same number of heads (key/value groups) and FFN neurons, blocks go only as whole layers
+    where the architecture allows, and the hidden size stays what the stock config expresses: the compressed model is
+    saved as the stock architecture (``model_type`` ``llama`` / ``bert`` / ``roberta`` / ``gpt2``), loadable without
+    vtrans (:mod:`vtrans.uniform` lists, per architecture, what the stock config can express)."""
 
     def __post_init__(self) -> None:
         given = [k for k in ("params", "flops") if getattr(self, k) is not None]
@@ -143,6 +148,8 @@ class Budget:
             raise ConfigError(f"budget.seq_len must be a positive integer, got {self.seq_len!r}")
         if not 0.0 < _check_number("budget.tolerance", self.tolerance) < 1.0:
             raise ConfigError(f"budget.tolerance must be in (0, 1), got {self.tolerance!r}")
+        if not isinstance(self.uniform, bool):
+            raise ConfigError(f"budget.uniform must be true or false, got {self.uniform!r}")
 
     @property
     def metric(self) -> str:
@@ -162,10 +169,11 @@ class Budget:
     def describe(self) -> str:
         """Short human form, e.g. ``params=0.5 (blocks)``."""
         extra = f", seq_len={self.seq_len}" if self.metric == "flops" else ""
+        extra += ", uniform" if self.uniform else ""
         return f"{self.metric}={self.value} ({self.scope}{extra})"
 
     @classmethod
-    def parse(cls, text: str, seq_len: int = 128, scope: str = "blocks") -> Budget:
+    def parse(cls, text: str, seq_len: int = 128, scope: str = "blocks", uniform: bool = False) -> Budget:
         """Parse ``params=0.5`` / ``flops=0.4`` / ``params=5000000`` as given on a command line."""
         values: dict[str, float | int] = {}
         for part in str(text).split(","):
@@ -180,4 +188,4 @@ class Budget:
             except ValueError:
                 raise ConfigError(f"budget.{key} must be a number, got {quote(raw.strip())}") from None
             values[key] = 1.0 if value == 1 and isinstance(value, int) else value
-        return cls(**values, seq_len=seq_len, scope=scope)
+        return cls(**values, seq_len=seq_len, scope=scope, uniform=uniform)

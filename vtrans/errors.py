@@ -34,6 +34,11 @@ class OutputError(VtransError, OSError):
     """An output location cannot be written (missing parent, exists, read-only)."""
 
 
+class ExportError(VtransError, ValueError):
+    """A checkpoint cannot be written in the requested format without changing what it computes (e.g. a LayerNorm
+    over a pruned hidden size cannot be zero-padded back to a stock width)."""
+
+
 class CheckpointError(ConfigError):
     """A checkpoint - model weights or a training state - is missing, truncated, corrupted, in a refused format
     (pickle) or carries modified code."""

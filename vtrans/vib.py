@@ -27,6 +27,7 @@ from vtrans.budget import Geometry, Keep, Scores, Selection, quota_scores, selec
 from vtrans.config import Budget, VIBConfig
 from vtrans.errors import ConfigError
 from vtrans.masks import VIBMask
+from vtrans.uniform import select_uniform
 
 
 class VIB(nn.Module):
@@ -185,11 +186,17 @@ class VIB(nn.Module):
         ``scores`` default to the trained posterior: ``-log_alpha`` under one global threshold, or per-group quotas
         from the expected keep counts (``config.selection``, :meth:`posterior_scores`); pass a scorer's scores (e.g.
         :func:`vtrans.scoring.magnitude`) for a baseline. Re-applying with another budget re-thresholds the same
-        posterior: one trained VIB serves several budgets.
+        posterior: one trained VIB serves several budgets. ``budget.uniform``: the same widths in every layer, as the
+        stock architecture expresses them (:func:`vtrans.uniform.select_uniform`); :func:`vtrans.compress` then
+        returns the stock Hugging Face class.
         """
         if not isinstance(budget, Budget):
             raise ConfigError(f"budget must be a vtrans.Budget, got {budget!r}")
-        sel = select(self.geometry, scores if scores is not None else self.posterior_scores(), budget)
+        scores = scores if scores is not None else self.posterior_scores()
+        if budget.uniform:  # the shapes a stock config expresses (vtrans.uniform)
+            sel = select_uniform(self.geometry, scores, budget, self.adapter.stock_rules(self.model))
+        else:
+            sel = select(self.geometry, scores, budget)
         if self.hidden is not None:
             self.hidden.fix(sel.hidden)
         for i in range(self.geometry.n_layers):

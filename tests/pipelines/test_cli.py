@@ -158,7 +158,7 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     commands, loaded = proc.stdout.strip().splitlines()
-    assert commands == str(["compress", "configs", "inspect", "relog", "run", "sweep", "validate"])
+    assert commands == str(["compress", "configs", "export", "inspect", "relog", "run", "sweep", "validate"])
     assert loaded == "[]"
 
 

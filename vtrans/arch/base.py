@@ -62,6 +62,25 @@ class HookPoints:
     """The transformer body, called once per forward pass."""
 
 
+@dataclass(frozen=True)
+class StockRules:
+    """What the stock Hugging Face config of an architecture can express (:mod:`vtrans.uniform`, :mod:`vtrans.export`).
+
+    A stock config has one width per structure for all layers; which combinations of hidden size and key/value groups
+    it accepts, and whether whole layers may go, differ per architecture."""
+
+    drop_layers: bool
+    """A layer whose attention and FFN blocks are both removed is the identity (pre-norm), so the stock model may have
+    fewer layers. Post-norm layers keep their LayerNorms without blocks: not expressible."""
+    shapes: tuple[tuple[int, int], ...]
+    """``(hidden size, key/value groups)`` pairs a stock config of this model expresses, smallest hidden first."""
+    pad_hidden: bool
+    """A pruned hidden size may be zero-padded to a larger one exactly (RMSNorm, with its weights and epsilon
+    rescaled); a LayerNorm's mean and variance over a padded vector differ, so LayerNorm models cannot."""
+    note: str
+    """One sentence saying what the stock config can and cannot express, for error messages."""
+
+
 class Adapter:
     """Base class of architecture adapters. Subclasses describe one family of Hugging Face models."""
 
@@ -69,6 +88,8 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     #: supported Hugging Face classes -> their compressed class in ``vtrans.modeling_vtrans``
     classes: dict[str, str] = {}
+    #: state-dict path of the layer stack below the body prefix (``layers``, ``h``, ``encoder.layer``)
+    layers_path: str = ""
 
     # --- identification ------------------------------------------------------------------------------------------
     def check(self, model: PreTrainedModel) -> None:
@@ -98,6 +119,21 @@ class Adapter:
         """The config of the compressed model: dense config + kept hidden size + per-layer widths."""
         raise NotImplementedError
 
+    def stock_rules(self, model: PreTrainedModel) -> StockRules:
+        """What the stock config can express (uniform selection, stock export)."""
+        raise UnsupportedModelError(f"architecture {self.name!r} does not describe its stock config; --uniform and "
+                                    f"export --format stock need StockRules (Adapter.stock_rules)")
+
+    def stock_config(self, model: PreTrainedModel, n_layers: int, hidden: int, groups: int,
+                     ffn: int) -> PretrainedConfig:
+        """The stock config of a vtrans-compressed ``model`` with uniform widths; ``hidden`` may exceed the model's
+        kept hidden size only where :attr:`StockRules.pad_hidden`."""
+        raise NotImplementedError
+
+    def pad_hidden(self, sd: dict, model: PreTrainedModel, kept: int, padded: int) -> None:
+        """Rescale, in the stock state dict ``sd``, what a zero-padded hidden size changes (RMSNorm weights)."""
+        raise NotImplementedError
+
     # --- shared helpers ------------------------------------------------------------------------------------------
     def keep(self, model: PreTrainedModel) -> Keep:
         """Kept counts of the model (all of the dense geometry unless it is a compressed model)."""
@@ -117,6 +153,19 @@ class Adapter:
 def tied_lm_head(model: PreTrainedModel) -> bool:
     """Whether the model has an LM head sharing the token embedding matrix."""
     return hasattr(model, "lm_head") and bool(model.config.tie_word_embeddings)
+
+
+def stock_config_from(model: PreTrainedModel, config_cls: type[PretrainedConfig], **sizes) -> PretrainedConfig:
+    """The stock config of a vtrans-compressed ``model``: its config without the ``vtrans`` record and ``auto_map``,
+    with the given sizes."""
+    d = model.config.to_dict()
+    for k in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "vtrans"):
+        d.pop(k, None)
+    d.update(sizes)
+    cfg = config_cls.from_dict(d)
+    cfg._attn_implementation = model.config._attn_implementation
+    cfg.architectures = [type(model).__name__.removeprefix("Vtrans")]
+    return cfg
 
 
 def compressed_config_from(model: PreTrainedModel, arch: str, hidden: int, dense: dict, layers: list[dict],

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
+from transformers import BertConfig, PreTrainedModel, RobertaConfig
 
 from vtrans.arch import register
-from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, compressed_config_from
+from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, StockRules, compressed_config_from, stock_config_from
 from vtrans.budget import Geometry
 
 
@@ -26,6 +26,8 @@ class BertAdapter(Adapter):
                "BertForSequenceClassification": "VtransBertForSequenceClassification"}
     #: state-dict path of the classifier's first layer (reads the hidden size) and its output width
     head_in = {"BertModel": "pooler.dense", "BertForSequenceClassification": "bert.pooler.dense"}
+    layers_path = "encoder.layer"
+    stock_config_class = BertConfig
 
     def _head(self, model: PreTrainedModel) -> str | None:
         cls = type(model).__name__.removeprefix("Vtrans")
@@ -100,6 +102,28 @@ class BertAdapter(Adapter):
         return compressed_config_from(model, self.name, hidden, _dense(model), layers,
                                       extra={"head_size": self._head_size(model)})
 
+    def stock_rules(self, model: PreTrainedModel) -> StockRules:
+        """Stock BERT / RoBERTa: post-LayerNorm, so a layer without blocks still applies its two LayerNorms and no
+        layer can go; the head size is ``hidden_size / num_attention_heads`` and the pooler (RoBERTa: the
+        classifier's dense layer) maps the hidden size to itself, so with a pooler / classifier the hidden size and
+        the head count stay dense (without one, hidden = kept heads x head size); LayerNorm forbids padding a pruned
+        hidden size. What shrinks uniformly: the FFN width."""
+        g = self.geometry(model)
+        if self._head(model):
+            hs = self._head_size(model)
+            k = hs // g.head_dim
+            shapes = ((hs, k),) if hs % g.head_dim == 0 and k <= g.n_groups else ()
+        else:
+            shapes = tuple((k * g.head_dim, k) for k in range(1, g.n_groups + 1))
+        return StockRules(drop_layers=False, shapes=shapes, pad_hidden=False,
+                          note=f"stock {self.name} is post-LayerNorm (every layer stays), its head size is hidden / "
+                          "heads and its pooler / classifier maps hidden to hidden (hidden size and heads stay dense); "
+                          "only the FFN width shrinks")
+
+    def stock_config(self, model: PreTrainedModel, n_layers: int, hidden: int, groups: int, ffn: int):
+        return stock_config_from(model, self.stock_config_class, num_hidden_layers=n_layers, hidden_size=hidden,
+                                 num_attention_heads=groups, intermediate_size=ffn)
+
 
 @register
 class RobertaAdapter(BertAdapter):
@@ -108,3 +132,4 @@ class RobertaAdapter(BertAdapter):
     classes = {"RobertaModel": "VtransRobertaModel",
                "RobertaForSequenceClassification": "VtransRobertaForSequenceClassification"}
     head_in = {"RobertaModel": "pooler.dense", "RobertaForSequenceClassification": "classifier.dense"}
+    stock_config_class = RobertaConfig

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
+from transformers import GPT2Config, PreTrainedModel
 
 from vtrans.arch import register
-from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, compressed_config_from, tied_lm_head
+from vtrans.arch.base import (
+    Adapter,
+    HookPoints,
+    Layout,
+    Slot,
+    StockRules,
+    compressed_config_from,
+    stock_config_from,
+    tied_lm_head,
+)
 from vtrans.budget import Geometry
 
 
@@ -23,6 +32,7 @@ class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     classes = {"GPT2Model": "VtransGPT2Model", "GPT2LMHeadModel": "VtransGPT2LMHeadModel",
                "GPT2ForSequenceClassification": "VtransGPT2ForSequenceClassification"}
+    layers_path = "h"
 
     def geometry(self, model: PreTrainedModel) -> Geometry:
         c, dense = model.config, _dense(model)
@@ -83,3 +93,19 @@ class GPT2Adapter(Adapter):
     def compressed_config(self, model: PreTrainedModel, layers: list[dict], hidden: int):
         dense = _dense(model)
         return compressed_config_from(model, self.name, hidden, dense, layers, n_inner=dense["intermediate_size"])
+
+    def stock_rules(self, model: PreTrainedModel) -> StockRules:
+        """Stock GPT-2: the head size is ``n_embd // n_head``, so the hidden size is the kept heads times the head
+        size (pruning heads prunes the hidden size with them); one head count and FFN width for every layer; no layer
+        without its attention or FFN block, but a layer without both is the identity (pre-norm), so whole layers can
+        go (not with ``scale_attn_by_inverse_layer_idx``, which depends on the layer index). LayerNorm over a
+        zero-padded vector has another mean and variance: a pruned hidden size cannot be padded."""
+        g = self.geometry(model)
+        return StockRules(drop_layers=not model.config.scale_attn_by_inverse_layer_idx,
+                          shapes=tuple((k * g.head_dim, k) for k in range(1, g.n_groups + 1)), pad_hidden=False,
+                          note="stock gpt2 has one head count and FFN width for all layers, n_embd = heads x head "
+                          "size (LayerNorm: no padding of a pruned hidden size), and no layer without its attention "
+                          "or FFN block (whole layers can go)")
+
+    def stock_config(self, model: PreTrainedModel, n_layers: int, hidden: int, groups: int, ffn: int):
+        return stock_config_from(model, GPT2Config, n_layer=n_layers, n_embd=hidden, n_head=groups, n_inner=ffn)

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
+import math
+
+from transformers import LlamaConfig, PreTrainedModel
 
 from vtrans.arch import register
-from vtrans.arch.base import Adapter, HookPoints, Layout, Slot, compressed_config_from, tied_lm_head
+from vtrans.arch.base import (
+    Adapter,
+    HookPoints,
+    Layout,
+    Slot,
+    StockRules,
+    compressed_config_from,
+    stock_config_from,
+    tied_lm_head,
+)
 from vtrans.budget import Geometry
 
 
@@ -25,6 +36,7 @@ class LlamaAdapter(Adapter):
     model_types = ("llama",)
     classes = {"LlamaModel": "VtransLlamaModel", "LlamaForCausalLM": "VtransLlamaForCausalLM",
                "LlamaForSequenceClassification": "VtransLlamaForSequenceClassification"}
+    layers_path = "layers"
 
     def geometry(self, model: PreTrainedModel) -> Geometry:
         c, dense = model.config, _dense(model)
@@ -102,3 +114,33 @@ class LlamaAdapter(Adapter):
     def compressed_config(self, model: PreTrainedModel, layers: list[dict], hidden: int):
         dense = _dense(model)
         return compressed_config_from(model, self.name, hidden, dense, layers, head_dim=dense["head_dim"])
+
+    def stock_rules(self, model: PreTrainedModel) -> StockRules:
+        """Stock Llama: one query / key-value head count and one FFN width for every layer; ``head_dim`` is a config
+        field (independent of the hidden size), but ``hidden_size`` must be a multiple of ``num_attention_heads``.
+        A layer cannot lose only its attention or its FFN block; a layer without both is the identity (pre-norm, its
+        norms go with its blocks), so whole layers can go. RMSNorm over a zero-padded hidden vector is exact once its
+        weights and epsilon are rescaled, so a pruned hidden size can be padded to a multiple of the head count."""
+        g = self.geometry(model)
+        shapes = tuple((d, k) for d in range(1, g.hidden + 1) for k in range(1, g.n_groups + 1)
+                       if d % (k * g.group_size) == 0)
+        return StockRules(drop_layers=True, shapes=shapes, pad_hidden=True,
+                          note="stock llama has one head count and FFN width for all layers, hidden_size a multiple "
+                          "of num_attention_heads, and no layer without its attention or FFN block (whole layers can "
+                          "go)")
+
+    def stock_config(self, model: PreTrainedModel, n_layers: int, hidden: int, groups: int, ffn: int):
+        g, c = self.geometry(model), model.config
+        # RMSNorm over a zero-padded vector: the mean of squares shrinks by kept / padded; the epsilon follows
+        eps = c.rms_norm_eps * c.hidden_size / hidden
+        return stock_config_from(model, LlamaConfig, num_hidden_layers=n_layers, hidden_size=hidden,
+                                 num_attention_heads=groups * g.group_size, num_key_value_heads=groups,
+                                 head_dim=g.head_dim, intermediate_size=ffn, rms_norm_eps=eps)
+
+    def pad_hidden(self, sd: dict, model: PreTrainedModel, kept: int, padded: int) -> None:
+        # rms(x_padded) = sqrt(kept / padded) * rms(x): the weights absorb the factor exactly (epsilon: stock_config)
+        scale = math.sqrt(kept / padded)
+        for key in sd:
+            if key.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")) or key == (
+                    f"{self.prefix_of(model)}norm.weight"):
+                sd[key] = sd[key] * scale
