@@ -689,6 +689,9 @@ def kwon_prune(vib: VIB, batches: Iterable[Batch], budget: Budget, *, rearrange:
         raise ConfigError(f"kwon_prune needs a vtrans.VIB: vib = vtrans.attach(model), got {type(vib).__name__}")
     if not isinstance(budget, Budget):
         raise ConfigError(f"budget must be a vtrans.Budget, got {budget!r}")
+    if budget.uniform:
+        raise ConfigError("budget.uniform=true: Kwon et al.'s mask search chooses every layer's widths on its own; "
+                          "use a VIB method or the magnitude / random scorer for a uniform (stock) model")
     if vib.heads is None or vib.neurons is None:
         raise ConfigError(f"kwon_prune needs head and neuron masks; the VIB has structures "
                           f"{list(vib.config.structures)}")

@@ -176,3 +176,31 @@ def test_smollm2_uniform_loads_without_vtrans(tmp_path: Path) -> None:
     assert rel_err(ref, res["out"]) < 1e-4  # 30 layers of float32 sums in another order: 1e-5 is not always met
     assert torch.equal(res["gen"], gen)
     assert time.perf_counter() - t0 < 120
+
+
+def test_every_round_of_a_uniform_pruning_run_is_uniform() -> None:
+    """``prune.rounds > 1`` fixes an intermediate budget after each round: uniform too, not only the last one."""
+    from transformers import LlamaForCausalLM as Llama
+
+    from vtrans.train import PruneConfig, Pruner
+
+    model = tiny("llama", Llama, attn="sdpa", num_hidden_layers=4)
+    pruner = Pruner(model, PruneConfig(method="faster", task="causal-lm", rounds=2, steps=2, init="constant",
+                                       budget=vtrans.Budget(params=0.5, uniform=True, tolerance=0.3)))
+    with torch.no_grad():  # unequal scores, so a heterogeneous selection would give unequal widths
+        for _, m in pruner.vib.masks():
+            m.mu.copy_(0.5 + torch.rand(m.n, generator=torch.Generator().manual_seed(m.n + 1)))
+    pruner.fix_round_budget(0)  # the first round's target, 0.75
+    keep = pruner.vib.selection().keep()
+    kept = [i for i in range(4) if keep.mha[i] or keep.ffn[i]]
+    assert pruner.vib.budget.uniform and pruner.vib.budget.value == pytest.approx(0.75)
+    assert all(keep.mha[i] and keep.ffn[i] for i in kept)  # stock Llama: a layer stays whole or goes
+    assert len({keep.groups[i] for i in kept}) == 1 and len({keep.neurons[i] for i in kept}) == 1
+
+
+def test_kwon_refuses_a_uniform_budget_in_one_line() -> None:
+    model = tiny("bert", BertModel)
+    vib = vtrans.attach(model)
+    with pytest.raises(vtrans.ConfigError) as e:
+        vtrans.kwon_prune(vib, [], vtrans.Budget(params=0.5, uniform=True))
+    assert "budget.uniform=true" in str(e.value) and "\n" not in str(e.value)
