@@ -33,6 +33,8 @@ from transformers import (
 )
 
 from vtrans import modeling_vtrans
+from vtrans.arch import for_model
+from vtrans.budget import Geometry
 from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError, quote
 from vtrans.modeling_vtrans import AUTO_MAP, COMPRESSION_FILE, CONFIGS, MODELING_FILE
 
@@ -359,6 +361,17 @@ def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=False, use_safetensors=True, **kwargs)
+
+
+def geometry_of(path: str | Path, task: str, num_labels: int | None = None) -> Geometry:
+    """The :class:`~vtrans.budget.Geometry` of a local checkpoint for ``task``, from its config alone: the model is
+    built on the meta device, no weights are read."""
+    config = read_config(path)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        model = AUTO_CLASSES.get(task, AUTO_CLASSES["base"]).from_config(config)
+    return for_model(model).geometry(model)
 
 
 #: Files of which a model directory holding a tokenizer has at least one.

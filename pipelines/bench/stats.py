@@ -15,7 +15,6 @@ from vtrans.errors import ConfigError
 METHOD_ORDER = ("random", "magnitude", "kwon", "vtrans", "fast", "faster")
 BASELINES = ("random", "magnitude", "kwon")
 VIB_METHODS = ("vtrans", "fast", "faster")
-HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False}
 SIZE_KEYS = ("params_blocks", "params_total", "flops_blocks", "flops_total")
 
 
