@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vtrans.checks import check_number
 from vtrans.errors import ConfigError
 
 METHOD_ORDER = ("random", "magnitude", "kwon", "vtrans", "fast", "faster")
@@ -66,9 +67,7 @@ def aggregate(rows: Iterable[Mapping[str, Any]], value: str = "quality",
 
 
 def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_number(name, value, 0, low_open=True, what="a finite number > 0")
 
 
 def ratio(numerator: float, denominator: float, what: str = "ratio") -> float:
