@@ -104,8 +104,6 @@ def is_uri(path: str) -> bool:
     return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------------------------------------
@@ -542,7 +540,6 @@ EXCLUSIVE: dict[type, tuple[frozenset[str], ...]] = {
     CalibrationConfig: (frozenset({"fraction", "count"}),),
     DataConfig: (frozenset({"name", "files"}),),
 }
-
 
 
 def merge_overrides(raw: Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any],

@@ -70,7 +70,6 @@ def field_default(cls: type, name: str) -> object:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # generic structured loading
 # ---------------------------------------------------------------------------------------------------------------------
