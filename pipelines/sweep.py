@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipelines.config import (
-    METRICS,
     PipelineConfig,
     config_hash,
     from_dict,
@@ -39,6 +38,7 @@ from pipelines.config import (
     read_yaml,
 )
 from vtrans.errors import ConfigError
+from vtrans.metrics import TASK_METRICS, direction, task_metric
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 """Forms of a random / optuna search dimension: ``{uniform: [low, high]}``, ``{loguniform: [low, high]}``,
@@ -178,8 +178,8 @@ class Sweep:
         if self.config.objectives is not None:
             return [tuple(o.rsplit(":", 1)) for o in self.config.objectives]  # type: ignore[misc]
         task = self.model_configs[label].task
-        quality = METRICS[task][0]
-        return [(quality, "max" if quality == "accuracy" else "min"), ("params_blocks", "min")]
+        quality = task_metric(task)
+        return [(quality, direction(quality)), ("params_blocks", "min")]
 
     @property
     def key(self) -> str:
@@ -234,9 +234,9 @@ def _check_objectives(sweep: Sweep) -> None:
                               f"{spec!r}")
     quality = objectives[0].rpartition(":")[0]
     for label, cfg in sweep.model_configs.items():
-        if quality not in METRICS[cfg.task]:
+        if quality not in TASK_METRICS[cfg.task]:
             raise ConfigError(f"sweep.objectives[0]={objectives[0]!r}: {quality!r} is not produced for model "
-                              f"{label!r} ({cfg.task}: {list(METRICS[cfg.task])})")
+                              f"{label!r} ({cfg.task}: {list(TASK_METRICS[cfg.task])})")
 
 
 def _absolute(raw: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pipelines.tracking import TAG_MODEL_URI, Tracker, ui_hint
 from pipelines.train_jobs import FINETUNE_STEP
 from pipelines.validate import plan, with_absolute_paths
 from vtrans.errors import ConfigError
+from vtrans.metrics import task_metric
 
 TAG_SWEEP = "vtrans.sweep"
 TAG_SWEEP_KEY = "vtrans.sweep_key"
@@ -182,11 +183,10 @@ def _tuner(sweep: Sweep, label: str, trainable, storage: Path, concurrent: int, 
     if sweep.config.early_stopping == "asha":
         from pipelines.early_stopping import BudgetASHA
         from pipelines.sweep import asha_grace_period, asha_group_keys
-        from pipelines.train_jobs import VAL_METRIC
 
         cfg = sweep.model_configs[label]
         quality, goal = objectives[0]
-        assert quality == VAL_METRIC[cfg.task], quality  # the sweep's checks allow the task's quality metric only
+        assert quality == task_metric(cfg.task), quality  # the sweep's checks allow the task's quality metric only
         scheduler = BudgetASHA(metric=f"val_{quality}", mode=goal, steps=cfg.finetune.steps,
                                grace_period=asha_grace_period(sweep, label),
                                reduction_factor=sweep.config.asha.reduction_factor,

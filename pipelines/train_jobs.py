@@ -23,37 +23,15 @@ from typing import Any
 
 import torch
 
+from pipelines.config import RayConfig
 from pipelines.ray_runtime import init_ray
+from vtrans.checkpoint import check_reachable_at
 from vtrans.data import collate, global_order
 from vtrans.errors import ConfigError
+from vtrans.metrics import measure, task_metric
 from vtrans.progress import Progress
 
 OUTPUT = "output"
-
-
-@dataclass
-class RayConfig:
-    """Where and how wide a job runs."""
-
-    address: str | None = None
-    """Ray address (``host:port`` of the GCS, ``auto``, ``ray://...``); None: ``$RAY_ADDRESS`` when set (a job's
-    driver), else a new local Ray."""
-    num_workers: int = 1
-    """Data-parallel Ray Train workers (each gets batch_size / num_workers samples per step)."""
-    use_gpu: bool = False
-    """One GPU per worker (NCCL); the cluster must have num_workers GPUs."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per worker (also its torch thread count)."""
-    max_failures: int = 0
-    """Worker-group restarts from the last checkpoint before the job fails."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise ConfigError(f"ray.num_workers must be an integer >= 1, got {self.num_workers!r}")
-        if not isinstance(self.max_failures, int) or self.max_failures < 0:
-            raise ConfigError(f"ray.max_failures must be an integer >= 0, got {self.max_failures!r}")
-        if not isinstance(self.cpus_per_worker, (int, float)) or self.cpus_per_worker <= 0:
-            raise ConfigError(f"ray.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
 
 
 @dataclass
@@ -108,30 +86,6 @@ def check_resources(ray_cfg: RayConfig) -> None:
 def _check_batch(batch_size: int, ray_cfg: RayConfig, key: str) -> None:
     if batch_size % ray_cfg.num_workers:
         raise ConfigError(f"{key}={batch_size} must be divisible by ray.num_workers={ray_cfg.num_workers}")
-
-
-def geometry_of(model_dir: str, task: str, num_labels: int | None = None):
-    """The :class:`vtrans.budget.Geometry` of a checkpoint, from its config alone (no weights are read)."""
-    import vtrans
-    from vtrans.checkpoint import AUTO_CLASSES, read_config
-
-    config = read_config(model_dir)
-    if num_labels is not None:
-        config.num_labels = num_labels
-    with torch.device("meta"):
-        model = AUTO_CLASSES.get(task, AUTO_CLASSES["base"]).from_config(config)
-    return vtrans.arch.for_model(model).geometry(model)
-
-
-def check_budget_reachable(model_dir: str, task: str, budget, num_labels: int | None = None) -> None:
-    """Raise :class:`vtrans.BudgetError` when no selection of this architecture meets the budget."""
-    from vtrans.budget import Scores, select
-
-    g = geometry_of(model_dir, task, num_labels)
-    gen = torch.Generator().manual_seed(0)
-    select(g, Scores(torch.rand(g.hidden, generator=gen), [torch.rand(g.n_groups, generator=gen)] * g.n_layers,
-                     [torch.rand(g.ffn, generator=gen)] * g.n_layers, torch.rand(g.n_layers, generator=gen),
-                     torch.rand(g.n_layers, generator=gen)), budget)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,18 +177,14 @@ class _LiveCurves:
         self.pending = []
 
 
-#: The held-out quality metric of a fine-tune's task, reported as ``val_<metric>``.
-VAL_METRIC = {"seq-cls": "accuracy", "causal-lm": "perplexity"}
 #: The report key of a held-out evaluation's fine-tune step (steps done): the time axis of ASHA's rungs.
 FINETUNE_STEP = "finetune_step"
 
 
 def _held_out_quality(model, spec: JobSpec, batch_size: int) -> dict[str, float]:
-    from vtrans.evaluate import accuracy, perplexity
-
-    metric = VAL_METRIC[spec.task]
-    fn = accuracy if metric == "accuracy" else perplexity
-    return {f"val_{metric}": fn(model, spec.eval_dataset, spec.pad_token_id, batch_size=batch_size)}
+    """The task's quality metric (:func:`vtrans.metrics.task_metric`) on the held-out samples, as ``val_<metric>``."""
+    metric = task_metric(spec.task)
+    return {f"val_{metric}": measure(metric, model, spec.eval_dataset, spec.pad_token_id, batch_size)}
 
 
 def _node_ids(world: int) -> list[str]:
@@ -482,7 +432,7 @@ def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_
 
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
-    check_budget_reachable(spec.model_dir, spec.task, config.budget, spec.num_labels)
+    check_reachable_at(spec.model_dir, spec.task, config.budget, spec.num_labels)
     return _run("prune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
                 threads_per_worker, fault, tracking, label)
 
@@ -503,5 +453,4 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
                 threads_per_worker, fault, tracking, label, report_to_tune)
 
 
-__all__ = ["JobResult", "JobSpec", "RayConfig", "check_budget_reachable", "check_resources", "geometry_of",
-           "run_finetune_job", "run_prune_job", "worker_batch"]
+__all__ = ["JobResult", "JobSpec", "check_resources", "run_finetune_job", "run_prune_job", "worker_batch"]

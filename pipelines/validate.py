@@ -201,8 +201,7 @@ def _compressed_from(path: str | os.PathLike) -> str | None:
 
 def preflight(cfg: PipelineConfig) -> Preflight:
     """Check everything that needs no cluster; raise a one-line :class:`ConfigError` (or ``BudgetError``)."""
-    from pipelines.train_jobs import check_budget_reachable
-    from vtrans.checkpoint import read_config
+    from vtrans.checkpoint import check_reachable_at, read_config
 
     check_before_start(cfg)
     model_path = resolve_model_path(cfg.model.name)
@@ -235,10 +234,10 @@ def preflight(cfg: PipelineConfig) -> Preflight:
         if (cfg.evaluate.threads or 1) > cpus:
             raise ConfigError(f"evaluate.threads={cfg.evaluate.threads} is more than this machine's {cpus} CPUs")
     check_output_root(cfg.output, model_path)
-    check_budget_reachable(str(teacher_path), cfg.task, cfg.prune.budget, cfg.model.num_labels)
+    check_reachable_at(teacher_path, cfg.task, cfg.prune.budget, cfg.model.num_labels)
     if cfg.posterior is not None:
         try:
-            check_budget_reachable(str(teacher_path), cfg.task, cfg.posterior_budget, cfg.model.num_labels)
+            check_reachable_at(teacher_path, cfg.task, cfg.posterior_budget, cfg.model.num_labels)
         except VtransError as e:
             raise type(e)(f"posterior_budget: {e}") from None
     return Preflight(model_path=str(Path(model_path).resolve()), keys=plan(cfg))

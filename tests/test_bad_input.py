@@ -203,6 +203,9 @@ ROWS: list[Row] = [
     pipe("budget-flops-negative", ["prune.budget.flops=-0.1"], ConfigError, "prune.budget.flops", "-0.1"),
     pipe("budget-tolerance", ["prune.budget.tolerance=1.5"], ConfigError, "prune.budget.tolerance", "1.5"),
     pipe("budget-unreachable", ["prune.budget.flops=1.0e-6"], BudgetError, "flops=1e-06", "cannot be met"),
+    # MiniLM (post-LN BERT) in stock form keeps every layer and its attention: no uniform shape is under ~33%
+    pipe("uniform-budget-unreachable", ["prune.budget.params=0.2", "prune.budget.uniform=true"], BudgetError,
+         "params=0.2", "uniform", "33.48% of dense"),
     # --- fractions
     pipe("calibration-fraction-above-1", ["calibration.fraction=1.5"], ConfigError, "calibration.fraction", "1.5"),
     pipe("test-fraction-zero", ["data.test_fraction=0"], ConfigError, "data.test_fraction", "got 0"),

@@ -360,3 +360,12 @@ def quota_scores(scores: Scores, quotas: Keep) -> Scores:
                   [group(s, q) for s, q in zip(scores.groups, quotas.groups, strict=True)],
                   [group(s, q) for s, q in zip(scores.neurons, quotas.neurons, strict=True)],
                   gates(scores.mha, quotas.mha), gates(scores.ffn, quotas.ffn))
+
+
+def check_budget_reachable(g: Geometry, budget: Budget) -> None:
+    """Raise :class:`~vtrans.errors.BudgetError` when no selection of a model of geometry ``g`` meets ``budget``
+    (:func:`select` on seeded random scores)."""
+    gen = torch.Generator().manual_seed(0)
+    select(g, Scores(torch.rand(g.hidden, generator=gen), [torch.rand(g.n_groups, generator=gen)] * g.n_layers,
+                     [torch.rand(g.ffn, generator=gen)] * g.n_layers, torch.rand(g.n_layers, generator=gen),
+                     torch.rand(g.n_layers, generator=gen)), budget)

@@ -33,6 +33,9 @@ from transformers import (
 )
 
 from vtrans import modeling_vtrans
+from vtrans.arch import for_model
+from vtrans.budget import Geometry
+from vtrans.config import Budget
 from vtrans.errors import CheckpointError, ConfigError, OutputError, UnknownModelError, quote
 from vtrans.modeling_vtrans import AUTO_MAP, COMPRESSION_FILE, CONFIGS, MODELING_FILE
 
@@ -359,6 +362,38 @@ def load_pretrained(path: str | Path, task: str = "auto", num_labels: int | None
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     return AUTO_CLASSES[task].from_pretrained(path, trust_remote_code=False, use_safetensors=True, **kwargs)
+
+
+def _meta_for_task(path: str | Path, task: str, num_labels: int | None) -> PreTrainedModel:
+    config = read_config(path)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        return AUTO_CLASSES.get(task, AUTO_CLASSES["base"]).from_config(config)
+
+
+def geometry_of(path: str | Path, task: str, num_labels: int | None = None) -> Geometry:
+    """The :class:`~vtrans.budget.Geometry` of a local checkpoint for ``task``, from its config alone: the model is
+    built on the meta device, no weights are read."""
+    model = _meta_for_task(path, task, num_labels)
+    return for_model(model).geometry(model)
+
+
+def check_reachable_at(path: str | Path, task: str, budget: Budget, num_labels: int | None = None) -> Geometry:
+    """Raise :class:`~vtrans.errors.BudgetError` when no selection of the checkpoint at ``path`` meets ``budget`` - for
+    a uniform budget, no shape its stock config expresses (:func:`vtrans.uniform.check_reachable`) - from its config
+    alone; returns its geometry."""
+    from vtrans.budget import check_budget_reachable
+    from vtrans.uniform import check_reachable
+
+    model = _meta_for_task(path, task, num_labels)
+    adapter = for_model(model)
+    g = adapter.geometry(model)
+    if budget.uniform:
+        check_reachable(g, budget, adapter.stock_rules(model))
+    else:
+        check_budget_reachable(g, budget)
+    return g
 
 
 #: Files of which a model directory holding a tokenizer has at least one.

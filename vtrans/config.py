@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from vtrans.checks import check_int, check_number
 from vtrans.errors import ConfigError, quote
 
 #: Structure types that carry a VIB mask, in the order the paper lists them.
@@ -21,12 +21,6 @@ SELECTIONS: tuple[str, ...] = ("threshold", "quota")
 
 #: Budget scopes: ``blocks`` counts the transformer layers only (as CoFi does); ``total`` the whole model.
 SCOPES: tuple[str, ...] = ("blocks", "total")
-
-
-def _check_number(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -79,12 +73,10 @@ class VIBConfig:
             raise ConfigError(f"vib.structures lists a structure twice: {list(self.structures)}")
         for key in ("mu_init", "mu_init_std", "logvar_init", "logvar_init_std", "threshold", "keep_sharpness",
                     "kl_weight"):
-            _check_number(f"vib.{key}", getattr(self, key))
+            check_number(f"vib.{key}", getattr(self, key))
         for key in ("mu_init_std", "logvar_init_std", "kl_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"vib.{key} must be >= 0, got {getattr(self, key)!r}")
-        if self.keep_sharpness <= 0:
-            raise ConfigError(f"vib.keep_sharpness must be > 0, got {self.keep_sharpness!r}")
+            check_number(f"vib.{key}", getattr(self, key), 0)
+        check_number("vib.keep_sharpness", self.keep_sharpness, 0, low_open=True)
         if self.selection not in SELECTIONS:
             raise ConfigError(f"vib.selection must be one of {list(SELECTIONS)}, got {self.selection!r}")
         if self.kl_normalisation not in KL_NORMALISATIONS:
@@ -96,9 +88,7 @@ class VIBConfig:
         for s, v in self.kl_multipliers.items():
             if s not in STRUCTURES:
                 raise ConfigError(f"vib.kl_multipliers has unknown structure {s!r}; choose from {list(STRUCTURES)}")
-            if _check_number(f"vib.kl_multipliers.{s}", v) < 0:
-                raise ConfigError(f"vib.kl_multipliers.{s} must be >= 0, got {v!r}")
-            merged[s] = float(v)
+            merged[s] = check_number(f"vib.kl_multipliers.{s}", v, 0)
         self.kl_multipliers = merged
 
 
@@ -134,8 +124,7 @@ class Budget:
             )
         key = given[0]
         value = getattr(self, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"budget.{key} must be a number, got {value!r}")
+        check_number(f"budget.{key}", value, what="a number")
         if isinstance(value, float) and not 0.0 < value <= 1.0:
             raise ConfigError(
                 f"budget.{key} must be a fraction in (0, 1] (or an integer count > 1), got {value!r}"
@@ -144,10 +133,8 @@ class Budget:
             raise ConfigError(f"budget.{key} must be a fraction in (0, 1] or an integer count > 1, got {value!r}")
         if self.scope not in SCOPES:
             raise ConfigError(f"budget.scope must be one of {list(SCOPES)}, got {self.scope!r}")
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
-            raise ConfigError(f"budget.seq_len must be a positive integer, got {self.seq_len!r}")
-        if not 0.0 < _check_number("budget.tolerance", self.tolerance) < 1.0:
-            raise ConfigError(f"budget.tolerance must be in (0, 1), got {self.tolerance!r}")
+        check_int("budget.seq_len", self.seq_len, 1, what="a positive integer")
+        check_number("budget.tolerance", self.tolerance, 0.0, 1.0, low_open=True, high_open=True)
         if not isinstance(self.uniform, bool):
             raise ConfigError(f"budget.uniform must be true or false, got {self.uniform!r}")
 

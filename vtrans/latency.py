@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from vtrans.checks import check_int
 from vtrans.errors import ConfigError
 
 R = TypeVar("R")
@@ -44,12 +45,6 @@ class Timing:
     """Tokens per second at the median: ``throughput * seq_len``."""
     repeats: int
     """Number of timed forward passes (warm-up passes excluded)."""
-
-
-def _check_int(key: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -87,17 +82,17 @@ def _inference(model: nn.Module) -> Iterator[None]:
 def _random_inputs(model: nn.Module, batch_size: int, seq_len: int, vocab_size: int | None,
                    device: str | torch.device | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
     """Seeded random token ids (batch, seq) in ``[0, vocab_size)``, an all-ones attention mask, and their device."""
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seq_len", seq_len, 1)
-    _check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1, what="an int >= 1")
+    check_int("seq_len", seq_len, 1, what="an int >= 1")
+    check_int("seed", seed, 0, what="an int >= 0")
     config = getattr(model, "config", None)
     if vocab_size is None:
         vocab_size = getattr(config, "vocab_size", None)
         if vocab_size is None:
             raise ConfigError("vocab_size is required: the model has no config.vocab_size; pass vocab_size=...")
-        _check_int("model.config.vocab_size", vocab_size, 1)
+        check_int("model.config.vocab_size", vocab_size, 1, what="an int >= 1")
     else:
-        _check_int("vocab_size", vocab_size, 1)
+        check_int("vocab_size", vocab_size, 1, what="an int >= 1")
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={limit}; "
@@ -119,8 +114,8 @@ def time_forward(model: nn.Module, batch_size: int, seq_len: int, repeats: int =
     Runs under ``torch.inference_mode()`` with the model in eval mode; every module's train/eval mode is restored
     afterwards. On CUDA each pass is bracketed by ``torch.cuda.synchronize()`` so the wall clock covers the kernels.
     """
-    _check_int("repeats", repeats, 1)
-    _check_int("warmup", warmup, 0)
+    check_int("repeats", repeats, 1, what="an int >= 1")
+    check_int("warmup", warmup, 0, what="an int >= 0")
     input_ids, attention_mask, dev = _random_inputs(model, batch_size, seq_len, vocab_size, device, seed)
     cuda_devices = _cuda_devices(model, dev)
 
@@ -195,8 +190,8 @@ def op_times(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 3, 
     whatever does not (the rest) is why a measured speedup falls short of the FLOPs reduction. The profiler adds its
     own overhead: compare these shares, and time with :func:`time_forward`.
     """
-    _check_int("repeats", repeats, 1)
-    _check_int("warmup", warmup, 0)
+    check_int("repeats", repeats, 1, what="an int >= 1")
+    check_int("warmup", warmup, 0, what="an int >= 0")
     input_ids, attention_mask, dev = _random_inputs(model, batch_size, seq_len, vocab_size, device, seed)
     cuda = bool(_cuda_devices(model, dev))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from vtrans.budget import size
+from vtrans.checks import check_int, check_number
 from vtrans.config import Budget, VIBConfig
 from vtrans.errors import BudgetError, ConfigError, quote
 from vtrans.masks import EPS
@@ -43,13 +44,11 @@ TASKS = ("seq-cls", "causal-lm")
 
 def _positive(key: str, value: object, integer: bool = False, zero_ok: bool = False,
               maximum: int | None = None) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or (value < 0 if zero_ok else value <= 0) or (
-            not integer and not math.isfinite(value)):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key} must be {kind} {'>= 0' if zero_ok else '> 0'}, got {quote(value)}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{key} must be at most {maximum:,}, got {quote(value)}")
+    what = f"{'an integer' if integer else 'a number'} {'>= 0' if zero_ok else '> 0'}"
+    if integer:
+        check_int(key, value, 0 if zero_ok else 1, maximum, what=what)
+    else:
+        check_number(key, value, 0, maximum, low_open=not zero_ok, what=what)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from pipelines.bench.profiles import (
 )
 from pipelines.bench.tasks import TaskSetup
 from pipelines.config import config_hash, to_dict
+from vtrans.metrics import measure
 
 CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
@@ -176,10 +177,7 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
 
 
 def _quality(setup: TaskSetup, model, test, batch: int) -> float:
-    from vtrans.evaluate import accuracy, perplexity
-
-    fn = accuracy if setup.metric == "accuracy" else perplexity
-    return fn(model, test, setup.pad_token_id, batch_size=batch)
+    return measure(setup.metric, model, test, setup.pad_token_id, batch)
 
 
 def run_cell(spec: CellSpec) -> list[dict]:

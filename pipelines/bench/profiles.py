@@ -5,11 +5,11 @@ pipeline, where the work runs), the built-in ones and ``key=value`` overrides wi
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pipelines.config import from_dict, merge_overrides, to_dict
+from vtrans.checks import check_int, check_number
 from vtrans.errors import ConfigError
 
 #: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
@@ -22,16 +22,6 @@ TRAINING_FREE = ("random", "magnitude", "kwon")
 VIB_METHODS = ("vtrans", "fast", "faster")
 DETERMINISTIC = ("magnitude",)
 """Methods whose pruning does not depend on the seed: pruned once; their seeds vary only the fine-tune."""
-
-
-def _check_int(key: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_positive(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{key} must be a number > 0, got {value!r}")
 
 
 @dataclass
@@ -53,13 +43,13 @@ class LatencyProfile:
         if not isinstance(self.batch_sizes, list) or not self.batch_sizes:
             raise ConfigError(f"latency.batch_sizes must be a non-empty list of ints, got {self.batch_sizes!r}")
         for i, b in enumerate(self.batch_sizes):
-            _check_int(f"latency.batch_sizes[{i}]", b, 1)
+            check_int(f"latency.batch_sizes[{i}]", b, 1, what="an int >= 1")
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise ConfigError(f"latency.batch_sizes lists a batch size twice: {self.batch_sizes!r}")
-        _check_int("latency.seq_len", self.seq_len, 1)
-        _check_int("latency.repeats", self.repeats, 1)
-        _check_int("latency.warmup", self.warmup, 0)
-        _check_int("latency.threads", self.threads, 1)
+        check_int("latency.seq_len", self.seq_len, 1, what="an int >= 1")
+        check_int("latency.repeats", self.repeats, 1, what="an int >= 1")
+        check_int("latency.warmup", self.warmup, 0, what="an int >= 0")
+        check_int("latency.threads", self.threads, 1, what="an int >= 1")
 
 
 @dataclass
@@ -175,10 +165,10 @@ class TaskProfile:
             raise ConfigError(f"methods lists a method twice: {self.methods!r}")
         for key in ("train_samples", "test_samples", "seeds", "trained_seeds", "prune_batch", "kwon_samples",
                     "kwon_batch", "finetune_batch", "eval_batch", "teacher_batch"):
-            _check_int(key, getattr(self, key), 1)
-        _check_int("seq_len", self.seq_len, 2)
+            check_int(key, getattr(self, key), 1, what="an int >= 1")
+        check_int("seq_len", self.seq_len, 2, what="an int >= 2")
         for key in ("finetune_steps", "finetune_seeds", "teacher_steps"):
-            _check_int(key, getattr(self, key), 0)
+            check_int(key, getattr(self, key), 0, what="an int >= 0")
         if self.finetune_seeds > min(self.seeds, self.trained_seeds):
             raise ConfigError(f"finetune_seeds={self.finetune_seeds} must be <= seeds={self.seeds} and "
                               f"trained_seeds={self.trained_seeds} (a fine-tuned row fine-tunes that seed's pruning)")
@@ -190,7 +180,7 @@ class TaskProfile:
         for m, s in self.prune_steps.items():
             if m not in VIB_METHODS:
                 raise ConfigError(f"prune_steps has {m!r}; only {list(VIB_METHODS)} train")
-            _check_int(f"prune_steps.{m}", s, 1)
+            check_int(f"prune_steps.{m}", s, 1, what="an int >= 1")
         missing = [m for m in self.methods if m in VIB_METHODS and m not in self.prune_steps]
         if missing:
             raise ConfigError(f"prune_steps needs the steps of {missing} (in methods), got {self.prune_steps!r}")
@@ -201,15 +191,12 @@ class TaskProfile:
         if self.calibration_fraction is not None and not 0 < self.calibration_fraction <= 1:
             raise ConfigError(f"calibration_fraction must be in (0, 1], got {self.calibration_fraction!r}")
         if self.calibration_count is not None:
-            _check_int("calibration_count", self.calibration_count, 1)
+            check_int("calibration_count", self.calibration_count, 1, what="an int >= 1")
         for key in ("teacher_lr", "lr_masks", "lr_weights", "finetune_lr"):
-            _check_positive(key, getattr(self, key))
+            check_number(key, getattr(self, key), 0, low_open=True, what="a number > 0")
         for key in ("kl_weight", "hidden_weight"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"{key} must be a number >= 0, got {v!r}")
-        if not 0 < self.tolerance < 1:
-            raise ConfigError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+            check_number(key, getattr(self, key), 0, what="a number >= 0")
+        check_number("tolerance", self.tolerance, 0, 1, low_open=True, high_open=True, what="in (0, 1)")
         if self.kl_multipliers is not None:
             from vtrans.config import STRUCTURES
 
@@ -218,8 +205,7 @@ class TaskProfile:
             for k, v in self.kl_multipliers.items():
                 if k not in STRUCTURES:
                     raise ConfigError(f"kl_multipliers has unknown structure {k!r}; choose from {list(STRUCTURES)}")
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                    raise ConfigError(f"kl_multipliers.{k} must be a number >= 0, got {v!r}")
+                check_number(f"kl_multipliers.{k}", v, 0, what="a number >= 0")
         self._check_recipe()
 
     def _check_recipe(self) -> None:
@@ -269,7 +255,7 @@ class OverheadProfile:
             raise ConfigError(f"overhead.model must be a non-empty string, got {self.model!r}")
         for key in ("train_samples", "test_samples", "max_length", "teacher_steps", "prune_steps", "finetune_steps",
                     "batch_size"):
-            _check_int(f"overhead.{key}", getattr(self, key), 1)
+            check_int(f"overhead.{key}", getattr(self, key), 1, what="an int >= 1")
         if self.method not in VIB_METHODS:
             raise ConfigError(f"overhead.method must be one of {list(VIB_METHODS)}, got {self.method!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget < 1:
@@ -302,9 +288,9 @@ class Profile:
         if self.executor not in ("local", "ray"):
             raise ConfigError(f"executor must be one of ['local', 'ray'], got {self.executor!r}")
         if self.threads is not None:
-            _check_int("threads", self.threads, 1)
-        _check_positive("cpus_per_cell", self.cpus_per_cell)
-        _check_int("teacher_workers", self.teacher_workers, 1)
+            check_int("threads", self.threads, 1, what="an int >= 1")
+        check_number("cpus_per_cell", self.cpus_per_cell, 0, low_open=True, what="a number > 0")
+        check_int("teacher_workers", self.teacher_workers, 1, what="an int >= 1")
         for _, t in self.tasks():
             if t.teacher_batch % self.teacher_workers:
                 raise ConfigError(f"{t.label}: teacher_batch={t.teacher_batch} must be divisible by teacher_workers="

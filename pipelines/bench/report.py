@@ -21,7 +21,6 @@ from typing import Any
 
 from pipelines.bench.stats import (
     BASELINES,
-    HIGHER_IS_BETTER,
     METHOD_ORDER,
     SIZE_KEYS,
     VIB_METHODS,
@@ -30,6 +29,7 @@ from pipelines.bench.stats import (
     mean_std,
     time_ratios,
 )
+from vtrans.metrics import HIGHER_IS_BETTER
 
 # ---------------------------------------------------------------------------------------------------------------------
 # markdown

@@ -10,12 +10,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vtrans.checks import check_number
 from vtrans.errors import ConfigError
 
 METHOD_ORDER = ("random", "magnitude", "kwon", "vtrans", "fast", "faster")
 BASELINES = ("random", "magnitude", "kwon")
 VIB_METHODS = ("vtrans", "fast", "faster")
-HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False}
 SIZE_KEYS = ("params_blocks", "params_total", "flops_blocks", "flops_total")
 
 
@@ -67,9 +67,7 @@ def aggregate(rows: Iterable[Mapping[str, Any]], value: str = "quality",
 
 
 def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_number(name, value, 0, low_open=True, what="a finite number > 0")
 
 
 def ratio(numerator: float, denominator: float, what: str = "ratio") -> float:

@@ -13,8 +13,11 @@ from pipelines.bench.in_process import LocalStage, _local_teacher, load_model
 from pipelines.bench.measure import PeakRSS, _log
 from pipelines.bench.profiles import TaskProfile
 from pipelines.config import PipelineConfig, from_dict
+from vtrans.metrics import measure, task_metric
 
-KINDS = {"encoder": ("seq-cls", "rotten_tomatoes", "accuracy"), "decoder": ("causal-lm", "wikipedia", "perplexity")}
+#: Task, data set and quality metric of each kind of benchmark task.
+KINDS = {kind: (task, data, task_metric(task))
+         for kind, task, data in (("encoder", "seq-cls", "rotten_tomatoes"), ("decoder", "causal-lm", "wikipedia"))}
 
 
 def task_config(kind: str, t: TaskProfile, out: Path, teacher_workers: int = 1, device: str = "cpu") -> PipelineConfig:
@@ -68,7 +71,6 @@ def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: st
     from pipelines.stages.base import StageContext, execute, stage_key
     from pipelines.stages.calibrate import load_split
     from pipelines.validate import resolve_model_path, with_absolute_paths
-    from vtrans.evaluate import accuracy, perplexity
 
     cfg = with_absolute_paths(task_config(kind, t, out, teacher_workers, device))
     keys = {"calibrate": stage_key(calibrate, cfg, {})}
@@ -87,8 +89,7 @@ def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: st
     num_labels = data.info.get("num_labels")
     model = load_model(teacher.outputs["model"], task, num_labels, device).eval()
     test = load_split(data, "test", task)
-    fn = accuracy if metric == "accuracy" else perplexity
-    quality = fn(model, test, data.info["pad_token_id"], batch_size=t.eval_batch)
+    quality = measure(metric, model, test, data.info["pad_token_id"], t.eval_batch)
     dense = {"quality": quality, **vtrans.count(model, seq_len=t.latency.seq_len).as_dict()}
     sizes = {s: int(data.metrics[f"{s}_samples"]) for s in ("train", "test", "calibration")}
     _log(f"{t.label}: data {data.status}, teacher {teacher.status}; dense {metric} {quality:.4f}, "

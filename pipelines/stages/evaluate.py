@@ -53,8 +53,8 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
     import vtrans
     from pipelines.stages.calibrate import TokenizedDataset
     from vtrans.checkpoint import load_pretrained
-    from vtrans.evaluate import accuracy, perplexity
     from vtrans.latency import measure_peak_memory, model_bytes, time_forward
+    from vtrans.metrics import measure
 
     e = cfg.evaluate
     torch.set_num_threads(e.threads or 1)
@@ -65,8 +65,7 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
     out: dict = {"model_dir": model_dir, "device": device, "device_name": device_name(device),
                  "threads": torch.get_num_threads(), "model_mb": model_bytes(model) / 2**20}
     for metric in e.metrics:
-        fn = accuracy if metric == "accuracy" else perplexity
-        out[metric] = fn(model, data, pad_token_id, batch_size=e.batch_size, desc=f"{label} {metric}")
+        out[metric] = measure(metric, model, data, pad_token_id, e.batch_size, desc=f"{label} {metric}")
     seqs = sorted({cfg.prune.budget.seq_len, *e.latency_seq_lens})
     out["counts"] = {str(s): vtrans.count(model, seq_len=s).as_dict() for s in seqs}
     timings = {}

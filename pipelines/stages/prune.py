@@ -32,7 +32,8 @@ from pipelines.stages.base import (
     stage_key,
 )
 from pipelines.stages.calibrate import load_split
-from pipelines.train_jobs import JobSpec, geometry_of, run_prune_job
+from pipelines.train_jobs import JobSpec, run_prune_job
+from vtrans.checkpoint import geometry_of
 from vtrans.errors import ConfigError
 
 NAME = "prune"

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
 import vtrans
-from pipelines.train_jobs import JobSpec, RayConfig, run_finetune_job, run_prune_job, worker_batch
+from pipelines.config import RayConfig
+from pipelines.train_jobs import JobSpec, run_finetune_job, run_prune_job, worker_batch
 from tests.tiny import tiny
 from vtrans.train import FinetuneConfig, PruneConfig
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import vtrans
-from pipelines.train_jobs import JobSpec, RayConfig, run_prune_job
+from pipelines.config import RayConfig
+from pipelines.train_jobs import JobSpec, run_prune_job
 from vtrans.assets import resolve_model
 from vtrans.checkpoint import load_pretrained, load_state, load_tokenizer
 from vtrans.data import ClassificationDataset, pad_token_id_of, rotten_tomatoes, stratified_subset
