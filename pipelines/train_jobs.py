@@ -248,7 +248,7 @@ def _train_loop(loop_config: dict) -> None:
     from vtrans import compress
     from vtrans.checkpoint import load_tokenizer, save_state, write_atomically
     from vtrans.posterior import save_masks, save_posterior
-    from vtrans.train import Finetuner, Pruner, step_seed
+    from vtrans.train import Finetuner, Pruner, fit
 
     kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
     _quiet_ray_train_logs()
@@ -278,26 +278,17 @@ def _train_loop(loop_config: dict) -> None:
     ddp = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": unused})
     total = cfg.total_steps
     every, report_every = loop_config["checkpoint_every"], loop_config["report_every"]
-    fault = loop_config.get("fault")
     curves = _LiveCurves(loop_config.get("tracking"), resumed=start > 0) if rank == 0 else None
     label = loop_config.get("label") or kind
     eval_every = getattr(cfg, "eval_every", 0) if kind == "finetune" and spec.eval_dataset is not None else 0
     bar = Progress(total=total - start, desc=label + (f" (resumed at step {start})" if start else ""),
                    unit="step") if rank == 0 else None
-    for step in range(start, total):
-        if fault and step == fault["step"] and rank == fault.get("rank", 0) and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).touch()  # fail once: the restarted worker group finds the marker
-            if fault.get("kill"):
-                os.kill(os.getpid(), 9)
-            raise RuntimeError(f"injected failure at step {step}")
-        torch.manual_seed(step_seed(cfg.seed, step, rank))
-        module.begin_step(step)
-        batch = {k: v.to(device) for k, v in worker_batch(spec.dataset, cfg.batch_size, cfg.seed, step, rank, world,
-                                                          spec.pad_token_id).items()}
-        loss, metrics = ddp(batch, step)
-        module.optimize(loss, step)
-        metrics.update({f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in module.optimizers.items()})
-        metrics["step"] = step
+
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in worker_batch(spec.dataset, cfg.batch_size, cfg.seed, step, rank, world,
+                                                         spec.pad_token_id).items()}
+
+    def on_step(step: int, metrics: dict) -> None:
         last = step == total - 1
         evaluate = eval_every > 0 and ((step + 1) % eval_every == 0 or last)
         if evaluate:
@@ -321,6 +312,10 @@ def _train_loop(loop_config: dict) -> None:
                 ray.train.report(dict(metrics), checkpoint=checkpoint)
         elif (step + 1) % report_every == 0 or evaluate:
             ray.train.report(dict(metrics))
+
+    before = loop_config.get("before_step")
+    fit(module, batches, start, total, on_step, forward=ddp, rank=rank, warm_start=False,
+        before_step=None if before is None else lambda step: before(step, rank))
 
     nodes = _node_ids(world)
     if rank == 0:
@@ -359,7 +354,7 @@ def _train_loop(loop_config: dict) -> None:
 
 
 def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
-         checkpoint_every: int, report_every: int, threads_per_worker: int | None, fault: dict | None,
+         checkpoint_every: int, report_every: int, threads_per_worker: int | None, before_step,
          tracking: dict | None = None, label: str | None = None, report_to_tune: bool = False) -> JobResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -384,7 +379,7 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
         _train_loop,
         train_loop_config={"kind": kind, "spec": spec, "config": config, "output_dir": str(out),
                            "checkpoint_every": checkpoint_every, "report_every": report_every, "threads": threads,
-                           "fault": fault, "tracking": tracking, "label": label},
+                           "before_step": before_step, "tracking": tracking, "label": label},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -421,12 +416,12 @@ def _vtrans_error(e: BaseException, depth: int = 0) -> BaseException | None:
 
 def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                   checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                  fault: dict | None = None, tracking: dict | None = None, label: str | None = None) -> JobResult:
+                  before_step=None, tracking: dict | None = None, label: str | None = None) -> JobResult:
     """Train VIB masks (and, except for ``faster``, the weights) to ``config.budget``; output the exact-budget masks
     and the compressed model. Validates everything, then starts the workers.
 
-    ``fault`` injects one failure for fault-tolerance tests: ``{"step": k, "marker": path, "rank": 0, "kill": False}``
-    raises (or SIGKILLs the worker with ``kill``) at step k once. ``tracking`` (``{"uri": ..., "run_id": ...}``)
+    ``before_step(step, rank)`` is called on every worker before every step (picklable: it travels to the workers;
+    the fault-tolerance tests inject their failures with it). ``tracking`` (``{"uri": ..., "run_id": ...}``)
     streams rank 0's training curves to that MLflow run as the job runs; ``label`` names the job in progress lines."""
     from vtrans.train import PruneConfig
 
@@ -434,12 +429,12 @@ def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_
         raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
     check_reachable_at(spec.model_dir, spec.task, config.budget, spec.num_labels)
     return _run("prune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, fault, tracking, label)
+                threads_per_worker, before_step, tracking, label)
 
 
 def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                      checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                     fault: dict | None = None, tracking: dict | None = None, label: str | None = None,
+                     before_step=None, tracking: dict | None = None, label: str | None = None,
                      report_to_tune: bool = False) -> JobResult:
     """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``;
     ``report_to_tune`` hands its reports to the Tune trial that runs it (ASHA)."""
@@ -450,7 +445,7 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
     return _run("finetune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, fault, tracking, label, report_to_tune)
+                threads_per_worker, before_step, tracking, label, report_to_tune)
 
 
 __all__ = ["JobResult", "JobSpec", "check_resources", "run_finetune_job", "run_prune_job", "worker_batch"]

@@ -743,20 +743,29 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def fit(module: Pruner | Finetuner, batches, start_step: int = 0, end_step: int | None = None,
-        on_step=None) -> list[dict[str, float]]:
-    """Run steps ``[start_step, end_step)`` in one process. ``batches(step)`` returns the batch of a global step;
-    ``on_step(step, metrics)`` is called after each. Returns the metrics of every step. A pruning run with
-    ``init: fisher`` starting at step 0 is warm-started first (:meth:`Pruner.warm_start` on the batches of
-    :meth:`PruneConfig.calibration_steps`)."""
+        on_step=None, *, forward=None, rank: int = 0, warm_start: bool = True,
+        before_step=None) -> list[dict[str, float]]:
+    """The training loop: steps ``[start_step, end_step)``, in one process or on one data-parallel worker (Ray Train's
+    worker runs this very loop). ``batches(step)`` returns the batch of a global step (a worker's share of it);
+    ``on_step(step, metrics)`` is called after each step (a worker reports and checkpoints there), ``before_step(step)``
+    before it. ``forward`` computes ``loss, metrics`` (default: the module; on a worker its data-parallel wrapper);
+    ``rank`` keys the step's RNG seed. Returns the metrics of every step (with the learning rate of every optimizer
+    as ``lr_<name>``). A pruning run with ``init: fisher`` starting at step 0 is warm-started first
+    (:meth:`Pruner.warm_start` on the batches of :meth:`PruneConfig.calibration_steps`) unless ``warm_start`` is
+    False (a worker warm-starts before wrapping the module)."""
     end = module.config.total_steps if end_step is None else end_step
-    if start_step == 0 and isinstance(module, Pruner) and module.config.init == "fisher":
+    if warm_start and start_step == 0 and isinstance(module, Pruner) and module.config.init == "fisher":
         module.warm_start([batches(s) for s in module.config.calibration_steps()])
+    forward = module if forward is None else forward
     history = []
     for step in range(start_step, end):
-        torch.manual_seed(step_seed(module.config.seed, step))
+        if before_step is not None:
+            before_step(step)
+        torch.manual_seed(step_seed(module.config.seed, step, rank))
         module.begin_step(step)
-        loss, metrics = module(batches(step), step)
+        loss, metrics = forward(batches(step), step)
         module.optimize(loss, step)
+        metrics.update({f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in module.optimizers.items()})
         metrics["step"] = step
         history.append(metrics)
         if on_step is not None:

@@ -13,6 +13,7 @@ from transformers import BertForSequenceClassification
 import vtrans
 from pipelines.config import RayConfig
 from pipelines.train_jobs import JobSpec, run_finetune_job, run_prune_job, worker_batch
+from tests.pipelines.faults import FailOnce
 from tests.tiny import tiny
 from vtrans.train import FinetuneConfig, PruneConfig
 
@@ -113,7 +114,7 @@ def test_failure_recovery_and_resume_end_with_the_uninterrupted_masks(ray_local,
     ref = run_prune_job(spec, cfg, RayConfig(num_workers=2), "ref", tmp_path, checkpoint_every=5)
     # a worker fails at step 13; FailureConfig restarts the group from the step-9 checkpoint
     rec = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1), "recover", tmp_path,
-                        checkpoint_every=5, fault={"step": 13, "marker": str(tmp_path / "f1"), "rank": 1})
+                        checkpoint_every=5, before_step=FailOnce(step=13, marker=str(tmp_path / "f1"), rank=1))
     assert (tmp_path / "f1").exists()
     _assert_same(_masks(ref.output), _masks(rec.output), atol=1e-6)
     assert [m["step"] for m in rec.history] == list(range(cfg.total_steps))  # history continues, no restart
@@ -122,7 +123,7 @@ def test_failure_recovery_and_resume_end_with_the_uninterrupted_masks(ray_local,
 
     with pytest.raises(TrainingFailedError):
         run_prune_job(spec, cfg, RayConfig(num_workers=2), "resume", tmp_path, checkpoint_every=5,
-                      fault={"step": 17, "marker": str(tmp_path / "f2")})
+                      before_step=FailOnce(step=17, marker=str(tmp_path / "f2")))
     assert len([p for p in (tmp_path / "resume").glob("checkpoint_*") if p.is_dir()]) >= 1
     res = run_prune_job(spec, cfg, RayConfig(num_workers=2), "resume", tmp_path, checkpoint_every=5)
     _assert_same(_masks(ref.output), _masks(res.output), atol=1e-6)
@@ -160,7 +161,7 @@ def test_resume_past_a_corrupted_checkpoint_ends_with_the_uninterrupted_masks(ra
     ref = run_prune_job(spec, cfg, RayConfig(num_workers=1), "ref", tmp_path, checkpoint_every=5)
     with pytest.raises(TrainingFailedError):
         run_prune_job(spec, cfg, RayConfig(num_workers=1), "bad", tmp_path, checkpoint_every=5,
-                      fault={"step": 17, "marker": str(tmp_path / "f")})
+                      before_step=FailOnce(step=17, marker=str(tmp_path / "f")))
     import json as _json
 
     ckpts = sorted((d for d in (tmp_path / "bad").glob("checkpoint_*") if d.is_dir()),
@@ -187,7 +188,7 @@ def test_a_killed_worker_recovers_with_one_continuing_curve(ray_local, tiny_dir:
     ref = run_prune_job(spec, cfg, RayConfig(num_workers=2), "ref", tmp_path, checkpoint_every=4)
     rec = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1), "killed", tmp_path, checkpoint_every=4,
                         report_every=2, tracking={"uri": tracker.uri, "run_id": run_id},
-                        fault={"step": 10, "marker": str(tmp_path / "killed-once"), "rank": 1, "kill": True})
+                        before_step=FailOnce(step=10, marker=str(tmp_path / "killed-once"), rank=1, kill=True))
     assert (tmp_path / "killed-once").exists()
     _assert_same(_masks(ref.output), _masks(rec.output), atol=1e-6)
     client = tracker.client

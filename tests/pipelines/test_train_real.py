@@ -9,6 +9,7 @@ import pytest
 import vtrans
 from pipelines.config import RayConfig
 from pipelines.train_jobs import JobSpec, run_prune_job
+from tests.pipelines.faults import FailOnce
 from vtrans.assets import resolve_model
 from vtrans.checkpoint import load_pretrained, load_state, load_tokenizer
 from vtrans.data import ClassificationDataset, pad_token_id_of, rotten_tomatoes, stratified_subset
@@ -76,7 +77,7 @@ def test_resume_after_a_killed_worker(setup, tmp_path: Path) -> None:
     cfg = PruneConfig(method="faster", budget=vtrans.Budget(params=0.5), steps=16, batch_size=8)
     res = run_prune_job(JobSpec(path, "seq-cls", train, pad_token_id_of(tok), num_labels=2), cfg,
                         RayConfig(num_workers=2, max_failures=1), "killed", tmp_path, checkpoint_every=5,
-                        fault={"step": 12, "marker": str(tmp_path / "killed.marker"), "rank": 1, "kill": True})
+                        before_step=FailOnce(step=12, marker=str(tmp_path / "killed.marker"), rank=1, kill=True))
     assert (tmp_path / "killed.marker").exists()
     assert [m["step"] for m in res.history] == list(range(16))
     assert (Path(res.output) / "compressed" / "model.safetensors").is_file()
