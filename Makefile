@@ -17,7 +17,7 @@ PYTEST := $(PY) -m pytest
 # fixtures - a local Ray, a trained teacher - are built once). The integration tests wait on process starts and Ray
 # Train's fixed start cost as much as they compute, so two processes on two cores finish sooner than one; 0: serial.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 UNIT_MARK := not integration and not gpu
 
 # pytest exits 5 when a marker selects no test; that is not a failure here.

@@ -20,9 +20,44 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+#: The slowest test files, slowest first (the integration run on the 2-core CI machine). In a parallel run
+#: (``pytest -n N --dist loadfile --no-loadscope-reorder``, what ``make test`` runs) files are handed out in collection
+#: order, so starting the long ones first keeps one of them from running alone at the end. Order only; a file missing
+#: here just starts later.
+SLOWEST_FIRST = (
+    "tests/pipelines/test_sweep_run.py",
+    "tests/pipelines/test_train_jobs.py",
+    "tests/pipelines/test_sweep_asha.py",
+    "tests/pipelines/test_bench.py",
+    "tests/pipelines/test_sweep_resume.py",
+    "tests/pipelines/test_pipeline.py",
+    "tests/pipelines/test_tracking_outage.py",
+    "tests/pipelines/test_train_real.py",
+    "tests/pipelines/test_pipeline_kill.py",
+    "tests/clusters/test_local_cluster.py",
+    "tests/vtrans/test_real_models.py",
+)
+
+
+def _parallel(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) or os.environ.get("PYTEST_XDIST_WORKER") is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run unit tests before integration tests (stable order otherwise); skip ``gpu`` tests without CUDA."""
-    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+    """Run unit tests before integration tests (stable order otherwise) - in a parallel run, the files of
+    :data:`SLOWEST_FIRST` first, then the other integration files, then the unit tests; skip ``gpu`` tests without
+    CUDA."""
+    if _parallel(config):
+        rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+
+        def key(item: pytest.Item) -> tuple[int, int]:
+            path = item.nodeid.split("::", 1)[0]
+            integration = item.get_closest_marker("integration") is not None
+            return rank.get(path, len(rank)), 0 if integration else 1
+
+        items.sort(key=key)
+    else:
+        items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if gpu_items and not _cuda_available():
         skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False")
