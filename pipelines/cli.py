@@ -376,6 +376,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-12)
     vib.remove()
 
+    _made_by(small, ["vtrans", "compress", "--model", args.model, "--scorer", args.scorer, "--budget", args.budget,
+                     "--scope", args.scope, "--seq-len", str(budget.seq_len), "--task", args.task,
+                     "--seed", str(args.seed), *(["--uniform"] if args.uniform else []), "--out", args.out])
     out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite, sources=source)
     comp = vtrans.count(small, seq_len=budget.seq_len)
     rows = [["", "dense", "compressed", "ratio"]]
@@ -458,6 +461,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     saved = getattr(config, "dtype", None)
     if isinstance(saved, torch.dtype):
         stock.to(dtype=saved)
+    _made_by(stock, ["vtrans", "export", args.dir, "--format", args.format, "--out", args.out])
     out_dir = write_atomically(args.out, stock.save_pretrained, overwrite=args.overwrite, sources=[args.dir])
     info = stock.vtrans_report["stock"]
     c = vtrans.count(stock)
@@ -641,6 +645,17 @@ def _unforeseen(e: BaseException) -> str:
     if isinstance(e, RecursionError):
         return "RecursionError: an input is nested too deeply"
     return f"{type(e).__name__}: {quote(' '.join(str(e).split()))[1:-1]}"
+
+
+def _made_by(model, command: list[str]) -> None:
+    """Record the command that made a checkpoint in its compression record (compression.json, the model card), after
+    the commands that made the checkpoint it came from (``export`` of a ``compress`` output)."""
+    import shlex
+
+    report = getattr(model, "vtrans_report", None)
+    if report is None:
+        report = model.config.vtrans.setdefault("report", {})
+    report["command"] = "\n".join(filter(None, [report.get("command"), shlex.join(command)]))
 
 
 def main(argv: list[str] | None = None) -> int:

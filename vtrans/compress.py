@@ -116,7 +116,7 @@ def report(vib: VIB, sel: Selection, seq_len: int | None = None) -> dict:
     budget = None
     if vib.budget is not None:
         b = vib.budget
-        budget = {"metric": b.metric, "value": b.value, "scope": b.scope, "seq_len": b.seq_len,
+        budget = {"metric": b.metric, "value": b.value, "scope": b.scope, "seq_len": b.seq_len, "uniform": b.uniform,
                   "target": vib.achieved.get("target"), "achieved_fraction": vib.achieved.get("fraction")}
     from vtrans import __version__
 

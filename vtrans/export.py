@@ -31,6 +31,7 @@ from vtrans import arch
 from vtrans.budget import Selection
 from vtrans.compress import axis_masks
 from vtrans.errors import ExportError
+from vtrans.model_card import write_model_card
 from vtrans.modeling_vtrans import COMPRESSION_FILE
 
 #: Formats of ``vtrans export --format``.
@@ -52,6 +53,7 @@ class StockSaveMixin:
         if self.vtrans_report is not None:
             with open(os.path.join(save_directory, COMPRESSION_FILE), "w") as f:
                 json.dump(self.vtrans_report, f, indent=2)
+            write_model_card(save_directory, self.vtrans_report, stock=True)
         return result
 
 

@@ -319,6 +319,11 @@ class VtransMixin:
         report["modeling_sha256"] = modeling_sha256()
         with open(os.path.join(save_directory, COMPRESSION_FILE), "w") as f:
             json.dump(report, f, indent=2)
+        try:  # the copy stored with a checkpoint runs without vtrans: then no card
+            from vtrans.model_card import write_model_card
+        except ImportError:
+            return result
+        write_model_card(save_directory, report, stock=False)
         return result
 
 
