@@ -13,13 +13,15 @@ Counting conventions (checked against ``torch.utils.flop_counter.FlopCounterMode
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 from vtrans.config import Budget
-from vtrans.errors import BudgetError
+from vtrans.errors import BudgetError, ConfigError
 
 Num = TypeVar("Num", int, float, torch.Tensor)
 
@@ -212,6 +214,27 @@ def _selection_at(scores: Scores, tau: float) -> Selection:
     )
 
 
+def align_steps(g: Geometry, budget: Budget) -> dict[str, int] | None:
+    """Units per alignment step of ``hidden`` (dimensions), ``groups`` (key/value groups) and ``neurons`` under
+    ``budget.align`` (:attr:`vtrans.Budget.align`), or None for an unaligned budget. The ``heads`` alignment ``a``
+    is on the attention width ``k * head_dim``: ``k`` steps by ``a / gcd(a, head_dim)`` groups. Raises a one-line
+    :class:`ConfigError` when an alignment is larger than the width it aligns."""
+    if not budget.aligned:
+        return None
+    a = budget.alignment
+
+    def key(s: str) -> str:
+        return f"budget.align.{s}={a[s]}" if isinstance(budget.align, dict) else f"budget.align={a[s]} ({s})"
+
+    widths = {"hidden": (g.hidden, f"the hidden size {g.hidden}"), "neurons": (g.ffn, f"the FFN width {g.ffn}"),
+              "heads": (g.n_groups * g.head_dim, f"the attention width it aligns ({g.n_groups} key/value groups x "
+                        f"head_dim {g.head_dim} = {g.n_groups * g.head_dim})")}
+    for s, (width, what) in widths.items():
+        if a[s] > width:
+            raise ConfigError(f"{key(s)} is larger than {what}; give an alignment <= {width}")
+    return {"hidden": a["hidden"], "groups": a["heads"] // math.gcd(a["heads"], g.head_dim), "neurons": a["neurons"]}
+
+
 def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
     """Pick hard masks over all structures jointly so the kept size is <= target and within tolerance of it.
 
@@ -219,11 +242,16 @@ def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
     greedy fill in decreasing score order with every unit that still fits (a unit of a removed block reopens it,
     paying the block's fixed cost). The hidden dimension keeps at least its best unit. Raises :class:`BudgetError`
     when no selection lands within ``budget.tolerance`` below the target.
+
+    ``budget.align``: the threshold and fill are then rounded to the alignment (:func:`_align`); the size stays <= the
+    target, and how far below it lands is reported in ``achieved["of_target"]`` instead of checked against the
+    tolerance (an alignment's granularity may be coarser than the tolerance).
     """
+    steps = align_steps(g, budget)  # bad alignments fail before any work
     metric, scope, s = budget.metric, budget.scope, budget.seq_len
     dense = int(size(g, g.dense_keep(), metric, scope, s))
     target = budget.target(dense)
-    if target >= dense:
+    if target >= dense and steps is None:
         full = Selection.normalised(torch.ones(g.hidden, dtype=torch.bool),
                                     [torch.ones(g.n_groups, dtype=torch.bool)] * g.n_layers,
                                     [torch.ones(g.ffn, dtype=torch.bool)] * g.n_layers,
@@ -259,9 +287,14 @@ def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
 
     # 2) greedy fill: remaining units in decreasing score order, each taken if the model still fits
     sel = _fill(g, sc, sel, tau, metric, scope, s, target)
+    if steps is not None:
+        sel = _align(g, sc, sel, steps, metric, scope, s, target, budget)
     k = sel.keep()
     achieved = float(size(g, k, metric, scope, s))
     sel.achieved = {"size": achieved, "target": target, "dense": dense, "fraction": achieved / dense}
+    if steps is not None:
+        sel.achieved.update(align=budget.alignment, of_target=achieved / target)
+        return sel
     if achieved < (1.0 - budget.tolerance) * target:
         raise BudgetError(
             f"budget {budget.describe()} = {target:.0f} cannot be met within {budget.tolerance:.1%}: the closest "
@@ -330,6 +363,76 @@ def _fill(g: Geometry, sc: Scores, sel: Selection, tau: float, metric: str, scop
         else:
             ffn_gate[i] = True
     return Selection.normalised(hidden, groups, neurons, mha_gate, ffn_gate)
+
+
+def _align(g: Geometry, sc: Scores, sel: Selection, steps: dict[str, int], metric: str, scope: str, seq_len: int,
+           target: float, budget: Budget) -> Selection:
+    """Round every group's kept count (the hidden size, each layer's key/value groups and FFN neurons) to a multiple
+    of its step, keeping the size <= ``target``.
+
+    Every count first goes down to a multiple (its lowest-scored units dropped; a block left without units goes, which
+    only lowers the size), then whole steps of the next best units come back in decreasing mean score while they fit
+    (a step into a removed block reopens it, paying its fixed cost). A step that does not fit never fits later (all
+    counts only grow), so the result is <= target and no further step of any group fits. Units scored ``+inf`` stay:
+    a group's count is at least theirs rounded up."""
+    L = g.n_layers
+    names = ["hidden"] + ["groups"] * L + ["neurons"] * L
+    group_scores = [sc.hidden, *sc.groups, *sc.neurons]
+    kept = [sel.hidden, *sel.groups, *sel.neurons]
+    dense = [g.hidden] + [g.n_groups] * L + [g.ffn] * L
+    count: list[int] = []
+    for j, (name, scj, keep) in enumerate(zip(names, group_scores, kept, strict=True)):
+        step = steps[name]
+        pinned = int((torch.isinf(scj) & (scj > 0)).sum())
+        low = -(-max(pinned, 1 if name == "hidden" else 0) // step) * step  # the hidden size keeps >= 1 unit
+        if low > dense[j]:
+            a = budget.alignment["heads" if name == "groups" else name]
+            what = {"hidden": "hidden dimensions", "groups": "key/value groups", "neurons": "FFN neurons"}[name]
+            raise ConfigError(f"budget.align={budget.align} ({'heads' if name == 'groups' else name}: {a}): "
+                              f"{pinned} of {dense[j]} {what} are never pruned by this selection and no multiple of "
+                              f"{step} between {pinned} and {dense[j]} keeps them")
+        count.append(max(low, int(keep.sum()) // step * step))
+
+    def total(c: list[int]) -> float:
+        d = c[0]
+        t = sum(float(layer_size(g, metric, d, c[1 + i], c[1 + L + i], int(c[1 + i] > 0), int(c[1 + L + i] > 0),
+                                 seq_len)) for i in range(L))
+        return t + (float(outside_size(g, metric, d, seq_len)) if scope == "total" else 0.0)
+
+    if total(count) > target:
+        raise BudgetError(f"budget {budget.describe()} = {target:.0f} is below the smallest aligned selection "
+                          f"({total(count):.0f}: hidden size {count[0]}, the never-pruned units rounded up to their "
+                          f"alignment); give a larger budget or a smaller alignment")
+    order = [torch.sort(x.double(), descending=True, stable=True).indices for x in group_scores]
+
+    def chunk(j: int) -> tuple[float, int, int] | None:
+        """Heap entry of group ``j``'s next step: (minus its mean score, group, count after)."""
+        n = count[j] + steps[names[j]]
+        if n > dense[j]:
+            return None
+        mean = float(group_scores[j].double()[order[j][count[j]:n]].mean())
+        return (-mean, j, n)
+
+    heap = [c for j in range(len(count)) if (c := chunk(j)) is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, j, n = heapq.heappop(heap)
+        trial = count.copy()
+        trial[j] = n
+        if total(trial) <= target:
+            count = trial
+            if (c := chunk(j)) is not None:
+                heapq.heappush(heap, c)
+
+    def top(j: int) -> torch.Tensor:
+        keep = torch.zeros(dense[j], dtype=torch.bool)
+        keep[order[j][:count[j]]] = True
+        return keep
+
+    groups = [top(1 + i) for i in range(L)]
+    neurons = [top(1 + L + i) for i in range(L)]
+    return Selection.normalised(top(0), groups, neurons, torch.tensor([c > 0 for c in count[1:1 + L]]),
+                                torch.tensor([c > 0 for c in count[1 + L:]]))
 
 
 def quota_scores(scores: Scores, quotas: Keep) -> Scores:

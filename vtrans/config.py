@@ -22,6 +22,9 @@ SELECTIONS: tuple[str, ...] = ("threshold", "quota")
 #: Budget scopes: ``blocks`` counts the transformer layers only (as CoFi does); ``total`` the whole model.
 SCOPES: tuple[str, ...] = ("blocks", "total")
 
+#: Structures whose kept widths :attr:`Budget.align` rounds (``heads``: the attention widths, in whole KV groups).
+ALIGNED: tuple[str, ...] = ("heads", "neurons", "hidden")
+
 
 @dataclass
 class VIBConfig:
@@ -115,6 +118,20 @@ class Budget:
     where the architecture allows, and the hidden size stays what the stock config expresses: the compressed model is
     saved as the stock architecture (``model_type`` ``llama`` / ``bert`` / ``roberta`` / ``gpt2``), loadable without
     vtrans (:mod:`vtrans.uniform` lists, per architecture, what the stock config can express)."""
+    align: int | dict[str, int] | None = None
+    """Hardware-friendly widths: every kept width of every layer is a multiple of its alignment (a removed block, 0
+    units, counts as aligned). One integer aligns every structure; a mapping ``{heads: a, neurons: b, hidden: c}``
+    only those it names (the others: 1). ``neurons``: the FFN width of each layer; ``hidden``: the hidden size;
+    ``heads``: the attention widths in dimensions - a layer keeps ``k`` whole key/value groups with ``k * head_dim``
+    (the key / value projections' width; the query / output width ``k * group_size * head_dim`` follows) a multiple of
+    ``a``, i.e. ``k`` a multiple of ``a / gcd(a, head_dim)``: ``align=64`` on 64-dim heads leaves the head count free,
+    on 32-dim heads it keeps an even number. An alignment may not exceed the width it aligns. The budget is still
+    never exceeded, but a coarse granularity may land further below the target than ``tolerance``: that is reported
+    (the selection's ``achieved["of_target"]``, compression.json), not an error. None (or 1): no rounding."""
+
+    def __hash__(self) -> int:  # a frozen dataclass with a dict field: hash the mapping's items
+        align = tuple(sorted(self.align.items())) if isinstance(self.align, dict) else self.align
+        return hash((self.params, self.flops, self.seq_len, self.scope, self.tolerance, self.uniform, align))
 
     def __post_init__(self) -> None:
         given = [k for k in ("params", "flops") if getattr(self, k) is not None]
@@ -137,6 +154,21 @@ class Budget:
         check_number("budget.tolerance", self.tolerance, 0.0, 1.0, low_open=True, high_open=True)
         if not isinstance(self.uniform, bool):
             raise ConfigError(f"budget.uniform must be true or false, got {self.uniform!r}")
+        check_align(self.align)
+        if isinstance(self.align, dict):
+            object.__setattr__(self, "align", dict(self.align))  # a copy: the budget is frozen
+
+    @property
+    def alignment(self) -> dict[str, int]:
+        """The alignment of every structure in :data:`ALIGNED` (1: free)."""
+        if isinstance(self.align, int):
+            return dict.fromkeys(ALIGNED, self.align)
+        return {s: (self.align or {}).get(s, 1) for s in ALIGNED}
+
+    @property
+    def aligned(self) -> bool:
+        """Whether any width is rounded (an alignment of 1 everywhere is the unaligned selection)."""
+        return any(a > 1 for a in self.alignment.values())
 
     @property
     def metric(self) -> str:
@@ -157,10 +189,14 @@ class Budget:
         """Short human form, e.g. ``params=0.5 (blocks)``."""
         extra = f", seq_len={self.seq_len}" if self.metric == "flops" else ""
         extra += ", uniform" if self.uniform else ""
+        if self.aligned:
+            extra += f", align={self.align}" if isinstance(self.align, int) else ", align=" + ",".join(
+                f"{k}={v}" for k, v in self.align.items())
         return f"{self.metric}={self.value} ({self.scope}{extra})"
 
     @classmethod
-    def parse(cls, text: str, seq_len: int = 128, scope: str = "blocks", uniform: bool = False) -> Budget:
+    def parse(cls, text: str, seq_len: int = 128, scope: str = "blocks", uniform: bool = False,
+              align: int | dict[str, int] | None = None) -> Budget:
         """Parse ``params=0.5`` / ``flops=0.4`` / ``params=5000000`` as given on a command line."""
         values: dict[str, float | int] = {}
         for part in str(text).split(","):
@@ -175,4 +211,44 @@ class Budget:
             except ValueError:
                 raise ConfigError(f"budget.{key} must be a number, got {quote(raw.strip())}") from None
             values[key] = 1.0 if value == 1 and isinstance(value, int) else value
-        return cls(**values, seq_len=seq_len, scope=scope, uniform=uniform)
+        return cls(**values, seq_len=seq_len, scope=scope, uniform=uniform, align=align)
+
+
+def check_align(align: object, key: str = "budget.align") -> None:
+    """Raise a one-line :class:`ConfigError` naming the key and the value unless ``align`` is None, a positive integer
+    or a mapping of :data:`ALIGNED` structures to positive integers."""
+    if align is None:
+        return
+    if isinstance(align, dict):
+        if not align:
+            raise ConfigError(f"{key} must name at least one of {list(ALIGNED)}, got {{}}")
+        for s, v in align.items():
+            if s not in ALIGNED:
+                raise ConfigError(f"{key} has unknown structure {s!r}; choose from {list(ALIGNED)}")
+            check_int(f"{key}.{s}", v, 1, what="a positive integer")
+        return
+    check_int(key, align, 1, what=f"a positive integer or a mapping of {list(ALIGNED)} to positive integers")
+
+
+def parse_align(text: str, key: str = "--align") -> int | dict[str, int]:
+    """``8`` (every structure) or ``neurons=64,hidden=8`` as given on a command line."""
+    raw = str(text).strip()
+    if "=" not in raw:
+        try:
+            value: int | dict[str, int] = int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be a positive integer or heads=A,neurons=B,hidden=C, got {quote(raw)}") \
+                from None
+    else:
+        value = {}
+        for part in raw.split(","):
+            s, _, v = part.partition("=")
+            s = s.strip()
+            if s in value:
+                raise ConfigError(f"{key} gives {s} twice in {quote(raw)}")
+            try:
+                value[s] = int(v)
+            except ValueError:
+                raise ConfigError(f"{key}.{s.strip()} must be a positive integer, got {quote(v.strip())}") from None
+    check_align(value, key)
+    return value
