@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from vtrans.arch.base import StockRules
-from vtrans.budget import Geometry, Keep, Scores, Selection, layer_size, outside_size, select, size
+from vtrans.budget import Geometry, Keep, Scores, Selection, align_steps, layer_size, outside_size, select, size
 from vtrans.config import Budget
 from vtrans.errors import BudgetError
 
@@ -47,7 +47,9 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
     where ``rules.drop_layers``, and a (hidden size, groups) pair of ``rules.shapes``, meeting ``budget`` within its
     tolerance under the target. Raises :class:`BudgetError` with the closest achievable size and the reason when no
     uniform shape lands in the window. ``reference``: the proportions to follow (default: what the heterogeneous
-    selection keeps at this budget; ``g.dense_keep()`` for a quick reachability check)."""
+    selection keeps at this budget; ``g.dense_keep()`` for a quick reachability check). ``budget.align``: aligned
+    shapes only, the closest under the target when none is within tolerance (``achieved["of_target"]``)."""
+    steps = align_steps(g, budget) or {"hidden": 1, "groups": 1, "neurons": 1}  # bad alignments fail first
     metric, scope, s = budget.metric, budget.scope, budget.seq_len
     dense = float(size(g, g.dense_keep(), metric, scope, s))
     target = budget.target(dense)
@@ -57,11 +59,13 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
     # units scored +inf are never pruned: lower bounds on every uniform width
     min_d = max(_n_inf(scores.hidden), 1)
     min_groups = max([_n_inf(x) for x in scores.groups] + [1])
-    min_neurons = max([_n_inf(x) for x in scores.neurons] + [1])
+    step_n = steps["neurons"]
+    min_neurons = -(-max([_n_inf(x) for x in scores.neurons] + [1]) // step_n) * step_n  # rounded up to a step
     # as in select(), a block goes when it keeps no unit whatever its gate scores: a layer stays for its +inf units
     pinned = [bool(_n_inf(scores.groups[i]) or _n_inf(scores.neurons[i])) for i in range(L)]
     layer_counts = range(max(sum(pinned), 1), L + 1) if rules.drop_layers else [L]
-    shapes = [(d, k) for d, k in rules.shapes if d >= min_d and k >= min_groups]
+    shapes = [(d, k) for d, k in rules.shapes if d >= min_d and k >= min_groups and d % steps["hidden"] == 0
+              and k % steps["groups"] == 0 and min_neurons <= g.ffn]
 
     # the proportions the heterogeneous selection would keep at this budget (dense proportions if it cannot)
     ref = reference
@@ -88,10 +92,11 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
                 floor = (smallest, n_layers, d, k, min_neurons)
             if smallest > target:
                 continue
-            lo, hi = min_neurons, g.ffn  # the widest FFN that fits (size grows with the width)
+            lo, hi = min_neurons // step_n, g.ffn // step_n  # the widest FFN that fits, in steps (size grows with it)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if total(n_layers, d, k, mid) <= target else (lo, mid - 1)
+                lo, hi = (mid, hi) if total(n_layers, d, k, mid * step_n) <= target else (lo, mid - 1)
+            lo *= step_n
             got = total(n_layers, d, k, lo)
             if below is None or got > below[0]:
                 below = (got, n_layers, d, k, lo)
@@ -101,15 +106,19 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
             dist = sum((a - b) ** 2 for a, b in zip(frac, ref_frac, strict=True))
             if dist < best_dist:
                 best, best_dist = (got, n_layers, d, k, lo), dist
+    if best is None and budget.aligned and below is not None:
+        best = below  # an aligned budget reports how close it lands (achieved["of_target"])
     if best is None:
         what = budget.describe()
         if below is None:
             why = f"the smallest uniform model has {floor[0]:.0f} ({floor[0] / dense:.2%} of dense)" if floor else (
-                "no hidden size / head count pair is expressible")
+                "no hidden size / head count pair is expressible" + (
+                    f" with widths aligned to {budget.alignment}" if budget.aligned else ""))
         else:
             why = (f"the closest uniform model under it has {below[0]:.0f} ({below[0] / dense:.2%} of dense: "
                    f"{below[1]} layers, hidden {below[2]}, {below[3]} kv groups, {below[4]} FFN neurons)")
-        raise BudgetError(f"budget {what} = {target:.0f} cannot be met within {budget.tolerance:.1%} by uniform "
+        within = "under its target" if budget.aligned else f"within {budget.tolerance:.1%}"
+        raise BudgetError(f"budget {what} = {target:.0f} cannot be met {within} by uniform "
                           f"structures: {why}; {rules.note}. Give a larger budget, or drop uniform for a "
                           f"heterogeneous vtrans checkpoint")
 
@@ -127,6 +136,8 @@ def select_uniform(g: Geometry, scores: Scores, budget: Budget, rules: StockRule
     check = float(size(g, sel.keep(), metric, scope, s))
     assert check == achieved, (check, achieved)  # the search's formula and the selection's count agree
     sel.achieved = {"size": achieved, "target": target, "dense": dense, "fraction": achieved / dense}
+    if budget.aligned:
+        sel.achieved.update(align=budget.alignment, of_target=achieved / target)
     return sel
 
 
