@@ -116,8 +116,12 @@ def report(vib: VIB, sel: Selection, seq_len: int | None = None) -> dict:
     budget = None
     if vib.budget is not None:
         b = vib.budget
+        target, got = vib.achieved.get("target"), vib.achieved.get("size")
         budget = {"metric": b.metric, "value": b.value, "scope": b.scope, "seq_len": b.seq_len, "uniform": b.uniform,
-                  "target": vib.achieved.get("target"), "achieved_fraction": vib.achieved.get("fraction")}
+                  "align": b.alignment if b.aligned else None, "target": target,
+                  "achieved_fraction": vib.achieved.get("fraction"),
+                  # how close to the target (an aligned budget may land further below it than the tolerance)
+                  "achieved_of_target": got / target if target and got is not None else None}
     from vtrans import __version__
 
     return {

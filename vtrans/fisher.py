@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 
 from vtrans import arch as arch_registry
 from vtrans.arch.base import HookPoints
-from vtrans.budget import Geometry, Keep, Scores, Selection, select, size
+from vtrans.budget import Geometry, Keep, Scores, Selection, align_steps, select, size
 from vtrans.config import Budget
 from vtrans.errors import BudgetError, ConfigError, UnsupportedModelError
 from vtrans.vib import VIB
@@ -276,9 +276,15 @@ def search_masks(g: Geometry, scores: Scores, budget: Budget) -> Selection:
     ``scores.hidden`` is ignored. Kwon leaves the last fraction of a unit unused; here it is filled greedily by
     score exactly as :func:`vtrans.budget.select` fills (so the size lands within ``budget.tolerance`` under the
     target whenever the unit sizes allow). Raises :class:`BudgetError` when no candidate lands within it.
+
+    ``budget.align``: the best candidate is rounded to the alignment as :func:`vtrans.budget.select` rounds, by the
+    ranking "the candidate's units first, each set by score" (every layer's kept heads and neurons a multiple of their
+    step; the hidden size, kept whole, must be a multiple of its alignment); how close it lands is reported.
     """
     if not isinstance(budget, Budget):
         raise ConfigError(f"budget must be a vtrans.Budget, got {budget!r}")
+    steps = align_steps(g, budget)  # bad alignments fail before any work
+    _check_kept_hidden(g, budget)
     _check_scores(g, scores)
     metric, scope, s = budget.metric, budget.scope, budget.seq_len
     dense = int(size(g, g.dense_keep(), metric, scope, s))
@@ -316,6 +322,9 @@ def search_masks(g: Geometry, scores: Scores, budget: Budget) -> Selection:
                           f"method never prunes (hidden dimension, post-LN norms): "
                           f"{size(g, empty, metric, scope, s):.0f}")
     candidates.sort(key=lambda c: (-c[0], c[1]))
+    if steps is not None:
+        _, h, f = candidates[0]
+        return select(g, _ranked(g, h_order[:h], n_order[:f], head_sc, neu_sc), budget)
     first_error: BudgetError | None = None
     for _, h, f in candidates:  # the best candidate, or the next best whose fill meets the tolerance
         groups = torch.zeros(L * G, dtype=torch.bool)
@@ -329,6 +338,34 @@ def search_masks(g: Geometry, scores: Scores, budget: Budget) -> Selection:
             first_error = first_error or e
     assert first_error is not None
     raise first_error
+
+
+def _check_kept_hidden(g: Geometry, budget: Budget) -> None:
+    """Kwon's method keeps the hidden size whole: an alignment of it must divide it."""
+    a = budget.alignment["hidden"]
+    if budget.aligned and g.hidden % a:
+        key = "budget.align.hidden" if isinstance(budget.align, dict) else "budget.align"
+        raise ConfigError(f"{key}={a}: Kwon's method keeps the hidden size {g.hidden} whole, which is not a multiple "
+                          f"of {a}; give a hidden alignment that divides {g.hidden}")
+
+
+def _ranked(g: Geometry, heads: torch.Tensor, neurons: torch.Tensor, head_sc: torch.Tensor,
+            neu_sc: torch.Tensor) -> Scores:
+    """Finite scores ranking the given heads and neurons (flat indices) first and then the others, each set by
+    ``head_sc`` / ``neu_sc`` (flat, (L * G,) and (L * F,)): the aligned rounding may drop a candidate unit, lowest
+    first. Ranks, not score offsets: Fisher values span orders of magnitude that a float32 offset would merge."""
+    L = g.n_layers
+    pinned = torch.zeros(len(head_sc) + len(neu_sc), dtype=torch.bool)
+    pinned[heads] = True
+    pinned[len(head_sc) + neurons] = True
+    sc = torch.cat([head_sc, neu_sc]).double()  # (L * G + L * F,)
+    order = torch.sort(sc, descending=True, stable=True).indices
+    order = order[torch.sort((~pinned[order]).int(), stable=True).indices]  # the candidate's units first
+    rank = torch.empty(len(sc), dtype=torch.float32)
+    rank[order] = torch.arange(len(sc), 0, -1, dtype=torch.float32)  # best = highest
+    inf = torch.full((L,), float("inf"))
+    return Scores(torch.full((g.hidden,), float("inf")), list(rank[:len(head_sc)].view(L, -1).unbind(0)),
+                  list(rank[len(head_sc):].view(L, -1).unbind(0)), inf, inf.clone())
 
 
 def _pinned(g: Geometry, groups: torch.Tensor, neurons: torch.Tensor, head_sc: torch.Tensor | None = None,
@@ -692,6 +729,8 @@ def kwon_prune(vib: VIB, batches: Iterable[Batch], budget: Budget, *, rearrange:
     if budget.uniform:
         raise ConfigError("budget.uniform=true: Kwon et al.'s mask search chooses every layer's widths on its own; "
                           "use a VIB method or the magnitude / random scorer for a uniform (stock) model")
+    align_steps(vib.geometry, budget)  # bad alignments fail before the Fisher pass
+    _check_kept_hidden(vib.geometry, budget)
     if vib.heads is None or vib.neurons is None:
         raise ConfigError(f"kwon_prune needs head and neuron masks; the VIB has structures "
                           f"{list(vib.config.structures)}")

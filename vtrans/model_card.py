@@ -60,7 +60,9 @@ def model_card(report: dict, architectures: list[str], stock: bool) -> str:
     what = f"Method `{report.get('method', '?')}`"
     if budget:
         what += (f", budget `{budget.get('metric')}={budget.get('value')}` ({budget.get('scope')}"
-                 + (", uniform" if budget.get("uniform") else "") + ")")
+                 + (", uniform" if budget.get("uniform") else "")
+                 + (", widths aligned to " + ", ".join(f"{k} {v}" for k, v in budget["align"].items())
+                    if budget.get("align") else "") + ")")
     lines += [f"{what}; vtrans {report.get('vtrans_version', '?')}, architecture `{report.get('architecture', '?')}`."
               + (f" Compressed from `{source}`." if source else ""), ""]
     rows = [("parameters (transformer blocks)", "params_blocks"), ("parameters (whole model)", "params_total"),

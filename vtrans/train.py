@@ -382,7 +382,7 @@ class Pruner(_Distiller):
     def fix_round_budget(self, r: int) -> None:
         b = self.config.budget
         self.vib.apply_budget(Budget(**{b.metric: self.config.round_target(r)}, scope=b.scope, seq_len=b.seq_len,
-                                     tolerance=b.tolerance, uniform=b.uniform))
+                                     tolerance=b.tolerance, uniform=b.uniform, align=b.align))
 
     def finish(self) -> None:
         """Fix the final budget exactly (the state compression uses). With ``config.reconstruct`` call
