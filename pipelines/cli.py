@@ -7,6 +7,7 @@
     vtrans inspect MODEL [--seq-len 128]
     vtrans compress --model MODEL --scorer {magnitude,random} --budget params=0.5 --out DIR
                     [--seq-len 128] [--scope blocks|total] [--task auto|base|seq-cls|causal-lm] [--uniform]
+                    [--align N|heads=A,neurons=B,hidden=C]
                     [--overwrite]
     vtrans export DIR --format stock --out OUT [--overwrite]
     vtrans --version
@@ -168,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--seed", type=int, default=0, help="seed of the random scorer (default 0)")
     com.add_argument("--uniform", action="store_true", help="the same heads / FFN width in every layer, saved as the "
                      "stock architecture (model_type llama|bert|roberta|gpt2; loads without vtrans)")
+    com.add_argument("--align", help="every kept width a multiple of N (FFN neurons, hidden size, attention width = "
+                     "kept key/value groups x head_dim), or per structure: heads=A,neurons=B,hidden=C; the budget "
+                     "stays an upper bound and how close it lands is printed")
     com.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     exp = sub.add_parser("export", help="write a vtrans checkpoint as the stock architecture (loads without vtrans)",
@@ -285,6 +289,11 @@ def _load(name: str, task: str, seq_len: int | None, dense: bool = False, budget
             raise vtrans.BudgetError(f"--budget {budget.metric}={budget.value} is not below the dense model's "
                                      f"{size:,} {budget.metric} ({budget.scope}); give a smaller count or a fraction "
                                      f"such as {budget.metric}=0.5")
+    if budget is not None and budget.aligned:  # an alignment wider than a structure fails before the weights load
+        from vtrans.budget import align_steps
+
+        meta = meta_model(path)
+        align_steps(vtrans.arch.for_model(meta).geometry(meta), budget)
     if budget is not None and budget.uniform:  # a budget no uniform shape reaches fails before the weights load
         from vtrans.uniform import check_reachable
 
@@ -341,11 +350,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     import vtrans
     from vtrans.checkpoint import TASKS, check_output_dir, write_atomically
+    from vtrans.config import parse_align
     from vtrans.scoring import SCORERS, score
 
     # every argument is checked before anything is loaded
+    align = None if args.align is None else parse_align(args.align)
     budget = vtrans.Budget.parse(args.budget, seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
-                                 scope=args.scope, uniform=args.uniform)
+                                 scope=args.scope, uniform=args.uniform, align=align)
     if args.scorer not in SCORERS:
         raise vtrans.ConfigError(f"--scorer must be one of {list(SCORERS)}, got {args.scorer!r}")
     if args.task not in TASKS:
@@ -361,7 +372,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # deterministic unit means: a training-free selection must not perturb the kept weights
     vib = vtrans.attach(model, vtrans.VIBConfig(mu_init_std=0.0, logvar_init_std=0.0))
     t1 = time.perf_counter()
-    vib.apply_budget(budget, scores=score(model, args.scorer, seed=args.seed), method=args.scorer)
+    sel = vib.apply_budget(budget, scores=score(model, args.scorer, seed=args.seed), method=args.scorer)
     small = vtrans.compress(vib, tokenizer=tokenizer)
     t_compress = time.perf_counter() - t1
 
@@ -378,7 +389,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     _made_by(small, ["vtrans", "compress", "--model", args.model, "--scorer", args.scorer, "--budget", args.budget,
                      "--scope", args.scope, "--seq-len", str(budget.seq_len), "--task", args.task,
-                     "--seed", str(args.seed), *(["--uniform"] if args.uniform else []), "--out", args.out])
+                     "--seed", str(args.seed), *(["--uniform"] if args.uniform else []),
+                     *(["--align", args.align] if args.align is not None else []), "--out", args.out])
     out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite, sources=source)
     comp = vtrans.count(small, seq_len=budget.seq_len)
     rows = [["", "dense", "compressed", "ratio"]]
@@ -397,6 +409,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     rows.append(["attention / ffn blocks", f"{g.n_layers} / {g.n_layers}", f"{sum(keep.mha)} / {sum(keep.ffn)}", ""])
     print(f"model: {path}  ({type(model).__name__})")
     print(f"budget: {budget.describe()}  scorer: {args.scorer}")
+    if budget.aligned:
+        print(f"aligned widths: {sel.achieved['size']:,.0f} {budget.metric} = {sel.achieved['of_target']:.2%} of the "
+              f"target {sel.achieved['target']:,.0f}")
     print(_table(rows))
     print(f"max |masked - compressed| / max |masked| = {err:.2e}")
     print(f"load {t_load:.1f}s, select + compress {t_compress:.1f}s")

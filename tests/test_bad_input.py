@@ -206,6 +206,11 @@ ROWS: list[Row] = [
     # MiniLM (post-LN BERT) in stock form keeps every layer and its attention: no uniform shape is under ~33%
     pipe("uniform-budget-unreachable", ["prune.budget.params=0.2", "prune.budget.uniform=true"], BudgetError,
          "params=0.2", "uniform", "33.48% of dense"),
+    # aligned widths (issue 20): a positive integer or {heads, neurons, hidden}, no wider than MiniLM's structures
+    pipe("align-zero", ["prune.budget.align=0"], ConfigError, "prune.budget.align", "got 0"),
+    pipe("align-unknown-structure", ["prune.budget.align={ffn: 8}"], ConfigError, "prune.budget.align", "'ffn'"),
+    pipe("align-wider-than-ffn", ["prune.budget.align={neurons: 4096}"], ConfigError, "align.neurons=4096",
+         "FFN width 1536"),
     # --- fractions
     pipe("calibration-fraction-above-1", ["calibration.fraction=1.5"], ConfigError, "calibration.fraction", "1.5"),
     pipe("test-fraction-zero", ["data.test_fraction=0"], ConfigError, "data.test_fraction", "got 0"),
@@ -311,6 +316,10 @@ ROWS += [
                                               "--out", "out"), ConfigError, ("--model", "compressed'",
                                                                               "already compressed by vtrans")),
     # budgets and lengths of compress / inspect
+    Row("compress-align-not-a-number", ("compress", "--model", "{w}/bert", "--budget", "params=0.5", "--align", "x",
+                                         "--out", "out"), ConfigError, ("--align", "'x'")),
+    Row("compress-align-wider-than-heads", ("compress", "--model", "{w}/bert", "--budget", "params=0.5", "--align",
+                                            "64", "--out", "out"), ConfigError, ("budget.align=64", "larger than")),
     Row("compress-budget-key-twice", ("compress", "--model", "{w}/bert", "--budget", "params=0.5,params=0.3", "--out",
                                       "out"), ConfigError, ("gives params twice", "'params=0.5,params=0.3'")),
     Row("compress-budget-count-above-dense", ("compress", "--model", "{w}/bert", "--budget", "params=100000000",
