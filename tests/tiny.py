@@ -66,6 +66,8 @@ def _config(arch: str, **kw):
         raise ValueError(arch)
     for k, v in kw.items():
         setattr(c, k, v)
+    if getattr(c, "layer_types", None) is not None and "layer_types" not in kw:  # one per layer (Qwen2)
+        c.layer_types = [c.layer_types[0]] * c.num_hidden_layers
     return c
 
 
