@@ -15,13 +15,28 @@ from transformers import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralForSequenceClassification,
+    MistralModel,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Phi3ForSequenceClassification,
+    Phi3Model,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+    Qwen2Model,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
 )
 
 VOCAB = 60
+_DECODER_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 64}
+#: Llama-shaped decoders (pre-RMSNorm: hidden size padded on stock export, whole layers dropped)
+DECODERS = ("llama", "mistral", "qwen2", "phi3")
 
 
 def _config(arch: str, **kw):
@@ -38,10 +53,21 @@ def _config(arch: str, **kw):
         c = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True, pad_token_id=0,
                         bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+    elif arch == "mistral":  # a sliding window shorter than the test sequences
+        c = MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=48, sliding_window=6, **_DECODER_TOKENS)
+    elif arch == "qwen2":  # q/k/v biases, tied embeddings (as Qwen2.5-0.5B)
+        c = Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True, **_DECODER_TOKENS)
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj
+        c = Phi3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=48, **_DECODER_TOKENS)
     else:
         raise ValueError(arch)
     for k, v in kw.items():
         setattr(c, k, v)
+    if getattr(c, "layer_types", None) is not None and "layer_types" not in kw:  # one per layer (Qwen2)
+        c.layer_types = [c.layer_types[0]] * c.num_hidden_layers
     return c
 
 
@@ -51,6 +77,9 @@ CASES: list[tuple[str, type[PreTrainedModel]]] = [
     ("roberta", RobertaModel), ("roberta", RobertaForSequenceClassification),
     ("gpt2", GPT2Model), ("gpt2", GPT2LMHeadModel), ("gpt2", GPT2ForSequenceClassification),
     ("llama", LlamaModel), ("llama", LlamaForCausalLM), ("llama", LlamaForSequenceClassification),
+    ("mistral", MistralModel), ("mistral", MistralForCausalLM), ("mistral", MistralForSequenceClassification),
+    ("qwen2", Qwen2Model), ("qwen2", Qwen2ForCausalLM), ("qwen2", Qwen2ForSequenceClassification),
+    ("phi3", Phi3Model), ("phi3", Phi3ForCausalLM), ("phi3", Phi3ForSequenceClassification),
 ]
 IDS = [cls.__name__ for _, cls in CASES]
 

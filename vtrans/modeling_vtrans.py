@@ -19,9 +19,11 @@ import copy
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
+import transformers
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
@@ -32,10 +34,6 @@ from transformers import (
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     GPT2Model,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    LlamaModel,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -44,7 +42,6 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.models.bert.modeling_bert import BertLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 from transformers.models.roberta.modeling_roberta import RobertaLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -98,14 +95,6 @@ class VtransRobertaConfig(RobertaConfig):
 @strict
 class VtransGPT2Config(GPT2Config):
     model_type = "vtrans_gpt2"
-
-    def validate_architecture(self):
-        _validate_vtrans(self)
-
-
-@strict
-class VtransLlamaConfig(LlamaConfig):
-    model_type = "vtrans_llama"
 
     def validate_architecture(self):
         _validate_vtrans(self)
@@ -224,19 +213,38 @@ def _shrink_gpt2_block(block: nn.Module, d: int, spec: dict, head_dim: int, laye
 
 
 def _rms_norm(d: int, like: nn.Module) -> nn.Module:
-    return LlamaRMSNorm(d, eps=like.variance_epsilon).to(device=like.weight.device, dtype=like.weight.dtype)
+    return type(like)(d, eps=like.variance_epsilon).to(device=like.weight.device, dtype=like.weight.dtype)
 
 
-def _shrink_llama_layer(layer: nn.Module, d: int, spec: dict, head_dim: int, layer_idx: int) -> None:
+class _QueryHeads:
+    """The config as one fused-qkv attention module sees it: Phi-3's forward splits ``qkv_proj``'s output at
+    ``config.num_attention_heads * head_dim``, so each layer reads its own query head count; all else is the model's."""
+
+    def __init__(self, config, heads: int) -> None:
+        self.__dict__.update(_config=config, num_attention_heads=heads)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_config"], name)
+
+
+def _shrink_decoder_layer(layer: nn.Module, d: int, spec: dict, head_dim: int, layer_idx: int, config) -> None:
+    """A pre-RMSNorm gated-FFN decoder layer (Llama, Mistral, Qwen2/3, Phi-3) at its recorded widths. Phi-3's fused
+    ``qkv_proj`` holds the query heads, then the key heads, then the value heads; its ``gate_up_proj`` the gate rows,
+    then the up rows. Per-head norms over ``head_dim`` (Qwen3's ``q_norm`` / ``k_norm``) keep their shape."""
     heads, kv, inter = spec["heads"], spec["kv_heads"], spec["intermediate_size"]
     if heads == 0:
         layer.input_layernorm = nn.Identity()
         layer.self_attn = _AttentionRemoved(layer_idx, head_dim)
     else:
         at = layer.self_attn
-        at.q_proj = _linear(d, heads * head_dim, at.q_proj)
-        at.k_proj = _linear(d, kv * head_dim, at.k_proj)
-        at.v_proj = _linear(d, kv * head_dim, at.v_proj)
+        if hasattr(at, "qkv_proj"):
+            at.qkv_proj = _linear(d, (heads + 2 * kv) * head_dim, at.qkv_proj)
+            at.num_key_value_heads = kv
+            at.config = _QueryHeads(config, heads)
+        else:
+            at.q_proj = _linear(d, heads * head_dim, at.q_proj)
+            at.k_proj = _linear(d, kv * head_dim, at.k_proj)
+            at.v_proj = _linear(d, kv * head_dim, at.v_proj)
         at.o_proj = _linear(heads * head_dim, d, at.o_proj)
         at.num_key_value_groups = heads // kv
         layer.input_layernorm = _rms_norm(d, layer.input_layernorm)
@@ -245,8 +253,11 @@ def _shrink_llama_layer(layer: nn.Module, d: int, spec: dict, head_dim: int, lay
         layer.mlp = _Zeros()
     else:
         mlp = layer.mlp
-        mlp.gate_proj = _linear(d, inter, mlp.gate_proj)
-        mlp.up_proj = _linear(d, inter, mlp.up_proj)
+        if hasattr(mlp, "gate_up_proj"):
+            mlp.gate_up_proj = _linear(d, 2 * inter, mlp.gate_up_proj)
+        else:
+            mlp.gate_proj = _linear(d, inter, mlp.gate_proj)
+            mlp.up_proj = _linear(d, inter, mlp.up_proj)
         mlp.down_proj = _linear(inter, d, mlp.down_proj)
         mlp.hidden_size, mlp.intermediate_size = d, inter
         layer.post_attention_layernorm = _rms_norm(d, layer.post_attention_layernorm)
@@ -287,17 +298,17 @@ def _add_layers(model: nn.Module, config) -> None:
         elif arch == "gpt2":
             layer = GPT2Block(lc, layer_idx=i)
             _shrink_gpt2_block(layer, d, spec, head_dim, i)
-        elif arch == "llama":
-            layer = LlamaDecoderLayer(lc, layer_idx=i)
-            _shrink_llama_layer(layer, d, spec, head_dim, i)
+        elif arch in _DECODER_LAYERS:
+            layer = _DECODER_LAYERS[arch](lc, layer_idx=i)
+            _shrink_decoder_layer(layer, d, spec, head_dim, i, config)
         else:
-            raise ValueError(f"config.vtrans.arch must be one of bert, roberta, gpt2, llama; got {arch!r}")
+            raise ValueError(f"config.vtrans.arch must be one of {sorted(CONFIGS)}; got {arch!r}")
         for m in layer.modules():
             if getattr(m, "config", None) is lc:
                 m.config = config
         layers.append(layer)
     container = {"bert": lambda: base.encoder.layer, "roberta": lambda: base.encoder.layer,
-                 "gpt2": lambda: base.h, "llama": lambda: base.layers}[arch]()
+                 "gpt2": lambda: base.h}.get(arch, lambda: base.layers)()
     container.extend(layers)
 
 
@@ -413,36 +424,6 @@ class VtransGPT2ForSequenceClassification(VtransMixin, GPT2ForSequenceClassifica
         _finish(self, config)
 
 
-class VtransLlamaModel(VtransMixin, LlamaModel):
-    config_class = VtransLlamaConfig
-
-    def __init__(self, config):
-        with _without_layers(config):
-            super().__init__(config)
-        _finish(self, config)
-
-
-class VtransLlamaForCausalLM(VtransMixin, LlamaForCausalLM):
-    config_class = VtransLlamaConfig
-
-    def __init__(self, config):
-        with _without_layers(config):
-            super().__init__(config)
-        _finish(self, config)
-
-
-class VtransLlamaForSequenceClassification(VtransMixin, LlamaForSequenceClassification):
-    config_class = VtransLlamaConfig
-
-    def __init__(self, config):
-        # the stock __init__ builds its body with AutoModel.from_config, which would ask for remote code
-        super(GenericForSequenceClassification, self).__init__(config)
-        self.num_labels = config.num_labels
-        self.model = VtransLlamaModel(config)
-        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
-        self.post_init()
-
-
 #: ``auto_map`` written into every compressed config, per architecture.
 AUTO_MAP: dict[str, dict[str, str]] = {
     "bert": {
@@ -461,13 +442,89 @@ AUTO_MAP: dict[str, dict[str, str]] = {
         "AutoModelForCausalLM": "modeling_vtrans.VtransGPT2LMHeadModel",
         "AutoModelForSequenceClassification": "modeling_vtrans.VtransGPT2ForSequenceClassification",
     },
-    "llama": {
-        "AutoConfig": "modeling_vtrans.VtransLlamaConfig",
-        "AutoModel": "modeling_vtrans.VtransLlamaModel",
-        "AutoModelForCausalLM": "modeling_vtrans.VtransLlamaForCausalLM",
-        "AutoModelForSequenceClassification": "modeling_vtrans.VtransLlamaForSequenceClassification",
-    },
 }
 
-CONFIGS = {"bert": VtransBertConfig, "roberta": VtransRobertaConfig, "gpt2": VtransGPT2Config,
-           "llama": VtransLlamaConfig}
+CONFIGS = {"bert": VtransBertConfig, "roberta": VtransRobertaConfig, "gpt2": VtransGPT2Config}
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Llama-shaped decoders: classes made from the stock ones by family name
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: compressed model classes of a decoder family -> the ``auto_map`` key each is loaded with
+_DECODER_HEADS = {"Model": "AutoModel", "ForCausalLM": "AutoModelForCausalLM",
+                  "ForSequenceClassification": "AutoModelForSequenceClassification"}
+#: architecture -> the stock decoder layer class its layers are built from
+_DECODER_LAYERS: dict[str, type] = {}
+
+
+def _body_init(cls: type):
+    def __init__(self, config):
+        with _without_layers(config):
+            super(cls, self).__init__(config)
+        _finish(self, config)
+
+    return __init__
+
+
+def _classifier_init(body: type):
+    def __init__(self, config):
+        # the stock __init__ builds its body with AutoModel.from_config, which would ask for remote code
+        super(GenericForSequenceClassification, self).__init__(config)
+        self.num_labels = config.num_labels
+        setattr(self, self.base_model_prefix, body(config))
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    return __init__
+
+
+def add_decoder(family: str) -> str:
+    """Define ``Vtrans{family}Config`` and ``Vtrans{family}{Model,ForCausalLM,ForSequenceClassification}`` in this
+    module from the stock classes of a pre-RMSNorm gated-FFN decoder family (``"Qwen2"``: ``Qwen2Config``,
+    ``Qwen2DecoderLayer``, ...); returns its architecture name (the stock ``model_type``). Idempotent.
+
+    The stored copy of this file runs it on first access to such a name (module ``__getattr__``), so a family works
+    without vtrans as long as its layers are built like the ones :func:`_shrink_decoder_layer` knows."""
+    stock_config = getattr(transformers, f"{family}Config")
+    arch = stock_config.model_type
+    if arch in CONFIGS:
+        return arch
+    modeling = sys.modules[getattr(transformers, f"{family}Model").__module__]
+    ns = globals()
+
+    def make(name: str, bases: tuple, body: dict) -> type:
+        return type(name, bases, {"__module__": __name__, "__qualname__": name, **body})
+
+    config_cls = strict(make(f"Vtrans{family}Config", (stock_config,), {
+        "model_type": f"vtrans_{arch}", "validate_architecture": lambda self: _validate_vtrans(self)}))
+    ns[config_cls.__name__] = config_cls
+    auto_map = {"AutoConfig": f"modeling_vtrans.{config_cls.__name__}"}
+    for head, auto in _DECODER_HEADS.items():
+        stock = getattr(transformers, f"{family}{head}", None)
+        if stock is None:
+            continue
+        name = f"Vtrans{family}{head}"
+        cls = make(name, (VtransMixin, stock), {"config_class": config_cls})
+        cls.__init__ = (_classifier_init(ns[f"Vtrans{family}Model"]) if head == "ForSequenceClassification"
+                        else _body_init(cls))
+        ns[name] = cls
+        auto_map[auto] = f"modeling_vtrans.{name}"
+    _DECODER_LAYERS[arch] = getattr(modeling, f"{family}DecoderLayer")
+    AUTO_MAP[arch] = auto_map
+    CONFIGS[arch] = config_cls
+    return arch
+
+
+def __getattr__(name: str):
+    # ``auto_map`` names a class of a decoder family this copy has not built yet (the stored copy, without vtrans)
+    if name.startswith("Vtrans"):
+        for suffix in ("Config", "ForSequenceClassification", "ForCausalLM", "Model"):
+            family = name.removeprefix("Vtrans").removesuffix(suffix)
+            if name.endswith(suffix) and hasattr(transformers, f"{family}Config"):
+                add_decoder(family)
+                if name in globals():
+                    return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+add_decoder("Llama")

@@ -13,16 +13,17 @@ from transformers import BertModel, GPT2LMHeadModel
 import vtrans
 from pipelines.cli import main
 from tests.stock import assert_stock_files, load_without_vtrans, rel_err, task_of
-from tests.tiny import CASES, input_ids, main_output, tiny
+from tests.tiny import CASES, DECODERS, input_ids, main_output, tiny
 from vtrans.export import to_stock
 
 
 def _heterogeneous(arch: str, cls: type, seed: int) -> vtrans.VIB:
-    """Random per-layer widths; Llama: hidden 23 of 32 (padded to 24 on export, RMSNorm rescaled); GPT-2 / Llama:
-    3 layers, the middle one without blocks (dropped on export); BERT / RoBERTa: layer 0 without attention."""
-    layers = {"num_hidden_layers": 3} if arch in ("gpt2", "llama") else {}
+    """Random per-layer widths; Llama-shaped decoders: hidden 23 of 32 (padded to 24 on export, RMSNorm rescaled);
+    GPT-2 / decoders: 3 layers, the middle one without blocks (dropped on export); BERT / RoBERTa: layer 0 without
+    attention."""
+    layers = {"num_hidden_layers": 3} if arch in ("gpt2", *DECODERS) else {}
     model = tiny(arch, cls, attn="sdpa", **layers)
-    structures = vtrans.STRUCTURES if arch == "llama" else ("heads", "neurons", "mha", "ffn")
+    structures = vtrans.STRUCTURES if arch in DECODERS else ("heads", "neurons", "mha", "ffn")
     vib = vtrans.attach(model, vtrans.VIBConfig(structures=structures))
     gen = torch.Generator().manual_seed(seed)
     g = vib.geometry
@@ -36,7 +37,7 @@ def _heterogeneous(arch: str, cls: type, seed: int) -> vtrans.VIB:
             vib.heads[i].fix(heads)
             vib.neurons[i].fix(neurons)
         blocks = torch.ones(g.n_layers, dtype=torch.bool)
-        if arch in ("gpt2", "llama"):
+        if arch in ("gpt2", *DECODERS):
             blocks[1] = False
             vib.mha.fix(blocks)
             vib.ffn.fix(blocks.clone())
@@ -44,7 +45,7 @@ def _heterogeneous(arch: str, cls: type, seed: int) -> vtrans.VIB:
             blocks[0] = False
             vib.mha.fix(blocks)
             vib.ffn.fix(torch.ones(g.n_layers, dtype=torch.bool))
-        if arch == "llama":
+        if arch in DECODERS:
             hidden = torch.zeros(g.hidden, dtype=torch.bool)
             hidden[torch.randperm(g.hidden, generator=gen)[:23]] = True
             vib.hidden.fix(hidden)
@@ -69,9 +70,9 @@ def test_export_pads_to_stock_loads_without_vtrans_and_equals(tmp_path: Path, ca
         config = json.loads((out / "config.json").read_text())
         n_layers = config.get("num_hidden_layers", config.get("n_layer"))
         inter = config.get("intermediate_size", config.get("n_inner"))
-        assert n_layers == len(live) == (2 if arch in ("gpt2", "llama") else 2)
+        assert n_layers == len(live) == 2
         assert inter == max(int(sel.neurons[i].sum()) for i in live)
-        if arch == "llama":
+        if arch in DECODERS:
             kv = max(int(sel.groups[i].sum()) for i in live)
             assert (config["hidden_size"], config["num_key_value_heads"], config["head_dim"]) == (24, kv, 8)
             assert config["rms_norm_eps"] == pytest.approx(small.config.rms_norm_eps * 23 / 24)

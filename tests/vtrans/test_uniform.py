@@ -28,6 +28,13 @@ EXPECTED = {
     "gpt2": (0.5, (2, 24, 3, 78, 12684)),
     # Llama: one whole decoder layer goes, the other stays dense: 7744 = 15488 / 2 exactly
     "llama": (0.5, (1, 32, 2, 48, 7744)),
+    # Mistral: Llama's shapes and parameters
+    "mistral": (0.5, (1, 32, 2, 48, 7744)),
+    # Phi-3 (its magnitude scores prefer narrower layers): 2 x ((24 x 16 + 2 x 24 x 8 + 16 x 24 + 24) attention
+    # + (3 x 24 x 37 + 24) FFN) = 2 x (1176 + 2688) = 7728 <= 7744 (0.2% under)
+    "phi3": (0.5, (2, 24, 1, 37, 7728)),
+    # Qwen2: Llama + q/k/v biases (32 + 2 x 16 per layer): 7808 = 15616 / 2
+    "qwen2": (0.5, (1, 32, 2, 48, 7808)),
 }
 
 

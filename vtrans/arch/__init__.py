@@ -6,6 +6,9 @@ finds the adapter of a Hugging Face model (dense, or compressed by vtrans).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vtrans.arch.base import Adapter, HookPoints, Layout, Slot
@@ -59,7 +62,9 @@ def for_model(model: PreTrainedModel) -> Adapter:
     return adapter
 
 
-from vtrans.arch import bert, gpt2, llama  # noqa: E402,F401  (registers the built-in adapters)
+# every module of this package registers its adapters: a new family is one new file here
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["Adapter", "HookPoints", "Layout", "Slot", "for_config", "for_model", "get", "register", "registered",
            "supported_model_types"]

@@ -1,0 +1,55 @@
+"""What the Llama-shaped families add to the parametrized tests: generation after a removed attention block (KV cache
+and Mistral's sliding window), config fields that survive compression and stock export, and Phi-3's fused rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Phi3ForCausalLM
+
+import vtrans
+from tests.tiny import CASES, DECODERS, input_ids, tiny
+from vtrans.export import to_stock
+
+LM_CASES = [(a, c) for a, c in CASES if a in DECODERS and c.__name__.endswith("ForCausalLM")]
+
+
+@pytest.mark.parametrize(("arch", "cls"), LM_CASES, ids=[c.__name__ for _, c in LM_CASES])
+def test_generation_after_a_removed_attention_block_equals_the_masked_model(arch, cls) -> None:
+    """Layer 0 loses its attention block, layer 1 a key/value group: 10 new tokens (past Mistral's window of 6) are
+    the masked model's, compressed and exported to stock; the family's own config fields are kept."""
+    model = tiny(arch, cls, attn="sdpa")
+    vib = vtrans.attach(model)
+    vib.mha.fix(torch.tensor([False, True]))
+    vib.heads[1].fix(torch.tensor([False, True]))
+    small = vtrans.compress(vib)
+    assert [s["kv_heads"] for s in small.config.vtrans["layers"]] == [0, 1]
+    ids = input_ids(1, 5)
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(small.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0), ref)
+    stock = to_stock(small)
+    assert torch.equal(stock.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0), ref)
+    for c in (small.config, stock.config):
+        assert getattr(c, "sliding_window", None) == getattr(model.config, "sliding_window", None)
+        assert c.tie_word_embeddings == model.config.tie_word_embeddings
+    assert stock.config.model_type == arch and small.config.model_type == f"vtrans_{arch}"
+
+
+def test_phi3_fused_rows_are_sliced_per_group_and_neuron() -> None:
+    """Kept group 1 of 2 (2 query heads of 8 dims each): qkv_proj keeps query rows 16:32, key rows 40:48 and value
+    rows 56:64 of 64; kept neurons {3, 40} of 48: gate_up_proj keeps rows 3, 40, 51, 88 of 96 (masks at 1: no fold)."""
+    model = tiny("phi3", Phi3ForCausalLM)
+    vib = vtrans.attach(model, vtrans.VIBConfig(structures=("heads", "neurons")))
+    neurons = torch.zeros(48, dtype=torch.bool)
+    neurons[[3, 40]] = True
+    with torch.no_grad():
+        for _, m in vib.masks():
+            m.mu.fill_(1.0)
+    vib.heads[0].fix(torch.tensor([False, True]))
+    vib.neurons[0].fix(neurons)
+    small = vtrans.compress(vib)
+    dense, got = model.model.layers[0], small.model.layers[0]
+    rows = [*range(16, 32), *range(40, 48), *range(56, 64)]
+    assert torch.equal(got.self_attn.qkv_proj.weight, dense.self_attn.qkv_proj.weight[rows])
+    assert torch.equal(got.mlp.gate_up_proj.weight, dense.mlp.gate_up_proj.weight[[3, 40, 51, 88]])
+    assert torch.equal(got.self_attn.o_proj.weight, dense.self_attn.o_proj.weight[:, 16:32])
