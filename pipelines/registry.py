@@ -27,13 +27,13 @@ import re
 import string
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import yaml
 
+from pipelines.tracking import global_tracking_uri
 from vtrans.errors import CheckpointError, ConfigError, VtransError
 
 if TYPE_CHECKING:
@@ -241,24 +241,6 @@ def choose_aliases(points: list[FrontPoint], dense_quality: float | None, within
     return aliases
 
 
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow 3.17's SQL registry store resolves a ``models:/m-...`` source through a *default* ``MlflowClient()``
-    (a TODO in ``SqlAlchemyStore.create_model_version``), i.e. the process-global tracking URI, not the client's:
-    point the global URI at the client's store for the call."""
-    import mlflow
-
-    previous = mlflow.get_tracking_uri()
-    if previous == uri:
-        yield
-        return
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
 def _is_not_found(e: Exception) -> bool:
     return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
@@ -357,7 +339,9 @@ def register_front(
         version = existing.get(point.model_uri)
         if version is None:
             model_id = point.model_uri[len("models:/"):]
-            with _global_tracking_uri(client.tracking_uri):
+            # MLflow 3.17's SQL registry store resolves a ``models:/m-...`` source through a default
+            # ``MlflowClient()`` (a TODO in ``SqlAlchemyStore.create_model_version``): the process-global URI
+            with global_tracking_uri(client.tracking_uri):
                 mv = client.create_model_version(name, source=point.model_uri, run_id=point.run_id, tags=tags,
                                                  await_creation_for=0, model_id=model_id)
             version = int(mv.version)

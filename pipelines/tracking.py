@@ -19,9 +19,10 @@ under ``<cwd>/mlartifacts``: browse it with ``mlflow ui --backend-store-uri sqli
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,3 +322,24 @@ def _client(uri: str):
 
 
 __all__ = ["Tracker", "check_server", "default_artifact_location", "resolve_tracking_uri", "ui_hint"]
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-global tracking URI set to ``uri`` for the block (what its fluent API,
+    ``mlflow.pyfunc.log_model`` and the SQL registry's source lookup read), then put back exactly as it was:
+    ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI``, so without this a later pipeline in the same
+    process - one whose config names no store - would log into this run's store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils  # Ray 2.60 / MLflow 3.17 pinned: the explicitly set URI
+
+    env, explicit = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(explicit)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env

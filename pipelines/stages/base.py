@@ -30,7 +30,15 @@ from typing import Any
 
 from pipelines.config import PipelineConfig, config_hash, flatten
 from pipelines.redact import redact_data
-from pipelines.tracking import TAG_KEY, TAG_MODEL_URI, TAG_SOURCE_RUN, TAG_STAGE, TAG_STATUS, Tracker
+from pipelines.tracking import (
+    TAG_KEY,
+    TAG_MODEL_URI,
+    TAG_SOURCE_RUN,
+    TAG_STAGE,
+    TAG_STATUS,
+    Tracker,
+    global_tracking_uri,
+)
 
 RECORD = "stage.json"
 #: The pyfunc code file MLflow copies into every logged model (not imported here: it registers a model).
@@ -357,8 +365,7 @@ def _log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[s
                                params=ParamSchema([ParamSpec("batch_size", "long", 32),
                                                    ParamSpec("max_length", "long", 128),
                                                    ParamSpec("max_new_tokens", "long", 32)]))
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=run_id, nested=True):
+    with global_tracking_uri(tracker.uri), mlflow.start_run(run_id=run_id, nested=True):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
                                        artifacts={"checkpoint": str(model_dir)},
                                        pip_requirements=model_requirements(), signature=signature)

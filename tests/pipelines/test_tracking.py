@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,25 @@ def test_a_refused_request_is_raised_not_swallowed(tmp_path: Path) -> None:
     with pytest.raises(MlflowException):
         tracker.log_metrics("0" * 32, {"a": 1.0})  # no such run
     assert tracker.online
+
+
+@pytest.mark.parametrize("before", [None, "sqlite:////elsewhere/mlflow.db"])
+def test_mlflow_global_uri_is_put_back_as_it_was(before: str | None, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logging a model points MLflow's global URI (and, through mlflow.set_tracking_uri, $MLFLOW_TRACKING_URI) at the
+    run's store; afterwards both are as before, so a later pipeline in this process with no tracking.uri does not
+    log into that store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    from pipelines.tracking import global_tracking_uri
+
+    if before is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    store = f"sqlite:///{tmp_path / 'run.db'}"
+    with global_tracking_uri(store):
+        assert mlflow.get_tracking_uri() == store and os.environ["MLFLOW_TRACKING_URI"] == store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before and utils._tracking_uri is None
