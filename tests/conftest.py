@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_put_back():
+    """Every test ends with MLflow's process-global tracking URI and ``$MLFLOW_TRACKING_URI`` as it found them: a test
+    that calls ``mlflow.set_tracking_uri`` (which also writes the variable) must not point the next test in the same
+    worker process at its store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    explicit = getattr(utils, "_tracking_uri", None)
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None:
+        utils._tracking_uri = explicit
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 @pytest.fixture

@@ -158,6 +158,7 @@ def test_merge_overrides_copies() -> None:
 
 def test_auto_task_and_defaults_from_a_minimal_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the embedded default is what is checked
     Path("d.jsonl").write_text('{"text": "a", "y": 1}\n{"text": "b", "y": 0}\n')
     path = _write(tmp_path, {"model": {"name": "minilm"}, "data": {"files": ["d.jsonl"]}}, "my-lm.yaml")
     cfg = load_config(path)

@@ -20,6 +20,7 @@ from transformers import BertForSequenceClassification
 
 from pipelines.config import flatten, load_config
 from pipelines.stages import NAMES
+from pipelines.tracking import global_tracking_uri
 from tests.tiny import tiny
 
 pytestmark = pytest.mark.integration
@@ -154,8 +155,8 @@ def test_logged_model_reloads_and_matches_the_evaluation(first) -> None:
     from vtrans.data import collate
 
     cfg, run = first
-    mlflow.set_tracking_uri(run.tracking_uri)
-    model = mlflow.pyfunc.load_model(run.model_uri)
+    with global_tracking_uri(run.tracking_uri):
+        model = mlflow.pyfunc.load_model(run.model_uri)
     test = TokenizedDataset(run.results["calibrate"].outputs["test"], "seq-cls")
     pred = model.predict(pd.DataFrame({"text": test.texts}), params={"max_length": cfg.data.max_length})
     acc = sum(int(p == y) for p, y in zip(pred["label"].tolist(), test.labels.tolist())) / len(test)
@@ -245,8 +246,8 @@ def test_decoder_pipeline_without_teacher_or_finetune(workdir) -> None:
     m = run.metrics
     assert m["perplexity"] > 1 and m["dense_perplexity"] > 1
     assert 0.55 <= m["params_blocks_ratio"] <= 0.6
-    mlflow.set_tracking_uri(run.tracking_uri)
-    out = mlflow.pyfunc.load_model(run.model_uri).predict(["The history of"], params={"max_new_tokens": 3})
+    with global_tracking_uri(run.tracking_uri):
+        out = mlflow.pyfunc.load_model(run.model_uri).predict(["The history of"], params={"max_new_tokens": 3})
     assert list(out.columns) == ["generated_text"] and len(out) == 1
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.registry import FrontPoint, choose_aliases, register_front, registered_name
+from pipelines.tracking import global_tracking_uri
 from vtrans.errors import ConfigError
 
 MODEL_CODE = '''
@@ -146,8 +147,8 @@ def _log_models(client, tmp_path: Path, values: list[float]) -> list[tuple[str, 
 def _load(name: str, alias: str, client) -> float:
     import mlflow
 
-    mlflow.set_tracking_uri(client.tracking_uri)
-    return mlflow.pyfunc.load_model(f"models:/{name}@{alias}").predict(["x"])[0]
+    with global_tracking_uri(client.tracking_uri):
+        return mlflow.pyfunc.load_model(f"models:/{name}@{alias}").predict(["x"])[0]
 
 
 def test_register_front_on_sqlite(store, tmp_path: Path) -> None:
