@@ -24,6 +24,7 @@ from pipelines.bench.stats import (
 )
 from pipelines.config import config_hash, to_dict
 from vtrans.errors import ConfigError
+from vtrans.train import PruneConfig
 
 # ---------------------------------------------------------------------------------------------------------------------
 # statistics and ratios
@@ -230,6 +231,8 @@ def test_quick_profile_keeps_the_issue_grid():
     q = bench.load_profile("quick")
     assert q.encoder.budgets == [0.7, 0.5, 0.3, 0.2]
     assert all(q.encoder.seeds_of(m) == 3 for m in ("random", "kwon", "vtrans", "fast", "faster"))
+    assert q.encoder.finetune_seeds == 3 and not q.encoder.shared_posterior  # issue 16: 3 fine-tuned seeds
+    assert q.decoder.budgets == [0.8, 0.7] and q.encoder.lr_masks == PruneConfig().lr_masks
     assert q.encoder.latency.batch_sizes == [1, 32] and q.encoder.latency.seq_len == 128
     assert q.executor == "ray" and q.threads == 1 and q.cpus_per_cell == 1.0 and q.teacher_workers == 2
 
