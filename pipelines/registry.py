@@ -13,8 +13,9 @@ Each front point becomes one model version whose source is the point's logged mo
 aliases chosen by :func:`choose_aliases` (``best``, ``smallest-within-1pt``, ``p<NN>``) name the versions of the
 latest registered front. Registering the same front again creates no new versions (idempotent re-runs).
 
-``mlflow.pyfunc.load_model`` runs the pyfunc's Python code from the artifact store (MLflow's design); to trust only
-the installed vtrans, load just the checkpoint: ``model, tokenizer = load_checkpoint(f"models:/{name}@best", dir)``.
+``mlflow.pyfunc.load_model`` loads a version with the installed vtrans (:mod:`pipelines.mlflow_model`); the checkpoint
+alone: ``model, tokenizer = load_checkpoint(f"models:/{name}@best", dir)``; the transformers pipeline, checked first:
+``load_transformers(f"models:/{name}@best", dir)``.
 """
 
 from __future__ import annotations
@@ -56,54 +57,123 @@ class RegistryError(VtransError, RuntimeError):
     """The model registry did not accept or finish a registration."""
 
 
-#: The pyfunc artifact holding the Hugging Face checkpoint (``artifacts={"checkpoint": ...}`` in
-#: :func:`pipelines.stages.base.log_model`); MLmodel records its folder (``artifacts/<name>``).
+#: Where MLmodel names the Hugging Face checkpoint: the ``transformers`` flavor's folder (pipelines.mlflow_model),
+#: or, in models logged before it, the pyfunc artifact ``checkpoint`` (``artifacts/checkpoint``).
 CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+def _checkpoint_folder(mlmodel: dict) -> str:
+    flavors = mlmodel["flavors"]
+    if "transformers" in flavors:
+        return str(flavors["transformers"]["model_binary"])
+    return str(flavors["python_function"]["artifacts"][CHECKPOINT_ARTIFACT]["path"])
+
+
+def _safe_folder(model_uri: str, sub: str) -> None:
+    parts = PurePosixPath(sub).parts
+    flavor = len(parts) == 1 and parts[0] not in ("..", ".")
+    legacy = len(parts) == 2 and parts[0] == "artifacts" and parts[1] not in ("..", ".")
+    if not (flavor or legacy):
+        raise CheckpointError(f"model {model_uri!r}: MLmodel's checkpoint folder={sub!r} is neither one folder nor "
+                              f"artifacts/<name>; refusing to download it")
+
+
+def _check_models_uri(model_uri: str) -> None:
+    if not isinstance(model_uri, str) or not model_uri.startswith("models:/"):
+        raise ConfigError(f"model_uri must be a models:/ URI (models:/name@alias, models:/name/3, models:/m-...), "
+                          f"got {model_uri!r}")
+
+
+def _store(tracking_uri: str | None):
+    """MLflow's global URI pointed at ``tracking_uri`` for the block (None: left as it is): ModelsArtifactRepository
+    resolves a registry alias through the global registry URI whatever URI it is given (MLflow 3.17)."""
+    return global_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext()
+
+
+def _repo(model_uri: str, tracking_uri: str | None):
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    return ModelsArtifactRepository(model_uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def download_checkpoint(model_uri: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
     """Download only the Hugging Face checkpoint of a logged or registered model (``models:/name@alias``,
-    ``models:/name/3``, ``models:/m-...``) into ``dst``, none of the pyfunc's Python code, and check that it loads
-    safely (:func:`vtrans.checkpoint.read_config`: no stored code is run or asked for, complete safetensors)."""
+    ``models:/name/3``, ``models:/m-...``) into ``dst``, no Python code, and check that it loads safely
+    (:func:`vtrans.checkpoint.read_config`: no stored code is run or asked for, complete safetensors)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
     from vtrans.checkpoint import read_config
 
-    if not model_uri.startswith("models:/"):
-        raise ConfigError(f"model_uri must be a models:/ URI (models:/name@alias, models:/name/3, models:/m-...), "
-                          f"got {model_uri!r}")
+    _check_models_uri(model_uri)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    try:
-        repo = ModelsArtifactRepository(model_uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        with tempfile.TemporaryDirectory() as tmp:  # MLmodel names the checkpoint's folder; safe_load: data only
-            mlmodel = yaml.safe_load(Path(repo.download_artifacts("MLmodel", dst_path=tmp)).read_text())
-        sub = mlmodel["flavors"]["python_function"]["artifacts"][CHECKPOINT_ARTIFACT]["path"]
-    except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise RegistryError(f"model {model_uri!r} has no readable {CHECKPOINT_ARTIFACT!r} artifact ({first})") from None
-    parts = PurePosixPath(str(sub)).parts
-    if len(parts) != 2 or parts[0] != "artifacts" or parts[1] in ("..", "."):
-        raise CheckpointError(f"model {model_uri!r}: MLmodel's {CHECKPOINT_ARTIFACT} artifact path={sub!r} is not "
-                              f"artifacts/<name>; refusing to download it")
-    try:
-        local = repo.download_artifacts(str(sub), dst_path=str(dst))
-    except (MlflowException, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise RegistryError(f"model {model_uri!r}: {sub!r} cannot be downloaded ({first})") from None
+    with _store(tracking_uri):
+        try:
+            repo = _repo(model_uri, tracking_uri)
+            with tempfile.TemporaryDirectory() as tmp:  # MLmodel names the checkpoint's folder; safe_load: data only
+                mlmodel = yaml.safe_load(Path(repo.download_artifacts("MLmodel", dst_path=tmp)).read_text())
+            sub = _checkpoint_folder(mlmodel)
+        except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as e:
+            raise RegistryError(f"model {model_uri!r} has no readable checkpoint folder ({_first_line(e)})") from None
+        _safe_folder(model_uri, sub)
+        try:
+            local = repo.download_artifacts(sub, dst_path=str(dst))
+        except (MlflowException, OSError) as e:
+            raise RegistryError(f"model {model_uri!r}: {sub!r} cannot be downloaded ({_first_line(e)})") from None
     read_config(local)
     return Path(local)
 
 
 def load_checkpoint(model_uri: str, dst: str | Path, task: str = "auto", tracking_uri: str | None = None, **kwargs):
     """``(model, tokenizer or None)`` of a logged or registered model, loaded by the installed vtrans from its
-    checkpoint artifact alone (:func:`download_checkpoint`); ``kwargs`` go to
-    :func:`vtrans.checkpoint.load_pretrained` (e.g. ``dtype=torch.float32``)."""
+    checkpoint alone (:func:`download_checkpoint`); ``kwargs`` go to :func:`vtrans.checkpoint.load_pretrained`
+    (e.g. ``dtype=torch.float32``)."""
     from vtrans.checkpoint import load_pretrained, load_tokenizer
 
     path = download_checkpoint(model_uri, dst, tracking_uri)
     return load_pretrained(path, task=task, **kwargs), load_tokenizer(path)
+
+
+def load_transformers(model_uri: str, dst: str | Path, tracking_uri: str | None = None, **kwargs):
+    """The transformers pipeline of a logged or registered model (``mlflow.transformers.load_model``), after the
+    downloaded model was checked: no Python file anywhere in it, and a checkpoint and tokenizer that load without
+    stored code (:func:`vtrans.checkpoint.read_config`). MLflow's own loader passes ``trust_remote_code=True`` for a
+    class transformers does not ship (every heterogeneous vtrans checkpoint), so it must never see a model that was
+    not checked; vtrans's classes come from the installed vtrans (imported here). ``kwargs`` go to
+    ``mlflow.transformers.load_model``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    import vtrans  # noqa: F401  (registers vtrans's architectures with the Auto classes)
+    from vtrans.checkpoint import check_no_remote_code, read_config
+
+    _check_models_uri(model_uri)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        with _store(tracking_uri):
+            local = Path(_repo(model_uri, tracking_uri).download_artifacts("", dst_path=str(dst)))
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+        sub = str(mlmodel["flavors"]["transformers"]["model_binary"])
+    except (MlflowException, OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise RegistryError(f"model {model_uri!r} is not a transformers-flavor model ({_first_line(e)})") from None
+    _safe_folder(model_uri, sub)
+    code = sorted(str(p.relative_to(local)) for p in local.rglob("*.py"))
+    if code:
+        raise CheckpointError(f"model {model_uri!r} carries Python code {code[0]!r}, which MLflow's transformers "
+                              f"loader could run; vtrans never runs code stored with a model")
+    for folder in [local / sub, *sorted((local / "components").glob("*"))]:
+        check_no_remote_code(folder)
+        config = folder / "config.json"
+        if config.is_file() and "auto_map" in json.loads(config.read_text()):  # MLflow would follow even vtrans's own
+            raise CheckpointError(f"model {model_uri!r}: {str(config)!r} has an auto_map, which MLflow's transformers "
+                                  f"loader follows with trust_remote_code=True; vtrans logs none")
+    read_config(local / sub)
+    return mlflow.transformers.load_model(str(local), **kwargs)
 
 
 def _finite(value: object) -> bool:

@@ -195,12 +195,15 @@ def _relog_stage(tracker: Tracker, parent: str, name: str, result: StageResult, 
             tracker.log_artifacts(run_id, path, folder)
     if plan.get("history"):
         _log_missing_steps(tracker, run_id, plan["history"])
+    tracker.log_datasets({run_id, parent}, [d for d in plan.get("datasets") or [] if Path(d[0]).is_file()])
     if plan.get("model_dir") and not tracker.model_exists(result.model_uri) and Path(plan["model_dir"]).is_dir():
-        uri = log_model(tracker, run_id, plan["model_dir"], plan.get("model_metrics") or {})
+        uri = log_model(tracker, run_id, plan["model_dir"], plan.get("model_metrics") or {},
+                        result.info.get("label_names"))
         if uri:
             result.model_uri = uri
     if result.model_uri:
         tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
+        tracker.link_model(parent, result.model_uri)
     if tracker.offline:
         return False
     tracker.end_run(run_id)

@@ -372,6 +372,8 @@ def read_source(data: DataConfig, task: str) -> pa.Table:
         label_key = f"data.label_column={data.label_column!r}" if data.files is not None else f"data.name={data.name!r}"
         ids, names = _labels(label_parts, label_key, origin)
         columns["label"] = ids
+        if data.name == "rotten_tomatoes":  # integer ids with known names
+            names = list(assets.ROTTEN_TOMATOES_LABELS)
         if names is not None:
             metadata = {LABEL_NAMES_KEY: json.dumps(names).encode()}
     table = pa.table(columns)

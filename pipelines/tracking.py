@@ -43,6 +43,9 @@ TAG_SOURCE_RUN = "vtrans.source_run_id"
 TAG_MODEL_URI = "vtrans.model_uri"
 TAG_PIPELINE = "vtrans.pipeline"
 TAG_LOGGED = "vtrans.logged"  # "complete" on a pipeline's parent run once it and its stages are all in MLflow
+#: The MLflow UI's experiment kind: vtrans's experiments open as model-training experiments (MLflow 3 shows an
+#: untagged one in its GenAI view); an experiment tagged otherwise by its owner is left alone.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 # MLflow prints tqdm bars for artifact downloads; in log files they are noise.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -192,12 +195,15 @@ class Tracker:
         try:
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
-                exp_id = client.create_experiment(experiment, default_artifact_location(resolved, artifact_location))
+                exp_id = client.create_experiment(experiment, default_artifact_location(resolved, artifact_location),
+                                                  tags=dict([EXPERIMENT_KIND]))
             elif exp.lifecycle_stage == "deleted":
                 raise ConfigError(f"tracking.experiment={experiment!r} is deleted in {redact(resolved)}; restore it "
                                   f"(mlflow experiments restore) or choose another name")
             else:
                 exp_id = exp.experiment_id
+                if EXPERIMENT_KIND[0] not in exp.tags:
+                    client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - any store failure is a configuration problem for the user
@@ -258,6 +264,42 @@ class Tracker:
             if run_id is not None:
                 self.call("log metrics", self.client.log_batch, run_id, metrics=chunk)
         return len(items)
+
+    def log_datasets(self, run_ids: Iterable[str | None], datasets: Iterable[tuple[str, str, str]]) -> None:
+        """Each ``(parquet file, name, context)`` as a dataset input of every run of ``run_ids`` (MLflow's
+        ``log_input``: the runs' Datasets column): its ``text`` and, when present, ``label`` columns, the file as the
+        source, the context (``training``, ``testing``, ``calibration``) as the input's tag."""
+        datasets = list(datasets)
+        run_ids = [r for r in run_ids if r is not None]
+        if not datasets or not run_ids:
+            return
+
+        def build():
+            import mlflow.data
+            import pyarrow.parquet as pq
+            from mlflow.entities import DatasetInput, InputTag
+
+            inputs = []
+            for path, name, context in datasets:
+                columns = [c for c in ("text", "label") if c in pq.read_schema(path).names]
+                df = pq.read_table(path, columns=columns).to_pandas()
+                ds = mlflow.data.from_pandas(df, source=str(path), name=name,
+                                             targets="label" if "label" in columns else None)
+                inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+            return inputs
+
+        inputs = self.call("read datasets", build)
+        for run_id in run_ids if inputs else []:
+            self.call("log datasets", self.client.log_inputs, run_id, datasets=inputs)
+
+    def link_model(self, run_id: str | None, model_uri: str | None) -> None:
+        """Record the logged model ``models:/m-...`` as an output of ``run_id`` too (the pipeline's parent run: the
+        UI's "Logged models" of the run that produced it through a stage)."""
+        if run_id is None or not model_uri or not model_uri.startswith("models:/m-"):
+            return
+        from mlflow.entities import LoggedModelOutput
+
+        self.call("link model", self.client.log_outputs, run_id, [LoggedModelOutput(model_uri[len("models:/"):], 0)])
 
     def log_artifacts(self, run_id: str | None, local: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file or a directory (recursively) as run artifacts."""

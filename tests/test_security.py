@@ -275,12 +275,12 @@ def _stored_checkpoint(download_uri: str) -> Path:
 
 def _tamper(d: Path, marker: Path) -> None:
     """Modified modeling code (its hash updated) and an auto_map to another module, both carrying the payload."""
-    code = d / "modeling_vtrans.py"
-    code.write_text(code.read_text() + _payload(marker))
+    code = d / "modeling_vtrans.py"  # a logged model carries none: the attacker brings it
+    code.write_text((code.read_text() if code.is_file() else "") + _payload(marker))
     _edit_json(d / "compression.json", modeling_sha256=hashlib.sha256(code.read_bytes()).hexdigest())
     (d / "evil.py").write_text(_payload(marker) + "class SomeClass:\n    pass\n")
     config = json.loads((d / "config.json").read_text())
-    _edit_json(d / "config.json", auto_map={**config["auto_map"], "AutoConfig": "evil.SomeClass"})
+    _edit_json(d / "config.json", auto_map={**config.get("auto_map", {}), "AutoConfig": "evil.SomeClass"})
 
 
 @pytest.mark.integration
@@ -290,14 +290,14 @@ def test_pyfunc_loads_only_through_the_gated_loader(tracker, ckpt: Path, tmp_pat
 
     import mlflow
 
-    from pipelines.registry import load_checkpoint
+    from pipelines.registry import load_checkpoint, load_transformers
 
     uri = _logged(tracker, ckpt)
     pyfunc = mlflow.pyfunc.load_model(uri)
-    assert type(pyfunc.unwrap_python_model().model) is vtrans.modeling_vtrans.VtransBertForSequenceClassification
+    assert type(pyfunc.get_raw_model().model) is vtrans.modeling_vtrans.VtransBertForSequenceClassification
     assert len(pyfunc.predict(["a gripping film", "dull"])) == 2
     model, tokenizer = load_checkpoint(uri, tmp_path / "dl-good")
-    assert torch.equal(model.classifier.weight, pyfunc.unwrap_python_model().model.classifier.weight)
+    assert torch.equal(model.classifier.weight, pyfunc.get_raw_model().model.classifier.weight)
 
     with monkeypatch.context() as m:  # without an installed vtrans the pyfunc refuses, in one line
         m.setitem(sys.modules, "vtrans", None)
@@ -313,6 +313,10 @@ def test_pyfunc_loads_only_through_the_gated_loader(tracker, ckpt: Path, tmp_pat
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(uri, tmp_path / "dl-bad")
     _one_line(e.value, "config.json'", "auto_map.AutoConfig='evil.SomeClass'")
+    # MLflow's transformers loader would follow the auto_map with trust_remote_code=True: the gated one refuses first
+    with pytest.raises(CheckpointError) as e:
+        load_transformers(uri, tmp_path / "dl-pipe", tracker.uri)
+    _one_line(e.value, "carries Python code", ".py'")
 
 
 @pytest.mark.integration

@@ -251,6 +251,8 @@ def dataset_path(name: str) -> Path:
 
 
 _RT_LABELS = {"fresh": 1, "rotten": 0}
+#: The class names of Rotten Tomatoes by label id (0 rotten, 1 fresh).
+ROTTEN_TOMATOES_LABELS = sorted(_RT_LABELS, key=_RT_LABELS.__getitem__)
 
 
 def load_rotten_tomatoes() -> list[dict]:

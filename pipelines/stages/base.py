@@ -41,8 +41,6 @@ from pipelines.tracking import (
 )
 
 RECORD = "stage.json"
-#: The pyfunc code file MLflow copies into every logged model (not imported here: it registers a model).
-MODEL_CODE = Path(__file__).resolve().parents[1] / "mlflow_model.py"
 STAGES_DIR = "stages"
 
 
@@ -66,6 +64,8 @@ class StageOutput:
     """Metrics linked to the logged model."""
     tags: dict[str, str] = field(default_factory=dict)
     """Tags set on the stage's run (on the trial's run when stages share one: name them uniquely)."""
+    datasets: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(parquet file, name, context)`` logged as dataset inputs of the stage's run and the pipeline's run."""
 
 
 @dataclass
@@ -286,7 +286,8 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
         finished = time.time()
         plan = {"params": _stage_params(stage, ctx), "tags": {**_tags(stage, ctx, "ran"), **out.tags},
                 "artifacts": [list(a) for a in out.artifacts], "model_dir": out.model_dir,
-                "model_metrics": dict(out.model_metrics), "history": out.history}
+                "model_metrics": dict(out.model_metrics), "history": out.history,
+                "datasets": [list(d) for d in out.datasets]}
         result = StageResult(stage=name, key=ctx.keys[name], dir=str(work), status="ran", outputs=out.outputs,
                              metrics={k: float(v) for k, v in out.metrics.items()}, info=out.info,
                              started_at=started, finished_at=finished, wall_s=finished - started, run_id=run_id,
@@ -302,10 +303,14 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
                 tracker.log_history(run_id, out.history, prefix=run.prefix)
             for path, artifact_path in out.artifacts:
                 tracker.log_artifacts(run_id, path, run.folder(artifact_path))
+            tracker.log_datasets({run_id, ctx.parent_run_id}, out.datasets)
             if out.model_dir is not None and run_id is not None:
-                result.model_uri = log_model(tracker, run_id, out.model_dir, out.model_metrics)
+                result.model_uri = log_model(tracker, run_id, out.model_dir, out.model_metrics,
+                                             out.info.get("label_names"))
                 if result.model_uri:
                     tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
+                    if ctx.parent_run_id != run_id:
+                        tracker.link_model(ctx.parent_run_id, result.model_uri)
             result.logged = tracker.online and run_id is not None
             _write_json(work / RECORD, result.record())
             if not result.logged:
@@ -324,15 +329,20 @@ def _track_cached(stage, ctx: StageContext, result: StageResult) -> None:
     run_id = run.run_id
     with _closing(tracker, run):
         tracker.log_metrics(run_id, run.metrics(dict(result.metrics, wall_s=result.wall_s)))
+        tracker.log_datasets({run_id, ctx.parent_run_id},
+                             [d for d in result.logging.get("datasets") or [] if Path(d[0]).is_file()])
         model_dir = result.outputs.get("logged_model_dir")
         if model_dir and run_id and tracker.online and not tracker.model_exists(result.model_uri) and \
                 Path(model_dir).is_dir():
-            uri = log_model(tracker, run_id, model_dir, result.info.get("model_metrics", {}))
+            uri = log_model(tracker, run_id, model_dir, result.info.get("model_metrics", {}),
+                            result.info.get("label_names"))
             if uri:  # offline: the record keeps the model it knew
                 result.model_uri = uri
                 _write_json(Path(result.dir) / RECORD, result.record())
         if result.model_uri:
             tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
+            if ctx.parent_run_id != run_id and tracker.model_exists(result.model_uri):
+                tracker.link_model(ctx.parent_run_id, result.model_uri)
 
 
 #: pip requirements of the logged pyfunc (MLflow's inference would add torchvision, which has no CPU build here);
@@ -349,26 +359,24 @@ def model_requirements() -> list[str]:
     return reqs
 
 
-def log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float]) -> str | None:
-    """Log a compressed model directory as an MLflow pyfunc of ``run_id`` (see :mod:`pipelines.mlflow_model`);
-    returns its ``models:/m-...`` URI (None when the store stopped answering)."""
-    return tracker.call("log model", _log_model, tracker, run_id, model_dir, metrics)
+def log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float],
+              label_names: list[str] | None = None) -> str | None:
+    """Log a compressed model directory as the MLflow model of ``run_id`` (:mod:`pipelines.mlflow_model`: the
+    transformers flavor, a pyfunc loaded by the installed vtrans), with the task's class names when known; returns its
+    ``models:/m-...`` URI (None when the store stopped answering)."""
+    return tracker.call("log model", _log_model, tracker, run_id, model_dir, metrics, label_names)
 
 
-def _log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float]) -> str:
+def _log_model(tracker: Tracker, run_id: str, model_dir: str, metrics: Mapping[str, float],
+               label_names: list[str] | None) -> str:
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    # one unnamed string column: a list of texts, a single text or a DataFrame (its ``text`` or only column)
-    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                               params=ParamSchema([ParamSpec("batch_size", "long", 32),
-                                                   ParamSpec("max_length", "long", 128),
-                                                   ParamSpec("max_new_tokens", "long", 32)]))
+    from pipelines.mlflow_model import log_compressed
+    from vtrans.checkpoint import infer_task, read_config
+
+    task = "causal-lm" if infer_task(read_config(model_dir)) == "causal-lm" else "seq-cls"
     with global_tracking_uri(tracker.uri), mlflow.start_run(run_id=run_id, nested=True):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE),
-                                       artifacts={"checkpoint": str(model_dir)},
-                                       pip_requirements=model_requirements(), signature=signature)
+        info = log_compressed(model_dir, task, label_names, pip_requirements=model_requirements())
         if metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=info.model_id)
     return info.model_uri

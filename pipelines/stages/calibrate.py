@@ -193,4 +193,7 @@ def run(ctx: StageContext, work: Path, inputs: dict, run_id: str | None) -> Stag
     summary = work / "summary.json"
     summary.write_text(json.dumps({"metrics": metrics, **info}, indent=1))
     print(f"[{NAME}] " + ", ".join(f"{s} {int(metrics[f'{s}_samples'])}" for s in SPLITS), flush=True)
-    return StageOutput(outputs=outputs, metrics=metrics, info=info, artifacts=[(str(summary), "data")])
+    source = cfg.data.name or Path(cfg.data.files[0]).stem
+    contexts = {"train": "training", "test": "testing", "calibration": "calibration"}
+    return StageOutput(outputs=outputs, metrics=metrics, info=info, artifacts=[(str(summary), "data")],
+                       datasets=[(outputs[s], f"{source}-{s}", contexts.get(s, s)) for s in SPLITS])

@@ -200,6 +200,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
                                              "flops_total_ratio")}
     return StageOutput(outputs={"report": str(work / "report.json"), "report_md": str(work / "report.md"),
                                 "logged_model_dir": compressed},
-                       metrics=metrics, info={"model_metrics": model_metrics},
+                       metrics=metrics, info={"model_metrics": model_metrics,
+                                              "label_names": data.info.get("label_names")},
                        artifacts=[(str(work / "report.json"), "evaluation"), (str(work / "report.md"), "evaluation")],
                        model_dir=compressed, model_metrics=model_metrics)

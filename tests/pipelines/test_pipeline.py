@@ -145,6 +145,19 @@ def test_mlflow_holds_parent_children_curves_and_artifacts(first) -> None:
     assert {a.path for a in client.list_artifacts(ev.info.run_id, "evaluation")} == \
         {"evaluation/report.json", "evaluation/report.md"}
 
+    # the UI's model-training view: the experiment kind, the data sets as inputs, the model as an output of the
+    # pipeline's run (issue 18)
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    for run_id in (run.run_id, children["calibrate"].info.run_id):
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        got = {i.dataset.name: ({t.key: t.value for t in i.tags}["mlflow.data.context"],
+                                json.loads(i.dataset.profile)["num_rows"]) for i in inputs}
+        assert got == {"reviews-train": ("training", 240), "reviews-test": ("testing", 60),
+                       "reviews-calibration": ("calibration", 60)}, got
+    outputs = client.get_run(run.run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [run.model_uri.removeprefix("models:/")]
+
 
 def test_logged_model_reloads_and_matches_the_evaluation(first) -> None:
     import mlflow
@@ -159,12 +172,14 @@ def test_logged_model_reloads_and_matches_the_evaluation(first) -> None:
         model = mlflow.pyfunc.load_model(run.model_uri)
     test = TokenizedDataset(run.results["calibrate"].outputs["test"], "seq-cls")
     pred = model.predict(pd.DataFrame({"text": test.texts}), params={"max_length": cfg.data.max_length})
-    acc = sum(int(p == y) for p, y in zip(pred["label"].tolist(), test.labels.tolist())) / len(test)
+    names = run.results["calibrate"].info["label_names"]  # the predictions carry the data's class names
+    assert set(pred["label"]) <= set(names)
+    acc = sum(int(p == names[y]) for p, y in zip(pred["label"].tolist(), test.labels.tolist())) / len(test)
     assert acc == pytest.approx(run.metrics["accuracy"], abs=1e-9)
 
     # the artifact is a Hugging Face checkpoint plain transformers loads after `import vtrans` (no flag), equal to the
     # pipeline's output
-    checkpoint = model.unwrap_python_model().checkpoint
+    checkpoint = model.get_raw_model().checkpoint
     hf = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     ours = load_pretrained(run.results["finetune"].outputs["model"]).eval()
     batch = collate([test[i] for i in range(8)], pad_token_id=0)

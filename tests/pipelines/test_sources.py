@@ -318,7 +318,7 @@ def test_rotten_tomatoes() -> None:
     assert table.num_rows == 12_752
     assert Counter(table.column("label").to_pylist()) == {1: 7_368, 0: 5_384}
     assert table.column("sample_id").to_pylist() == list(range(12_752))
-    assert label_names(table) is None
+    assert label_names(table) == ["rotten", "fresh"]  # the ids keep the asset's meaning: 1 = fresh
 
 
 def test_wikipedia() -> None:
