@@ -339,9 +339,8 @@ def _train_loop(loop_config: dict) -> None:
                 module.reconstruct(prune_calibration(spec.dataset, cfg, spec.pad_token_id, device))
             save_masks(module.vib, out / "masks.safetensors")
             write_atomically(out / "compressed", save_with_tokenizer(compress(module.vib)), overwrite=True)
-        else:
-            model.eval()
-            write_atomically(out / "model", save_with_tokenizer(model), overwrite=True)
+        else:  # with finetune.method=lora: the adapters merged into the weights (the input checkpoint's class)
+            write_atomically(out / "model", save_with_tokenizer(module.finish()), overwrite=True)
         (out / "history.json").write_text(json.dumps(history))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         (out / "resources.json").write_text(json.dumps({"peak_rss_mb": peak, "rank": rank, "world_size": world,
@@ -437,13 +436,19 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
                      before_step=None, tracking: dict | None = None, label: str | None = None,
                      report_to_tune: bool = False) -> JobResult:
     """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``;
-    ``report_to_tune`` hands its reports to the Tune trial that runs it (ASHA)."""
+    ``report_to_tune`` hands its reports to the Tune trial that runs it (ASHA). With ``config.method == "lora"``
+    the workers train LoRA adapters and rank 0 saves the model with them merged (``output/model/``: the input
+    checkpoint's class and keys); its checkpoints hold the adapters and their optimizer state only."""
     from vtrans.train import FinetuneConfig
 
     if not isinstance(config, FinetuneConfig):
         raise ConfigError(f"finetune config must be a vtrans.train.FinetuneConfig, got {type(config).__name__}")
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
+    if config.method == "lora":  # a target_modules name that matches nothing fails here, before any worker starts
+        from vtrans.lora import check_targets_at
+
+        check_targets_at(spec.model_dir, spec.task, config.lora, spec.num_labels)
     return _run("finetune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
                 threads_per_worker, before_step, tracking, label, report_to_tune)
 

@@ -235,6 +235,10 @@ def preflight(cfg: PipelineConfig) -> Preflight:
             raise ConfigError(f"evaluate.threads={cfg.evaluate.threads} is more than this machine's {cpus} CPUs")
     check_output_root(cfg.output, model_path)
     check_reachable_at(teacher_path, cfg.task, cfg.prune.budget, cfg.model.num_labels)
+    if cfg.finetune.steps > 0 and cfg.finetune.method == "lora":  # the compressed model keeps the dense one's names
+        from vtrans.lora import check_targets_at
+
+        check_targets_at(teacher_path, cfg.task, cfg.finetune.lora, cfg.model.num_labels)
     if cfg.posterior is not None:
         try:
             check_reachable_at(teacher_path, cfg.task, cfg.posterior_budget, cfg.model.num_labels)

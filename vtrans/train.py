@@ -25,9 +25,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from vtrans.budget import size
-from vtrans.checks import check_int, check_number
+from vtrans.checks import check_choice, check_int, check_number
 from vtrans.config import Budget, VIBConfig
 from vtrans.errors import BudgetError, ConfigError, quote
+from vtrans.lora import ADAPTER_KEY, LoraAdapters, LoraConfig, add_adapters
 from vtrans.masks import EPS
 from vtrans.vib import VIB, attach
 
@@ -40,6 +41,8 @@ CONSTRAINTS = ("lagrangian", "upper", "projection")
 #: far beyond a real run (the shipped configs take 250-2000), it stops a typo such as ``1e12`` that would never end.
 MAX_STEPS = 1_000_000
 TASKS = ("seq-cls", "causal-lm")
+#: How a fine-tune trains: every weight, or low-rank adapters merged into the weights at the end (:mod:`vtrans.lora`).
+FINETUNE_METHODS = ("full", "lora")
 
 
 def _positive(key: str, value: object, integer: bool = False, zero_ok: bool = False,
@@ -613,8 +616,17 @@ class FinetuneConfig:
     the end (0: never). What a sweep's ASHA early stopping compares; also logged as the ``val_*`` curve."""
     eval_samples: int = 256
     """Training samples held out of fine-tuning for ``eval_every`` (drawn with ``seed``)."""
+    method: str = "full"
+    """``full`` (every weight trains) or ``lora`` (the weights stay frozen; low-rank adapters on the blocks' Linear
+    layers train, and are merged into the weights before saving: the same kind of checkpoint, a fraction of the
+    optimizer state and gradients)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapters of ``method: lora`` (rank, alpha, dropout, target_modules); unused by ``full``."""
 
     def __post_init__(self) -> None:
+        check_choice("finetune.method", self.method, FINETUNE_METHODS)
+        if not isinstance(self.lora, LoraConfig):
+            raise ConfigError(f"finetune.lora must be a vtrans.lora.LoraConfig, got {quote(self.lora)}")
         _positive("finetune.steps", self.steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
         _positive("finetune.eval_every", self.eval_every, integer=True, zero_ok=True)
         _positive("finetune.eval_samples", self.eval_samples, integer=True)
@@ -634,16 +646,29 @@ class FinetuneConfig:
 
 
 class Finetuner(_Distiller):
-    """A compressed model trained on the task with logit distillation from the dense teacher."""
+    """A compressed model trained on the task with logit distillation from the dense teacher.
+
+    With ``config.method == "lora"`` the model gets LoRA adapters in place (:func:`vtrans.lora.add_adapters`, seeded
+    by ``config.seed``): its weights freeze and the optimizer holds the adapters only. :meth:`finish` merges them
+    into the weights and returns the model to save (the same class and state-dict keys as the input model)."""
 
     def __init__(self, model: PreTrainedModel, config: FinetuneConfig, teacher: PreTrainedModel | None = None) -> None:
         super().__init__()
         self.config = config
         self.model = model
+        self.adapters: LoraAdapters | None = add_adapters(model, config.lora, seed=config.seed) \
+            if config.method == "lora" else None
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
-        self.optimizers = {"finetune": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                                         lr=config.lr, weight_decay=config.weight_decay)}
+        params = self.adapters.parameters() if self.adapters is not None else \
+            [p for p in model.parameters() if p.requires_grad]
+        self.optimizers = {"finetune": torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)}
+
+    def finish(self) -> PreTrainedModel:
+        """The fine-tuned model to save, in eval mode: with ``lora`` the adapters merged into the weights and removed
+        (in place: training is over; calling it again returns the same model)."""
+        model = self.adapters.merge() if self.adapters is not None else self.model
+        return model.eval()
 
     def begin_step(self, step: int) -> tuple[int, str, int]:
         self.model.train()
@@ -674,14 +699,28 @@ class Finetuner(_Distiller):
         opt.step()
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        meta = {"optimizers": _save_optimizers(self.optimizers, tensors)}
+        """The training state; with ``lora`` the adapters only (the frozen weights are the input model's)."""
+        if self.adapters is not None and self.adapters.merged:
+            raise RuntimeError("the LoRA adapters were merged (Finetuner.finish): there is no training state left")
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()
+                   if self.adapters is None or ADAPTER_KEY in k}
+        meta = {"optimizers": _save_optimizers(self.optimizers, tensors), "method": self.config.method}
         tensors["rng.torch"] = torch.get_rng_state()
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-                                   strict=False)
+        saved = meta.get("method", "full")
+        if saved != self.config.method:
+            raise ConfigError(f"finetune.method={self.config.method!r} cannot resume a checkpoint of "
+                              f"finetune.method={saved!r}; start the fine-tune over (a new run name or storage path)")
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        if self.adapters is not None:
+            missing = {k for k in self.model.state_dict() if ADAPTER_KEY in k} - set(model_sd)
+            if missing:
+                raise ConfigError(f"the checkpoint lacks {len(missing)} LoRA adapter tensor(s) of this "
+                                  f"finetune.lora (e.g. {sorted(missing)[0]!r}): was it saved with other "
+                                  f"rank / target_modules?")
+        self.model.load_state_dict(model_sd, strict=False)
         _load_optimizers(self.optimizers, tensors, meta)
         torch.set_rng_state(tensors["rng.torch"])
 

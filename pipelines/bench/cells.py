@@ -32,7 +32,7 @@ from vtrans.metrics import measure
 CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
                      "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
-                     "init_keep", "warmup_from", "constraint")
+                     "init_keep", "warmup_from", "constraint", "finetune_method", "lora_rank", "lora_alpha")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 
 
@@ -212,18 +212,21 @@ def run_cell(spec: CellSpec) -> list[dict]:
             if not spec.finetune:
                 continue
             ft = FinetuneConfig(steps=t.finetune_steps, lr=t.finetune_lr, batch_size=t.finetune_batch, task=s.task,
-                                seed=spec.seed, distill=DistillConfig(cache_teacher=s.task == "seq-cls"))
+                                seed=spec.seed, distill=DistillConfig(cache_teacher=s.task == "seq-cls"),
+                                method=t.finetune_method or "full", lora=t.lora())
             with PeakRSS() as r_ft:
                 t0 = time.perf_counter()
                 small.train()
-                train_in_process(Finetuner(small, ft, teacher), train, s.pad_token_id, spec.device,
+                finetuner = Finetuner(small, ft, teacher)
+                train_in_process(finetuner, train, s.pad_token_id, spec.device,
                                  f"{s.label} {spec.method} p{b:g} s{spec.seed} finetune")
-                small.eval()
+                small = finetuner.finish()  # eval mode; lora: the adapters merged into the weights
+                del finetuner
                 ft_s = time.perf_counter() - t0
             with PeakRSS() as r_eval:
                 q_ft = _quality(s, small, test, t.eval_batch)
             rows.append({**base, "finetuned": True, "quality": q_ft, "finetune_s": ft_s,
-                         "finetune_steps": t.finetune_steps,
+                         "finetune_steps": t.finetune_steps, "finetune_method": ft.method,
                          "rss": {**rss, "finetune": r_ft.as_dict(), "evaluate": r_eval.as_dict()}})
             _log(f"{s.label} {spec.method} p{b:g} s{spec.seed} fine-tuned: {s.metric} {q_ft:.4f} ({ft_s:.1f}s)")
             del small

@@ -125,10 +125,9 @@ def _local_finetune(ctx, work: Path, inputs: dict, run_id: str | None, device: s
     data, teacher_dir = inputs["calibrate"], inputs["teacher"].outputs["model"]
     model = load_model(pruned, cfg.task, None, device)
     teacher = load_model(teacher_dir, cfg.task, data.info.get("num_labels"), device)
-    train_in_process(Finetuner(model, cfg.finetune, teacher), load_split(data, "train", cfg.task),
-                     data.info["pad_token_id"], device, "finetune")
-    model.eval()
-    out = _save(model, work / "model", load_tokenizer(pruned))
+    finetuner = Finetuner(model, cfg.finetune, teacher)
+    train_in_process(finetuner, load_split(data, "train", cfg.task), data.info["pad_token_id"], device, "finetune")
+    out = _save(finetuner.finish(), work / "model", load_tokenizer(pruned))  # lora: the adapters merged
     return StageOutput(outputs={"model": str(out)}, info={"fine_tuned": True})
 
 

@@ -22,7 +22,7 @@ def log_row(tracker, parent: str, r: dict, metric: str, dense: dict) -> str:
     """One child run per result row: its identity as params and tags, its numbers as metrics."""
     params = {"task": r["task"], "method": r["method"], "budget": r["budget"], "seed": r["seed"],
               "finetuned": r["finetuned"], "prune_steps": r.get("prune_steps"), "finetune_steps":
-              r.get("finetune_steps", 0)}
+              r.get("finetune_steps", 0), "finetune_method": r.get("finetune_method")}
     tags = {f"bench.{k}": v for k, v in params.items() if k in ("task", "method", "budget", "seed", "finetuned")}
     tags["bench.cached"] = r.get("cached", False)
     run_id = tracker.start_run(_row_run_name(r), parent, params={k: v for k, v in params.items() if v is not None},

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipelines.config import from_dict, merge_overrides, to_dict
-from vtrans.checks import check_int, check_number
+from vtrans.checks import check_choice, check_int, check_number
 from vtrans.errors import ConfigError
 
 #: The VIB recipe settings of a task (None: the library's default), passed to ``vtrans.VIBConfig`` / ``PruneConfig``.
@@ -139,6 +139,13 @@ class TaskProfile:
     kwon_batch: int = 32
     finetune_batch: int = 16
     finetune_lr: float = 5e-5
+    finetune_method: str | None = None
+    """``full`` or ``lora`` (``vtrans.train.FinetuneConfig.method``: LoRA adapters, merged before the fine-tuned
+    row is measured); None: full. LoRA usually wants a higher ``finetune_lr`` (1e-4 - 1e-3)."""
+    lora_rank: int | None = None
+    """``finetune_method: lora``: the adapters' rank (``vtrans.lora.LoraConfig.rank``); None: the library's default."""
+    lora_alpha: float | None = None
+    """``finetune_method: lora``: the adapters' alpha; None: the library's default."""
     eval_batch: int = 64
     tolerance: float = 0.005
     """Budgets are met within this fraction under the target (``vtrans.Budget.tolerance``)."""
@@ -207,6 +214,26 @@ class TaskProfile:
                     raise ConfigError(f"kl_multipliers has unknown structure {k!r}; choose from {list(STRUCTURES)}")
                 check_number(f"kl_multipliers.{k}", v, 0, what="a number >= 0")
         self._check_recipe()
+        self._check_finetune()
+
+    def _check_finetune(self) -> None:
+        """The fine-tune method and its adapters, checked by the library configs they are passed to."""
+        if self.finetune_method is not None:
+            check_choice("finetune_method", self.finetune_method, ("full", "lora"))
+        if (self.lora_rank is not None or self.lora_alpha is not None) and self.finetune_method != "lora":
+            raise ConfigError(f"lora_rank={self.lora_rank!r} / lora_alpha={self.lora_alpha!r} need "
+                              f"finetune_method='lora', got finetune_method={self.finetune_method!r}")
+        self.lora()
+
+    def lora(self):
+        """The :class:`vtrans.lora.LoraConfig` of ``finetune_method: lora`` (the library's defaults where None)."""
+        from vtrans.lora import LoraConfig
+
+        given = {k: v for k, v in (("rank", self.lora_rank), ("alpha", self.lora_alpha)) if v is not None}
+        try:
+            return LoraConfig(**given)
+        except ConfigError as e:
+            raise ConfigError(f"lora_{str(e).split('finetune.lora.', 1)[-1]}") from None
 
     def _check_recipe(self) -> None:
         """The VIB recipe settings, checked by the library configs they are passed to (a typo fails here, not after

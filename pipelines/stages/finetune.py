@@ -4,6 +4,9 @@ With ``finetune.eval_every``, ``finetune.eval_samples`` training samples (strati
 fine-tuning and the job measures its quality on them as it goes (``val_accuracy`` / ``val_perplexity``: the curve a
 sweep's ASHA early stopping compares). The prune stage saw those samples; the fine-tune does not.
 
+``finetune.method: lora`` trains LoRA adapters (``finetune.lora``) on the blocks' Linear layers instead of every
+weight, and the job merges them into the weights before saving: the output is the same kind of checkpoint.
+
 Output: ``train/output/model/`` (the fine-tuned compressed model, loaded by vtrans with its installed classes).
 """
 
@@ -30,6 +33,8 @@ def material(cfg: PipelineConfig) -> dict:
     ft = to_dict(cfg.finetune)
     if not ft["eval_every"]:  # nothing held out: the output does not depend on them (and keys stay as they were)
         del ft["eval_every"], ft["eval_samples"]
+    if ft["method"] == "full":  # the adapters' settings do not touch a full fine-tune (keys stay as they were)
+        del ft["method"], ft["lora"]
     return {"finetune": ft}
 
 

@@ -265,6 +265,10 @@ def test_overrides():
     (["encoder.init=fishr"], r"init='fishr': prune.init must be one of \['constant', 'fisher'\], got 'fishr'"),
     (["encoder.selection=qouta"], r"selection='qouta': vib.selection must be one of"),
     (["encoder.lr_mu=-1"], r"lr_mu=-1.0: prune.lr_mu must be a number > 0, got -1.0"),
+    (["encoder.finetune_method=qlora"], r"finetune_method must be one of \['full', 'lora'\], got 'qlora'"),
+    (["decoder.finetune_method=lora", "decoder.lora_rank=0"], r"lora_rank must be an int >= 1, got 0"),
+    (["decoder.finetune_method=lora", "decoder.lora_alpha=-1"], r"lora_alpha must be > 0, got -1"),
+    (["encoder.lora_rank=4"], r"lora_rank=4 / lora_alpha=None need finetune_method='lora'"),
 ])
 def test_bad_profile_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -307,6 +311,11 @@ def test_cell_key_depends_on_what_changes_the_rows():
     # a baseline does not depend on the VIB settings
     assert key != bench.cell_key(setup, bench.load_profile("quick", ["encoder.kl_normalisation=group"]).encoder,
                                  "vtrans", 0, True, "cpu")
+    lora = bench.load_profile("quick", ["encoder.finetune_method=lora"]).encoder
+    assert key != bench.cell_key(setup, lora, "vtrans", 0, True, "cpu")
+    assert bench.cell_key(setup, lora, "vtrans", 0, True, "cpu") != bench.cell_key(
+        setup, bench.load_profile("quick", ["encoder.finetune_method=lora", "encoder.lora_rank=4"]).encoder,
+        "vtrans", 0, True, "cpu")
     random_key = bench.cell_key(setup, p.encoder, "random", 0, True, "cpu")
     for change in ("encoder.lr_masks=0.5", "encoder.kl_normalisation=group", "encoder.kl_multipliers={heads: 2}"):
         assert random_key == bench.cell_key(setup, bench.load_profile("quick", [change]).encoder,

@@ -31,6 +31,7 @@ from pipelines.config import (
 )
 from vtrans import Budget, VtransError
 from vtrans.errors import ConfigError
+from vtrans.lora import LoraConfig
 
 CONFIGS = Path(pipelines.__file__).parent / "configs"
 SHIPPED = sorted(p for p in CONFIGS.glob("*.yaml") if "sweep" not in read_yaml(p))  # sweeps: test_sweep.py
@@ -125,6 +126,19 @@ def test_nested_and_typed_overrides() -> None:
     assert cfg.ray.use_gpu is True and cfg.ray.num_workers == 1 and cfg.calibration.stratified is False
     assert cfg.finetune.lr == 1e-4 and isinstance(cfg.finetune.lr, float)
     assert cfg.tracking.uri == "http://h:5000"
+
+
+def test_lora_keys_load_from_overrides() -> None:
+    cfg = load_config(SMOLLM2, ["finetune.method=lora", "finetune.lora.rank=4", "finetune.lora.alpha=8",
+                                "finetune.lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.finetune.method == "lora" and cfg.finetune.lora == LoraConfig(rank=4, alpha=8.0, dropout=0.0,
+                                                                             target_modules=["q_proj", "v_proj"])
+    assert isinstance(cfg.finetune.lora.alpha, float)
+    flat = flatten(cfg)
+    assert flat["finetune.method"] == "lora" and flat["finetune.lora.target_modules"] == '["q_proj", "v_proj"]'
+    assert load_config(SMOLLM2, [f"{k}={v}" for k, v in flat.items()]) == cfg
+    default = load_config(SMOLLM2)
+    assert default.finetune.method == "full" and default.finetune.lora == LoraConfig()
 
 
 def test_budget_override_replaces_the_budget_kind() -> None:
@@ -271,6 +285,19 @@ BAD: list[tuple[str, list[str], Callable[[dict], None] | None, Path, tuple[str, 
     ("eval-samples-zero", ["finetune.eval_samples=0"], None, MINILM, ("finetune.eval_samples must be", "got 0")),
     ("eval-samples-too-many", ["finetune.eval_every=10", "data.max_train_samples=300", "finetune.eval_samples=290"],
      None, MINILM, ("finetune.eval_samples=290", "data.max_train_samples=300", "finetune.batch_size=")),
+    ("finetune-method", ["finetune.method=qlora"], None, MINILM,
+     ("finetune.method must be one of ['full', 'lora'], got 'qlora'", "did you mean 'lora'?")),
+    ("lora-rank-zero", ["finetune.method=lora", "finetune.lora.rank=0"], None, MINILM,
+     ("finetune.lora.rank must be an int >= 1, got 0",)),
+    ("lora-alpha-negative", ["finetune.lora.alpha=-1"], None, SMOLLM2, ("finetune.lora.alpha must be > 0, got -1",)),
+    ("lora-dropout-range", ["finetune.lora.dropout=1.5"], None, MINILM,
+     ("finetune.lora.dropout must be in [0, 1), got 1.5",)),
+    ("lora-targets-empty", ["finetune.lora.target_modules=[]"], None, MINILM,
+     ("finetune.lora.target_modules must be null or a non-empty list", "got []")),
+    ("lora-targets-type", ["finetune.lora.target_modules=q_proj"], None, SMOLLM2,
+     ("finetune.lora.target_modules must be a list of strings or null", "'q_proj'")),
+    ("lora-typo", ["finetune.lora.rnak=4"], None, MINILM,
+     ("unknown key 'finetune.lora.rnak'", "did you mean 'finetune.lora.rank'?")),
     ("duplicate-metric", ["evaluate.metrics=[accuracy, accuracy]"], None, MINILM,
      ("evaluate.metrics lists a metric twice", "'accuracy'")),
     ("run-name", ["name=my run"], None, MINILM, ("name must be", "'my run'")),

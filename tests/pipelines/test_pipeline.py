@@ -268,7 +268,9 @@ def test_decoder_pipeline_without_teacher_or_finetune(workdir) -> None:
 
 def test_posterior_budget_rethresholds_the_trained_posterior(first) -> None:
     """``posterior_budget`` = the first run's budget: no second mask training; the 70% model is the first run's
-    posterior re-thresholded (the same outputs as doing it by hand), then fine-tuned and evaluated as usual."""
+    posterior re-thresholded (the same outputs as doing it by hand), then fine-tuned and evaluated as usual - here by
+    LoRA (``finetune.method: lora``, the Ray Train job's path): its saved model has the adapters merged, the
+    compressed model's class and keys."""
     import vtrans
     from pipelines.dag import run_pipeline
     from pipelines.stages.base import RECORD
@@ -280,13 +282,27 @@ def test_posterior_budget_rethresholds_the_trained_posterior(first) -> None:
     record = (Path(source.dir) / RECORD).read_text()
     derived = run_pipeline(load_config("tiny.yaml", [
         "name=tiny-p70", "prune.budget={params: 0.7, seq_len: 32, tolerance: 0.05}",
-        "posterior_budget={params: 0.5, seq_len: 32, tolerance: 0.05}"]))
+        "posterior_budget={params: 0.5, seq_len: 32, tolerance: 0.05}", "finetune.method=lora",
+        "finetune.lora={rank: 2, alpha: 4}", "finetune.lr=1e-2"]))
     prune = derived.results["prune"]
     assert prune.status == "ran" and prune.key != source.key
     assert prune.info["posterior"]["key"] == source.key and prune.info["posterior"]["run_id"] == source.run_id
     assert (Path(source.dir) / RECORD).read_text() == record  # the posterior was not trained again
     assert 0.665 <= prune.metrics["params_blocks_ratio"] <= 0.7
     assert derived.results["finetune"].status == "ran" and 0.665 <= derived.metrics["params_blocks_ratio"] <= 0.7
+    from safetensors import safe_open
+
+    tuned, pruned = (load_pretrained(d) for d in (derived.results["finetune"].outputs["model"],
+                                                  prune.outputs["compressed"]))
+    assert type(tuned) is type(pruned) and tuned.state_dict().keys() == pruned.state_dict().keys()
+    with safe_open(str(Path(derived.results["finetune"].outputs["model"]) / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora_" in k or "base_layer" in k]
+    frozen = "bert.embeddings.word_embeddings.weight"  # not adapted: as pruned; the adapted projections moved
+    assert torch.equal(tuned.state_dict()[frozen], pruned.state_dict()[frozen])
+    from vtrans.lora import block_linears
+
+    adapted = [f"{name}.weight" for name in block_linears(pruned)]
+    assert adapted and all(not torch.equal(tuned.state_dict()[k], pruned.state_dict()[k]) for k in adapted)
 
     vib = vtrans.load_posterior(source.outputs["posterior"])
     vib.apply_budget(vtrans.Budget(params=0.7, seq_len=32, tolerance=0.05))

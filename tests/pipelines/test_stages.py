@@ -85,6 +85,18 @@ def test_fine_tune_key_depends_on_the_hold_out_only_when_there_is_one() -> None:
     assert plan(load_config(MINILM, ["finetune.eval_every=50", "finetune.eval_samples=64"]))["finetune"] != held
 
 
+def test_fine_tune_key_depends_on_the_adapters_only_with_lora() -> None:
+    from pipelines.config import load_config
+    from pipelines.validate import plan
+    from tests.pipelines.test_config import MINILM
+
+    base = plan(load_config(MINILM))["finetune"]
+    assert plan(load_config(MINILM, ["finetune.lora.rank=4"]))["finetune"] == base  # full: the adapters are unused
+    lora = plan(load_config(MINILM, ["finetune.method=lora"]))["finetune"]
+    assert lora != base
+    assert plan(load_config(MINILM, ["finetune.method=lora", "finetune.lora.rank=4"]))["finetune"] != lora
+
+
 def test_a_stalled_prune_job_is_tagged_and_said_once(capsys) -> None:
     from pipelines.stages.prune import stall_tags
 

@@ -55,3 +55,16 @@ def test_vtrans_validate_reports_it(tmp_path: Path, capsys, monkeypatch: pytest.
     assert main(["validate", str(MINILM), f"output={tmp_path / 'a-file' / 'runs'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vtrans: error: output=") and "cannot be written" in err and "\n" not in err
+
+
+def test_lora_target_modules_naming_nothing_fail_before_any_work(tmp_path: Path, capsys) -> None:
+    from pipelines.cli import main
+    from tests.pipelines.test_config import MINILM
+
+    # MiniLM is a BERT: its projections are query / key / value / dense, not Llama's q_proj
+    assert main(["validate", str(MINILM), "finetune.method=lora", "finetune.lora.target_modules=[query, q_proj]",
+                 f"output={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vtrans: error: finetune.lora.target_modules names 'q_proj', which matches no Linear "
+                          "layer of BertForSequenceClassification") and "\n" not in err
+    assert not (tmp_path / "runs").exists()

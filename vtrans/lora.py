@@ -1,0 +1,159 @@
+"""LoRA recovery: low-rank adapters (peft) on a compressed model's block projections, merged back before saving.
+
+A fine-tune with ``finetune.method: lora`` freezes every weight of the (heterogeneous, compressed) model and trains
+rank-``r`` adapters ``W + (alpha / r) * B @ A`` on the Linear layers of its transformer blocks - attention and MLP
+projections, never the embeddings, the classifier or the LM head - so the optimizer holds a few percent of the
+parameters. :meth:`LoraAdapters.merge` folds them into the weights and removes them: the model is again the same
+class with the same state-dict keys, and saves the same kind of checkpoint as a full fine-tune::
+
+    adapters = add_adapters(model, LoraConfig(rank=8, alpha=16))    # in place; only adapter parameters train
+    ...train with torch.optim.AdamW(adapters.parameters()) ...
+    model = adapters.merge()                                        # W += (alpha / r) B A; no lora_ keys left
+
+peft is imported inside the functions: vtrans imports without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from vtrans.checks import check_int, check_number, check_text
+from vtrans.errors import ConfigError, quote
+
+__all__ = ["ADAPTER_KEY", "LoraAdapters", "LoraConfig", "add_adapters", "block_linears", "check_targets_at",
+           "lora_targets"]
+
+#: Part of every state-dict key (and parameter name) of an adapter: ``...q_proj.lora_A.default.weight``.
+ADAPTER_KEY = "lora_"
+#: The most a rank may be (a typo such as ``rank: 80000`` would allocate matrices larger than the model).
+MAX_RANK = 4096
+#: Where a :class:`LoraConfig`'s keys live in the pipeline's config (and so what its messages name).
+PREFIX = "finetune.lora"
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters of a LoRA fine-tune (``finetune.lora``)."""
+
+    rank: int = 8
+    """Rank r of every adapter (an int in [1, 4096])."""
+    alpha: float = 16.0
+    """Scale numerator: an adapter adds ``(alpha / rank) * B @ A`` to its weight (> 0)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input, in [0, 1)."""
+    target_modules: list[str] | None = None
+    """Names of the Linear layers to adapt, matched as peft does (a module whose name is, or ends with ``.<name>``):
+    ``[q_proj, v_proj]`` for Llama, ``[query, value]`` for BERT, ``[c_attn]`` for GPT-2. None: every Linear of the
+    transformer blocks (attention and MLP projections; not the embeddings, the classifier or the LM head). A name
+    that matches no Linear of the model is an error."""
+
+    def __post_init__(self) -> None:
+        check_int(f"{PREFIX}.rank", self.rank, 1, MAX_RANK)
+        check_number(f"{PREFIX}.alpha", self.alpha, 0, low_open=True)
+        check_number(f"{PREFIX}.dropout", self.dropout, 0, 1, high_open=True)
+        t = self.target_modules
+        if t is not None:
+            if not isinstance(t, (list, tuple)) or not t:
+                raise ConfigError(f"{PREFIX}.target_modules must be null or a non-empty list of module names, got "
+                                  f"{quote(t)}")
+            for i, name in enumerate(t):
+                check_text(f"{PREFIX}.target_modules[{i}]", name)
+            if len(set(t)) != len(t):
+                raise ConfigError(f"{PREFIX}.target_modules lists a name twice: {quote(list(t))}")
+            self.target_modules = list(t)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def block_linears(model: PreTrainedModel) -> list[str]:
+    """Full names of every Linear (GPT-2: ``Conv1D``) of the model's transformer blocks, in module order."""
+    from vtrans.arch import for_model
+
+    adapter = for_model(model)
+    stack = adapter.prefix_of(model) + adapter.layers_path + "."
+    return [name for name, m in model.named_modules() if name.startswith(stack) and _is_linear(m)]
+
+
+def lora_targets(model: PreTrainedModel, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``config`` adapts in ``model``. :class:`ConfigError` when a name of
+    ``target_modules`` matches no Linear of the model (the message lists the block Linear names it has)."""
+    if config.target_modules is None:
+        names = block_linears(model)
+        if not names:
+            raise ConfigError(f"{PREFIX}.target_modules=None: {type(model).__name__} has no Linear layer in its "
+                              f"transformer blocks to adapt")
+        return names
+    linears = [name for name, m in model.named_modules() if _is_linear(m)]
+    chosen: list[str] = []
+    for wanted in config.target_modules:
+        hits = [n for n in linears if n == wanted or n.endswith("." + wanted)]
+        if not hits:
+            have = sorted({n.rsplit(".", 1)[-1] for n in block_linears(model)})
+            raise ConfigError(f"{PREFIX}.target_modules names {quote(wanted)}, which matches no Linear layer of "
+                              f"{type(model).__name__}; its blocks' Linear layers are {have}")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def check_targets_at(path, task: str, config: LoraConfig, num_labels: int | None = None) -> list[str]:
+    """:func:`lora_targets` of the local checkpoint at ``path`` for ``task``, from its config alone (the model is
+    built on the meta device, no weights are read): a bad ``target_modules`` fails before any work."""
+    from vtrans.checkpoint import _meta_for_task
+
+    return lora_targets(_meta_for_task(path, task, num_labels), config)
+
+
+class LoraAdapters:
+    """LoRA adapters injected (in place) into a model; made by :func:`add_adapters`."""
+
+    def __init__(self, model: PreTrainedModel, config: LoraConfig, seed: int = 0) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft.tuners.lora import LoraModel
+
+        self.model = model
+        self.config = config
+        self.targets = lora_targets(model, config)
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._class = type(model)
+        fan_in_fan_out = all(isinstance(model.get_submodule(n), Conv1D) for n in self.targets)
+        peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                     target_modules=self.targets, fan_in_fan_out=fan_in_fan_out, bias="none")
+        # the adapters' initial values depend on the seed only, and the caller's RNG stream is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._peft = [LoraModel(model, peft_config, "default")]  # a list: not a submodule of anything
+        self.merged = False
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The adapter parameters (the only ones that train)."""
+        return [p for name, p in self.model.named_parameters() if ADAPTER_KEY in name]
+
+    def merge(self) -> PreTrainedModel:
+        """Fold the adapters into the weights and remove them (in place; idempotent): the model is again its class
+        with the state-dict keys and trainable flags it had before :func:`add_adapters`."""
+        if not self.merged:
+            model = self._peft[0].merge_and_unload(safe_merge=True)
+            if model is not self.model or type(model) is not self._class:  # peft changed how it unloads
+                raise RuntimeError(f"peft's merge_and_unload returned a {type(model).__name__}, not the "
+                                   f"{self._class.__name__} it was given")
+            for name, p in model.named_parameters():
+                p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+            self._peft = []
+            self.merged = True
+        return self.model
+
+
+def add_adapters(model: PreTrainedModel, config: LoraConfig, seed: int = 0) -> LoraAdapters:
+    """Inject LoRA adapters into ``model`` (in place) on the modules of :func:`lora_targets` and freeze every other
+    parameter. The adapters start as peft starts them (A random from ``seed``, B zero: the model's function is
+    unchanged until they train)."""
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"{PREFIX} must be a vtrans.lora.LoraConfig, got {type(config).__name__}")
+    return LoraAdapters(model, config, seed)
