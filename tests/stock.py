@@ -36,6 +36,12 @@ _CHILD = textwrap.dedent("""
         if case["task"] == "causal-lm":
             res["gen"] = model.generate(ids[:1], max_new_tokens=case.get("new_tokens", 6), do_sample=False,
                                         pad_token_id=0)
+        if case.get("prompt") is not None:  # the checkpoint holds a tokenizer: transformers' own pipeline(...)
+            from transformers import pipeline
+            pipe = pipeline("text-generation", model=case["dir"])
+            out = pipe(case["prompt"], max_new_tokens=case.get("new_tokens", 6), do_sample=False,
+                       return_full_text=False)
+            res["pipeline"] = {"text": out[0]["generated_text"], "class": type(pipe.model).__name__}
         torch.save(res, case["dir"] + "/child.pt")
     print("ok")
 """)
@@ -49,7 +55,8 @@ def task_of(model) -> str:
 
 def load_without_vtrans(cases: list[dict], timeout: int = 300) -> dict[str, dict]:
     """Run every ``{"dir", "task"}`` case in one child process without vtrans; its results by directory. Each
-    directory holds ``ids.pt`` (the input ids) written by the caller."""
+    directory holds ``ids.pt`` (the input ids) written by the caller; a case with a ``prompt`` (and a tokenizer in its
+    directory) also runs ``transformers.pipeline("text-generation", model=dir)`` on it (``res["pipeline"]``)."""
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True,
                           timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
