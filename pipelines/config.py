@@ -89,9 +89,10 @@ MAX_LATENCY_REPEATS = 10_000
 MAX_EVAL_BATCH = 4096
 
 #: Task of each built-in data set.
-DATASET_TASKS: dict[str, str] = {"rotten_tomatoes": "seq-cls", "wikipedia": "causal-lm"}
+DATASET_TASKS: dict[str, str] = {"rotten_tomatoes": "seq-cls", "wikipedia": "causal-lm", "lee_news": "causal-lm"}
 #: Columns of each built-in data set (text, label).
-DATASET_COLUMNS: dict[str, tuple[str, str | None]] = {"rotten_tomatoes": ("text", "label"), "wikipedia": ("text", None)}
+DATASET_COLUMNS: dict[str, tuple[str, str | None]] = {"rotten_tomatoes": ("text", "label"), "wikipedia": ("text", None),
+                                                      "lee_news": ("text", None)}
 #: Local data file formats by suffix (``.jsonl`` is read as JSON lines).
 FILE_FORMATS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -157,9 +158,9 @@ class ModelConfig:
 class DataConfig:
     """The training and test data: a built-in data set or local files, split into train and test."""
 
-    name: Literal["rotten_tomatoes", "wikipedia"] | None = None
-    """Built-in data set: ``rotten_tomatoes`` (12,752 labelled snippets, seq-cls) or ``wikipedia`` (106 articles,
-    causal-lm). Exactly one of ``name`` and ``files``."""
+    name: Literal["rotten_tomatoes", "wikipedia", "lee_news"] | None = None
+    """Built-in data set: ``rotten_tomatoes`` (12,752 labelled snippets, seq-cls), ``wikipedia`` (106 articles,
+    causal-lm) or ``lee_news`` (300 news stories, causal-lm). Exactly one of ``name`` and ``files``."""
     files: list[str] | None = None
     """Data files, all of one format: ``.csv``, ``.json``, ``.jsonl`` or ``.parquet``; local paths (relative to the
     working directory) or URIs Ray Data reads (``s3://``, ``gs://``, ``abfs://``, ...). Exactly one of ``name`` and

@@ -10,10 +10,10 @@ describe(splits)                                  # {"train": {"rows": 11477, "l
 check_data(cfg)                                   # all of the above on a pipeline's local files, before Ray starts
 ```
 
-Sources: the built-in ``rotten_tomatoes`` (seq-cls) and ``wikipedia`` (causal-lm, one row per document), or local
-``data.files`` - csv, JSON lines (``.json`` / ``.jsonl``; a ``.json`` file holding one JSON array of objects works
-too) or parquet (only the needed columns are read) - concatenated in order. ``sample_id`` is the row number over all
-files in order, so it is stable for a given source whatever the split.
+Sources: the built-in ``rotten_tomatoes`` (seq-cls), ``wikipedia`` and ``lee_news`` (causal-lm, one row per
+document), or local ``data.files`` - csv, JSON lines (``.json`` / ``.jsonl``; a ``.json`` file holding one JSON
+array of objects works too) or parquet (only the needed columns are read) - concatenated in order. ``sample_id`` is
+the row number over all files in order, so it is stable for a given source whatever the split.
 
 Labels (seq-cls) become int64 class ids: integers must be >= 0; floats must be integral (``1.0``); strings are mapped
 to ids by their sorted unique names, and the names are kept in the schema metadata under :data:`LABEL_NAMES_KEY` as a
@@ -319,11 +319,12 @@ def _builtin(data: DataConfig, task: str) -> tuple[list[pa.Array], list[pa.Array
         rows = assets.load_rotten_tomatoes()
         return ([pa.array([r["text"] for r in rows], pa.string())],
                 [pa.array([r["label"] for r in rows], pa.int64())], [(0, "", 0)])
-    if data.name == "wikipedia":
+    texts = {"wikipedia": assets.load_wikipedia_text, "lee_news": assets.load_lee_news}
+    if data.name in texts:
         if task != "causal-lm":
-            raise ConfigError(f"data.name='wikipedia' is a causal-lm data set without labels, but the task is "
+            raise ConfigError(f"data.name={data.name!r} is a causal-lm data set without labels, but the task is "
                               f"{task!r}; use data.name=rotten_tomatoes or data.files with data.label_column")
-        return [pa.array(assets.load_wikipedia_text(), pa.string())], [], [(0, "", 0)]
+        return [pa.array(texts[data.name](), pa.string())], [], [(0, "", 0)]
     raise ConfigError(f"data.name must be one of {sorted(assets.DATASETS)}, got {data.name!r}")
 
 

@@ -99,6 +99,12 @@ DATASETS: dict[str, DatasetAsset] = {
         relpath="test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
         description="106 English Wikipedia articles (raw wikitext in bz2 XML, markup stripped on load)",
     ),
+    "lee_news": DatasetAsset(
+        package="gensim",
+        pin="gensim==4.4.0",
+        relpath="test/test_data/lee_background.cor",
+        description="300 Australian news stories (the Lee et al. 2005 background corpus), one per line",
+    ),
 }
 """Built-in data sets (``dataset_path`` and the ``load_*`` functions)."""
 
@@ -321,6 +327,13 @@ def wikitext_to_text(wikitext: str) -> str:
     for pattern, repl in _WIKI_SUBS:
         text = pattern.sub(repl, text)
     return html.unescape(text).strip()
+
+
+def load_lee_news() -> list[str]:
+    """The 300 news stories of the built-in Lee corpus (one per line of the file), in file order: a second text, of
+    another domain than the Wikipedia articles, for held-out perplexity."""
+    with open(dataset_path("lee_news"), encoding="utf-8", errors="replace") as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def load_wikipedia_text(min_chars: int = 200) -> list[str]:

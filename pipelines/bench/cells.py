@@ -32,7 +32,8 @@ from vtrans.metrics import measure
 CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
                      "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
-                     "init_keep", "warmup_from", "constraint", "finetune_method", "lora_rank", "lora_alpha")
+                     "init_keep", "warmup_from", "constraint", "finetune_method", "lora_rank", "lora_alpha",
+                     "second_text")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 
 
@@ -180,6 +181,11 @@ def _quality(setup: TaskSetup, model, test, batch: int) -> float:
     return measure(setup.metric, model, test, setup.pad_token_id, batch)
 
 
+def _second(setup: TaskSetup, model, second, batch: int) -> dict[str, float]:
+    """``{"quality_second": ...}`` on the task's second text (none configured: ``{}``)."""
+    return {} if second is None else {"quality_second": _quality(setup, model, second, batch)}
+
+
 def run_cell(spec: CellSpec) -> list[dict]:
     """Compress to every budget, evaluate, fine-tune (when ``spec.finetune``) and evaluate again: the cell's rows.
     Writes them to ``spec.cache_file`` (what a re-run reads instead of computing)."""
@@ -191,11 +197,13 @@ def run_cell(spec: CellSpec) -> list[dict]:
     rows: list[dict] = []
     with torch_threads(spec.threads):
         train, test, calibration = (load_split_ds(s, split) for split in ("train", "test", "calibration"))
+        second = load_split_ds(s, "second") if "second" in s.splits else None
         teacher = load_model(s.teacher_dir, s.task, s.num_labels, spec.device).eval()
         for b, small, info in _compressions(spec, teacher, train, calibration):
             rss = dict(info.pop("rss"))
             with PeakRSS() as r_eval:
                 q = _quality(s, small, test, t.eval_batch)
+                q2 = _second(s, small, second, t.eval_batch)
             rss["evaluate"] = r_eval.as_dict()
             counts = vtrans.count(small, seq_len=t.latency.seq_len).as_dict()
             base = {"task": s.label, "method": spec.method, "budget": b, "seed": spec.seed, **info,
@@ -206,7 +214,7 @@ def run_cell(spec: CellSpec) -> list[dict]:
             if spec.save_models:
                 base["model_dir"] = str(_save(small, Path(spec.models_dir) / spec.method / f"p{b:g}"))
             if spec.method not in DETERMINISTIC or spec.seed == 0:  # the other seeds repeat seed 0's pruning
-                rows.append({**base, "finetuned": False, "quality": q, "rss": rss})
+                rows.append({**base, "finetuned": False, "quality": q, **q2, "rss": rss})
             _log(f"{s.label} {spec.method} p{b:g} s{spec.seed}: {s.metric} {q:.4f} (params blocks "
                  f"{counts['params_blocks']:,}, {info['compress_s']:.1f}s)")
             if not spec.finetune:
@@ -225,7 +233,8 @@ def run_cell(spec: CellSpec) -> list[dict]:
                 ft_s = time.perf_counter() - t0
             with PeakRSS() as r_eval:
                 q_ft = _quality(s, small, test, t.eval_batch)
-            rows.append({**base, "finetuned": True, "quality": q_ft, "finetune_s": ft_s,
+                q2_ft = _second(s, small, second, t.eval_batch)
+            rows.append({**base, "finetuned": True, "quality": q_ft, **q2_ft, "finetune_s": ft_s,
                          "finetune_steps": t.finetune_steps, "finetune_method": ft.method,
                          "rss": {**rss, "finetune": r_ft.as_dict(), "evaluate": r_eval.as_dict()}})
             _log(f"{s.label} {spec.method} p{b:g} s{spec.seed} fine-tuned: {s.metric} {q_ft:.4f} ({ft_s:.1f}s)")

@@ -29,6 +29,8 @@ def log_row(tracker, parent: str, r: dict, metric: str, dense: dict) -> str:
                                tags=tags)
     m = {k: float(r[k]) for k in ROW_METRICS if isinstance(r.get(k), (int, float)) and not isinstance(r[k], bool)}
     m[metric] = float(r["quality"])
+    if "quality_second" in r:  # the second text (TaskProfile.second_text)
+        m[f"{metric}_second"] = float(r["quality_second"])
     m["budget_met"] = float(bool(r["budget_met"]))
     for k in stats.SIZE_KEYS:
         m[f"{k}_fraction"] = r[k] / dense[k]

@@ -147,6 +147,9 @@ class TaskProfile:
     lora_alpha: float | None = None
     """``finetune_method: lora``: the adapters' alpha; None: the library's default."""
     eval_batch: int = 64
+    second_text: str | None = None
+    """Decoders: a second built-in text (``lee_news``) whose held-out chunks are scored too (perplexity on a text no
+    pruning, calibration or fine-tune saw; ``test_samples`` chunks of ``seq_len`` tokens); None: none."""
     tolerance: float = 0.005
     """Budgets are met within this fraction under the target (``vtrans.Budget.tolerance``)."""
     latency: LatencyProfile = field(default_factory=LatencyProfile)
@@ -215,6 +218,14 @@ class TaskProfile:
                 check_number(f"kl_multipliers.{k}", v, 0, what="a number >= 0")
         self._check_recipe()
         self._check_finetune()
+        self._check_second_text()
+
+    def _check_second_text(self) -> None:
+        from pipelines.config import DATASET_TASKS
+
+        texts = [k for k, v in DATASET_TASKS.items() if v == "causal-lm"]
+        if self.second_text is not None:
+            check_choice("second_text", self.second_text, texts)
 
     def _check_finetune(self) -> None:
         """The fine-tune method and its adapters, checked by the library configs they are passed to."""
@@ -348,7 +359,7 @@ PROFILES: dict[str, Profile] = {
                             test_samples=8, seq_len=32, prune_steps={"vtrans": 2, "fast": 2, "faster": 2},
                             finetune_steps=2, seeds=1, trained_seeds=1, finetune_seeds=1, calibration_fraction=None,
                             calibration_count=8, prune_batch=2, kwon_samples=8, kwon_batch=4, finetune_batch=2,
-                            eval_batch=8, hidden_weight=0.0,
+                            eval_batch=8, hidden_weight=0.0, second_text="lee_news",
                             kl_normalisation="unit",
                             latency=LatencyProfile(batch_sizes=[1, 2], seq_len=32, repeats=2, warmup=1)),
         overhead=OverheadProfile(train_samples=64, test_samples=32, max_length=32, teacher_steps=2, prune_steps=2,
@@ -377,7 +388,7 @@ PROFILES: dict[str, Profile] = {
                             finetune_steps=20, seeds=1, trained_seeds=1, finetune_seeds=1,
                             calibration_fraction=None, calibration_count=32, prune_batch=4, shared_posterior=False,
                             kwon_samples=16, kwon_batch=8, finetune_batch=4, eval_batch=8, hidden_weight=0.0,
-                            kl_normalisation="unit",
+                            kl_normalisation="unit", second_text="lee_news",
                             latency=LatencyProfile(batch_sizes=[1, 8], seq_len=128, repeats=3, warmup=1)),
         overhead=OverheadProfile(),
         executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=2,

@@ -63,18 +63,22 @@ def _best(stats: dict[tuple, Stat], keys: list[tuple], higher: bool) -> set[tupl
     return {k for k, v in vals.items() if v == best}
 
 
-def quality_tables(task: Mapping[str, Any]) -> list[str]:
+def quality_tables(task: Mapping[str, Any], value: str = "quality") -> list[str]:
     """Quality per method x budget, without and with the fine-tune (mean ± std over seeds; the best of each column
-    in bold)."""
-    rows, metric = task["rows"], task["metric"]
-    stats = aggregate(rows)
+    in bold); ``value="quality_second"``: on the task's second text (rows without it: no tables)."""
+    rows, metric = [r for r in task["rows"] if value in r], task["metric"]
+    if not rows:
+        return []
+    stats = aggregate(rows, value)
     higher = HIGHER_IS_BETTER[metric]
     budgets, methods = _budgets(rows), _methods(rows)
     label = task["label"]
     out: list[str] = []
     for ft in (False, True):
         title = "after the fine-tune" if ft else "without fine-tune"
-        out += [f"{metric} {title} (dense teacher: {task['dense']['quality']:.4f}; "
+        if value == "quality_second":
+            title += f", on {task.get('second_name') or 'the second text'} (never seen in pruning or fine-tuning)"
+        out += [f"{metric} {title} (dense teacher: {task['dense'][value]:.4f}; "
                 f"{'higher' if higher else 'lower'} is better; bold: best of the column):", ""]
         table = []
         for m in methods:
@@ -340,6 +344,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     for label, task in results["tasks"].items():
         lines += [f"## {label}: {task['model_name']} on {task['data_name']} ({task['metric']})", ""]
         lines += quality_tables(task)
+        lines += quality_tables(task, "quality_second")
         lines += [f"Pareto plot: `pareto-{label}.png`.", "", "### Achieved size vs target", ""]
         lines += size_table(task)
         lines += ["### Latency and throughput", ""] + latency_table(task) + ops_table(task)

@@ -230,7 +230,8 @@ def run_bench(profile: Profile, out: Path, device: str = "cpu", tracking_uri: st
                 _log_latency(tracker, rows, latency)
                 results["tasks"][t.label] = {
                     "label": t.label, "kind": kind, "model": t.model, "model_name": setup.model_name,
-                    "data_name": setup.data_name, "task": setup.task, "metric": setup.metric, "sizes": setup.sizes,
+                    "data_name": setup.data_name, "second_name": setup.second_name, "task": setup.task,
+                    "metric": setup.metric, "sizes": setup.sizes,
                     "dense": setup.dense, "tolerance": t.tolerance, "teacher_dir": setup.teacher_dir,
                     "setup": setup.stages, "rows": rows, "latency": latency,
                     "stages": _stage_memory(rows, setup, latency)}

@@ -20,9 +20,16 @@ KINDS = {kind: (task, data, task_metric(task))
          for kind, task, data in (("encoder", "seq-cls", "rotten_tomatoes"), ("decoder", "causal-lm", "wikipedia"))}
 
 
-def task_config(kind: str, t: TaskProfile, out: Path, teacher_workers: int = 1, device: str = "cpu") -> PipelineConfig:
-    """The pipeline config whose ``calibrate`` and ``teacher`` stages give this task's data and teacher."""
-    task, data_name, _ = KINDS[kind]
+#: Headings of the built-in data sets.
+DATA_NAMES = {"rotten_tomatoes": "Rotten Tomatoes", "wikipedia": "Wikipedia text", "lee_news": "Lee news stories"}
+
+
+def task_config(kind: str, t: TaskProfile, out: Path, teacher_workers: int = 1, device: str = "cpu",
+                data_name: str | None = None) -> PipelineConfig:
+    """The pipeline config whose ``calibrate`` and ``teacher`` stages give this task's data and teacher
+    (``data_name``: another built-in data set of the task, e.g. its second text)."""
+    task, default_data, _ = KINDS[kind]
+    data_name = data_name or default_data
     calibration = ({"fraction": t.calibration_fraction} if t.calibration_fraction is not None
                    else {"count": t.calibration_count})
     data: dict[str, Any] = {"name": data_name, "max_train_samples": t.train_samples,
@@ -58,6 +65,8 @@ class TaskSetup:
     stages: dict[str, dict] = field(default_factory=dict)
     model_name: str = ""
     data_name: str = ""
+    second_name: str = ""
+    """The heading of the second text (``TaskProfile.second_text``; its test split is ``splits["second"]``)."""
 
 
 def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: str = "local",
@@ -91,12 +100,24 @@ def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: st
     test = load_split(data, "test", task)
     quality = measure(metric, model, test, data.info["pad_token_id"], t.eval_batch)
     dense = {"quality": quality, **vtrans.count(model, seq_len=t.latency.seq_len).as_dict()}
+    splits = dict(data.outputs)
+    if t.second_text is not None:  # its test chunks only: nothing is trained or calibrated on it
+        cfg2 = with_absolute_paths(task_config(kind, t, out, teacher_workers, device, data_name=t.second_text))
+        keys["second"] = stage_key(calibrate, cfg2, {})
+        second = execute(calibrate, StageContext(config=cfg2, root=str(out), keys={"calibrate": keys["second"]},
+                                                 model_path=ctx.model_path), {})
+        splits["second"] = second.outputs["test"]
+        dense["quality_second"] = measure(metric, model, load_split(second, "test", task), data.info["pad_token_id"],
+                                          t.eval_batch)
+        _log(f"{t.label}: second text {t.second_text}: dense {metric} {dense['quality_second']:.4f} on "
+             f"{int(second.metrics['test_samples'])} chunks")
     sizes = {s: int(data.metrics[f"{s}_samples"]) for s in ("train", "test", "calibration")}
     _log(f"{t.label}: data {data.status}, teacher {teacher.status}; dense {metric} {quality:.4f}, "
          f"params blocks {dense['params_blocks']:,}; " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
-    return TaskSetup(kind=kind, label=t.label, task=task, metric=metric, splits=dict(data.outputs), sizes=sizes,
+    return TaskSetup(kind=kind, label=t.label, task=task, metric=metric, splits=splits, sizes=sizes,
                      pad_token_id=data.info["pad_token_id"], num_labels=num_labels,
                      teacher_dir=teacher.outputs["model"], keys=keys, dense=dense, stages=stages,
                      model_name=t.model if t.model not in ("minilm", "smollm2") else
                      {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}[t.model],
-                     data_name={"rotten_tomatoes": "Rotten Tomatoes", "wikipedia": "Wikipedia text"}[data_name])
+                     data_name=DATA_NAMES[data_name],
+                     second_name=DATA_NAMES[t.second_text] if t.second_text is not None else "")

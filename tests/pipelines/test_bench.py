@@ -349,6 +349,20 @@ def test_a_cell_bigger_than_the_local_ray_is_refused_before_any_work(monkeypatch
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()  # before any work
 
 
+def test_second_text_tables_only_where_the_rows_have_it():
+    rows = [{"task": "lm", "method": m, "budget": 0.7, "seed": s, "finetuned": ft, "quality": 20.0 + s,
+             "quality_second": 40.0 + 2 * s} for m in ("kwon", "faster") for s in (0, 1) for ft in (False, True)]
+    task = {"label": "lm", "metric": "perplexity", "rows": rows, "second_name": "Lee news stories",
+            "dense": {"quality": 18.0, "quality_second": 30.0}}
+    text = "\n".join(report.quality_tables(task, "quality_second"))
+    assert text.count("on Lee news stories") == 2 and "dense teacher: 30.0000" in text
+    assert "41.0000 ± 1.4142 (n=2)" in text  # mean and std of 40 and 42
+    assert report.quality_tables({**task, "rows": [{k: v for k, v in r.items() if k != "quality_second"}
+                                                   for r in rows]}, "quality_second") == []
+    with pytest.raises(ConfigError, match="second_text must be one of"):
+        bench.load_profile("quick", ["decoder.second_text=rotten_tomatoes"])
+
+
 def test_readme_section_is_replaced_between_its_markers(tmp_path):
     readme = tmp_path / "README.md"
     start, end = report.readme_markers("unit")
@@ -501,6 +515,11 @@ def test_smoke_profile_end_to_end(tmp_path):
                 assert tm["speedup_per_flops"] == pytest.approx(tm["speedup"] / e["flops_reduction"])
             assert e["ops"]["matmul"] > 0 and e["ops"]["total"] == pytest.approx(sum(
                 v for k, v in e["ops"].items() if k != "total"))
+        if t.second_text is not None:  # the decoder's second text: scored on every row, never trained on
+            assert all(1.0 < r["quality_second"] < math.inf for r in task["rows"])
+            assert 1.0 < task["dense"]["quality_second"] < math.inf and task["second_name"] == "Lee news stories"
+        else:
+            assert not any("quality_second" in r for r in task["rows"])
         assert {"data", "teacher", "evaluate", "finetune", "latency"} <= set(task["stages"])
         assert time_ratios(task)["faster_over_vtrans"] > 0
 
@@ -512,6 +531,7 @@ def test_smoke_profile_end_to_end(tmp_path):
     # files
     md = (out / "results.md").read_text()
     assert "## minilm" in md and "## smollm2" in md and "## Ray overhead" in md and "### The expected shape" in md
+    assert md.count("on Lee news stories (never seen in pruning or fine-tuning)") == 2
     for label in ("minilm", "smollm2"):
         assert (out / f"pareto-{label}.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "results.json").read_text())["mlflow"]["run_id"] == res["mlflow"]["run_id"]

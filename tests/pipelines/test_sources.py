@@ -328,6 +328,14 @@ def test_wikipedia() -> None:
     assert min(len(t) for t in table.column("text").to_pylist()) >= 200
 
 
+def test_lee_news_is_a_second_text() -> None:
+    table = read_source(DataConfig(name="lee_news"), "causal-lm")
+    assert table.column_names == ["sample_id", "text"] and table.num_rows == 300
+    assert table.column("text")[0].as_py().startswith("Hundreds of people have been forced to vacate their homes")
+    assert _error(DataConfig(name="lee_news"), "seq-cls").startswith(
+        "data.name='lee_news' is a causal-lm data set without labels, but the task is 'seq-cls'")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # splits
 # ---------------------------------------------------------------------------------------------------------------------
