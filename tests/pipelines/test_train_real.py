@@ -1,4 +1,8 @@
-"""Integration: each method on the real all-MiniLM-L6-v2 with 2 Ray Train workers, a short run each."""
+"""Integration: the methods on the real all-MiniLM-L6-v2 with 2 Ray Train workers, a short run each.
+
+VTrans (teacher, weights trained) and Faster-VTrans (no teacher, weights frozen) span the Train job's code paths; Fast
+is VTrans's path on a calibration subset (its loop is tested in process, tests/vtrans/test_train.py). A killed worker's
+recovery is tests/pipelines/test_train_jobs.py's."""
 
 from __future__ import annotations
 
@@ -9,10 +13,9 @@ import pytest
 import vtrans
 from pipelines.config import RayConfig
 from pipelines.train_jobs import JobSpec, run_prune_job
-from tests.pipelines.faults import FailOnce
 from vtrans.assets import resolve_model
 from vtrans.checkpoint import load_pretrained, load_state, load_tokenizer
-from vtrans.data import ClassificationDataset, pad_token_id_of, rotten_tomatoes, stratified_subset
+from vtrans.data import ClassificationDataset, pad_token_id_of, rotten_tomatoes
 from vtrans.train import PruneConfig
 
 pytestmark = pytest.mark.integration
@@ -37,14 +40,10 @@ def _mean(hist: list[dict], key: str) -> float:
     return sum(m[key] for m in hist) / len(hist)
 
 
-@pytest.mark.parametrize("method", ["vtrans", "fast", "faster"])
+@pytest.mark.parametrize("method", ["vtrans", "faster"])
 def test_method_on_minilm(method: str, setup, tmp_path: Path) -> None:
     path, tok, data, train = setup
     ds = train
-    if method == "fast":  # the stratified 3% calibration subset (10 of 320 samples)
-        idx = stratified_subset(train.labels, fraction=0.03, seed=0)
-        ds = ClassificationDataset(data, tok, max_length=32, indices=idx)
-        assert len(ds) == 10
     cfg = PruneConfig(method=method, budget=vtrans.Budget(params=0.5), steps=24, batch_size=8, lr_masks=5e-2,
                       warmup=0.5)
     res = run_prune_job(JobSpec(path, "seq-cls", ds, pad_token_id_of(tok), num_labels=2), cfg,
@@ -70,14 +69,3 @@ def test_method_on_minilm(method: str, setup, tmp_path: Path) -> None:
     tensors, meta = load_state(ckpts[-1])
     assert meta["step"] == 23 and any(k.startswith("vib.") for k in tensors)
     assert any(k.startswith("model.") for k in tensors) == (method != "faster")
-
-
-def test_resume_after_a_killed_worker(setup, tmp_path: Path) -> None:
-    path, tok, _, train = setup
-    cfg = PruneConfig(method="faster", budget=vtrans.Budget(params=0.5), steps=16, batch_size=8)
-    res = run_prune_job(JobSpec(path, "seq-cls", train, pad_token_id_of(tok), num_labels=2), cfg,
-                        RayConfig(num_workers=2, max_failures=1), "killed", tmp_path, checkpoint_every=5,
-                        before_step=FailOnce(step=12, marker=str(tmp_path / "killed.marker"), rank=1, kill=True))
-    assert (tmp_path / "killed.marker").exists()
-    assert [m["step"] for m in res.history] == list(range(16))
-    assert (Path(res.output) / "compressed" / "model.safetensors").is_file()
