@@ -33,7 +33,7 @@ CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
                      "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
                      "init_keep", "warmup_from", "constraint", "finetune_method", "lora_rank", "lora_alpha",
-                     "second_text")
+                     "second_text", "uniform")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 
 
@@ -78,7 +78,7 @@ def cell_key(setup: TaskSetup, t: TaskProfile, method: str, seed: int, finetune:
 def _budget(t: TaskProfile, b: float):
     import vtrans
 
-    return vtrans.Budget(params=b, tolerance=t.tolerance)
+    return vtrans.Budget(params=b, tolerance=t.tolerance, uniform=bool(t.uniform))
 
 
 def _kwon_batches(train, t: TaskProfile, seed: int, pad: int) -> list[dict[str, torch.Tensor]]:

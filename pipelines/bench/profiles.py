@@ -152,6 +152,9 @@ class TaskProfile:
     pruning, calibration or fine-tune saw; ``test_samples`` chunks of ``seq_len`` tokens); None: none."""
     tolerance: float = 0.005
     """Budgets are met within this fraction under the target (``vtrans.Budget.tolerance``)."""
+    uniform: bool | None = None
+    """Uniform widths saved as the stock architecture (``vtrans.Budget.uniform``): what loading without vtrans costs
+    in quality and speed, against the same profile without it; Kwon's search cannot select them. None: no."""
     latency: LatencyProfile = field(default_factory=LatencyProfile)
 
     def __post_init__(self) -> None:
@@ -219,6 +222,11 @@ class TaskProfile:
         self._check_recipe()
         self._check_finetune()
         self._check_second_text()
+        if self.uniform is not None and not isinstance(self.uniform, bool):
+            raise ConfigError(f"uniform must be true or false, got {self.uniform!r}")
+        if self.uniform and "kwon" in self.methods:
+            raise ConfigError(f"uniform=true: Kwon's search selects per-layer widths, not uniform ones; drop 'kwon' "
+                              f"from methods={self.methods!r}")
 
     def _check_second_text(self) -> None:
         from pipelines.config import DATASET_TASKS

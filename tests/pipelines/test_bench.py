@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import vtrans
 from pipelines import bench
 from pipelines.bench import report
 from pipelines.bench.stats import (
@@ -347,6 +348,16 @@ def test_a_cell_bigger_than_the_local_ray_is_refused_before_any_work(monkeypatch
     with pytest.raises(ConfigError, match="no cell could ever start"):
         bench.run_bench(big, tmp_path / "out", "cpu", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()  # before any work
+
+
+def test_uniform_profile_budgets_are_uniform_and_refuse_kwon():
+    from pipelines.bench.cells import _budget
+
+    p = bench.load_profile("ablation", ["encoder.uniform=true", "encoder.methods=[faster]"])
+    assert _budget(p.encoder, 0.5) == vtrans.Budget(params=0.5, tolerance=p.encoder.tolerance, uniform=True)
+    assert _budget(bench.load_profile("ablation").encoder, 0.5).uniform is False
+    with pytest.raises(ConfigError, match="uniform=true: Kwon's search selects per-layer widths"):
+        bench.load_profile("ablation", ["encoder.uniform=true"])  # its methods include kwon
 
 
 def test_second_text_tables_only_where_the_rows_have_it():
