@@ -587,7 +587,9 @@ def _highlights(name: str, r) -> str:
     if name in ("teacher", "finetune") and "final_loss" in m:
         return f"final loss {m['final_loss']:.4f}"
     if name == "evaluate":
-        q = [k for k in ("accuracy", "perplexity") if k in m]
+        from vtrans.metrics import HIGHER_IS_BETTER
+
+        q = [k for k in HIGHER_IS_BETTER if k in m]
         return ", ".join(f"{k} {m[k]:.4f} (dense {m['dense_' + k]:.4f})" for k in q)
     return ""
 

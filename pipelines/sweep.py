@@ -38,7 +38,7 @@ from pipelines.config import (
     read_yaml,
 )
 from vtrans.errors import ConfigError
-from vtrans.metrics import TASK_METRICS, direction, task_metric
+from vtrans.metrics import HIGHER_IS_BETTER, TASK_METRICS, direction, task_metric
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 """Forms of a random / optuna search dimension: ``{uniform: [low, high]}``, ``{loguniform: [low, high]}``,
@@ -191,7 +191,7 @@ class Sweep:
 
 
 #: Metrics every trial reports (objectives may name these or any evaluation metric).
-TRIAL_METRICS = ("accuracy", "perplexity", "params_blocks", "params_total", "flops_blocks", "flops_total",
+TRIAL_METRICS = (*HIGHER_IS_BETTER, "params_blocks", "params_total", "flops_blocks", "flops_total",
                  "params_blocks_ratio", "params_total_ratio", "flops_total_ratio")
 
 
