@@ -51,6 +51,8 @@ class VIB(nn.Module):
         self.mha = mask(g.n_layers) if "mha" in s else None
         self.ffn = mask(g.n_layers) if "ffn" in s else None
         self.budget: Budget | None = None
+        self.latency_table = None
+        """The :class:`vtrans.latency_table.LatencyTable` of the last latency budget applied."""
         self.achieved: dict[str, float] = {}
         """Target, achieved size and fraction of the last :meth:`apply_budget`."""
         self.method = "vtrans"
@@ -180,7 +182,8 @@ class VIB(nn.Module):
         return self.scores()
 
     @torch.no_grad()
-    def apply_budget(self, budget: Budget, scores: Scores | None = None, method: str | None = None) -> Selection:
+    def apply_budget(self, budget: Budget, scores: Scores | None = None, method: str | None = None,
+                     table=None) -> Selection:
         """Fix hard masks meeting ``budget`` exactly (never over, within its tolerance under).
 
         ``scores`` default to the trained posterior: ``-log_alpha`` under one global threshold, or per-group quotas
@@ -188,15 +191,29 @@ class VIB(nn.Module):
         :func:`vtrans.scoring.magnitude`) for a baseline. Re-applying with another budget re-thresholds the same
         posterior: one trained VIB serves several budgets. ``budget.uniform``: the same widths in every layer, as the
         stock architecture expresses them (:func:`vtrans.uniform.select_uniform`); :func:`vtrans.compress` then
-        returns the stock Hugging Face class.
+        returns the stock Hugging Face class. A latency budget (``Budget(latency=...)``) selects with a latency table
+        of this model on its device (:mod:`vtrans.latency_table`): ``table`` if given (refused unless measured for
+        this model, device, threads and shape), else from the cache or measured now; it is kept as
+        :attr:`latency_table`.
         """
         if not isinstance(budget, Budget):
             raise ConfigError(f"budget must be a vtrans.Budget, got {budget!r}")
         scores = scores if scores is not None else self.posterior_scores()
-        if budget.uniform:  # the shapes a stock config expresses (vtrans.uniform)
+        if budget.metric == "latency":
+            from vtrans import latency_table
+
+            if table is None:
+                table = latency_table.table_for(self.model, budget.batch_size, budget.seq_len)
+            else:
+                table.check_key(latency_table.table_key(self.model, budget.batch_size, budget.seq_len))
+            sel = latency_table.select_latency(self.geometry, scores, budget, table)
+            self.latency_table = table
+        elif budget.uniform:  # the shapes a stock config expresses (vtrans.uniform)
             sel = select_uniform(self.geometry, scores, budget, self.adapter.stock_rules(self.model))
         else:
             sel = select(self.geometry, scores, budget)
+        if budget.metric != "latency":
+            self.latency_table = None
         if self.hidden is not None:
             self.hidden.fix(sel.hidden)
         for i in range(self.geometry.n_layers):
@@ -220,6 +237,7 @@ class VIB(nn.Module):
         for _, m in self.masks():
             m.fix(None)
         self.budget = None
+        self.latency_table = None
         self.achieved = {}
         self._cache.clear()
 

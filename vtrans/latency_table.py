@@ -1,0 +1,490 @@
+"""Latency budgets: a per-layer latency table measured on this device, and the selection that meets a latency target.
+
+```python
+table = latency_table.table_for(model, batch_size=1, seq_len=128)   # cached per device / family / dtype / threads /
+table.predict(keep)                                                 # batch / seq / widths; ms
+sel = latency_table.select_latency(geometry, scores, Budget(latency=0.6), table)
+```
+
+A table holds, for one model family and input shape on one device, the forward time of one transformer layer's
+attention sub-layer as a function of its kept key/value groups, of its FFN sub-layer as a function of its kept neurons
+(measured at a small grid of widths and interpolated piecewise-linearly between them; a removed sub-layer, width 0,
+costs 0), and the fixed cost outside the sub-layers (embeddings, head, final and post-LN norms). The predicted latency
+of a pruned model is ``outside + sum over layers of attention(groups) + ffn(neurons)``.
+
+Every number comes from timing whole models of the compressed class (:mod:`vtrans.modeling_vtrans`) built from the
+model's config with the same width in every layer: ``outside`` is the model with every sub-layer removed, and
+``attention(k) = (T(every layer k groups, no FFN) - outside) / n_layers`` (the FFN likewise), so a table measures
+exactly the code a compressed checkpoint runs. The probes carry constant weights (timing does not depend on the
+values); measured values are made non-decreasing in the width (a wider layer never predicts faster).
+
+A table is cached as JSON under ``<cache>/latency/`` (``$VTRANS_CACHE``, :func:`vtrans.assets.cache_root`), named by
+the hash of its key (device name, model family and class, attention kernel, dtype, torch threads, batch size, sequence
+length, dense widths): a table measured on another device or thread count has another key and is never reused - that
+is a miss and measures anew. A file whose stored key is not the key its name stands for is refused. The clock is
+injectable (``clock``): tests time with a fake clock and get exact numbers.
+
+Hidden-size pruning is not part of latency budgets: the hidden size stays dense, heads, neurons and whole sub-layers
+are pruned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from vtrans.budget import Geometry, Keep, Scores, Selection, align_steps
+from vtrans.checks import check_int
+from vtrans.config import Budget
+from vtrans.errors import BudgetError, ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Format of a table and of its key; a table of another version is another key (measured anew).
+TABLE_VERSION = 1
+
+#: Most grid points per sub-layer: every width up to this many units, else this many widths spread evenly.
+HEAD_POINTS = 16
+FFN_POINTS = 9
+
+Clock = Callable[[], float]
+
+
+def default_clock() -> float:
+    """The real timer (seconds)."""
+    import time
+
+    return time.perf_counter()
+
+
+def device_name(device: torch.device) -> str:
+    """A name of the device kind: ``cuda:NVIDIA H200``, ``cpu:<processor model>``."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        model = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        except OSError:
+            pass
+        return f"cpu:{model or platform.processor() or platform.machine()}"
+    return device.type
+
+
+def table_key(model: PreTrainedModel, batch_size: int, seq_len: int) -> dict:
+    """What a table is valid for: the device, the model family and class, attention kernel, dtype, torch threads,
+    input shape and every dense width."""
+    from vtrans import arch as arch_registry
+
+    check_int("budget.batch_size", batch_size, 1, what="a positive integer")
+    check_int("budget.seq_len", seq_len, 1, what="a positive integer")
+    g = arch_registry.for_model(model).geometry(model)
+    p = next(model.parameters())
+    config = model.config
+    return {"version": TABLE_VERSION, "device": device_name(p.device), "model_type": config.model_type,
+            "model_class": type(model).__name__, "attn_implementation": config._attn_implementation,
+            "dtype": str(p.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "batch_size": batch_size, "seq_len": seq_len, "vocab_size": config.vocab_size,
+            "num_labels": getattr(config, "num_labels", None), "n_layers": g.n_layers, "hidden": g.hidden,
+            "n_groups": g.n_groups, "group_size": g.group_size, "head_dim": g.head_dim, "ffn": g.ffn}
+
+
+def key_difference(have: dict, want: dict) -> str:
+    """``threads 1 (table) != 2 (this run), ...`` for the keys that differ."""
+    return ", ".join(f"{k} {have.get(k)!r} (table) != {want.get(k)!r} (this run)"
+                     for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+
+
+def _interp(points: dict[int, float], x: float) -> float:
+    if x <= 0:
+        return 0.0
+    xs = sorted(points)
+    if x >= xs[-1]:
+        return points[xs[-1]]
+    if x <= xs[0]:
+        return points[xs[0]]
+    for a, b in zip(xs, xs[1:], strict=False):
+        if a <= x <= b:
+            return points[a] + (points[b] - points[a]) * (x - a) / (b - a)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer latencies (milliseconds) of one model family and input shape on one device (module docstring)."""
+
+    key: dict
+    """What the table is valid for (:func:`table_key`)."""
+    attention: dict[int, float]
+    """Kept key/value groups (grid points) -> ms of one attention sub-layer."""
+    ffn: dict[int, float]
+    """Kept FFN neurons (grid points) -> ms of one FFN sub-layer."""
+    outside_ms: float
+    """Every sub-layer removed: embeddings, head, norms."""
+    dense_measured_ms: float
+    """The dense widths, timed as one model (the additive prediction's check)."""
+    cached: bool = field(default=False, compare=False)
+    """Whether this table came from the cache (not persisted)."""
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.key["n_layers"])
+
+    def attention_ms(self, groups: float) -> float:
+        """One attention sub-layer with ``groups`` kept key/value groups (0: removed)."""
+        return _interp(self.attention, groups)
+
+    def ffn_ms(self, neurons: float) -> float:
+        """One FFN sub-layer with ``neurons`` kept neurons (0: removed)."""
+        return _interp(self.ffn, neurons)
+
+    def predict(self, keep: Keep) -> float:
+        """Predicted forward latency (ms) of a model with these kept counts (its hidden size is the dense one)."""
+        return self.outside_ms + sum(
+            (self.attention_ms(keep.groups[i]) if keep.mha[i] else 0.0) + (self.ffn_ms(keep.neurons[i]) if keep.ffn[i]
+                                                                            else 0.0)
+            for i in range(self.n_layers))
+
+    @property
+    def dense_ms(self) -> float:
+        """Predicted latency of the dense model."""
+        return self.outside_ms + self.n_layers * (self.attention_ms(self.key["n_groups"]) + self.ffn_ms(self.key["ffn"]))
+
+    def check_key(self, want: dict) -> None:
+        """Raise a one-line :class:`ConfigError` unless this table was measured for ``want``."""
+        if self.key != want:
+            raise ConfigError(f"the latency table was measured for another setting ({key_difference(self.key, want)}); "
+                              f"a table is never reused across devices, thread counts or shapes: measure one for this "
+                              f"run (latency_table.table_for)")
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "attention": {str(k): v for k, v in sorted(self.attention.items())},
+                "ffn": {str(k): v for k, v in sorted(self.ffn.items())}, "outside_ms": self.outside_ms,
+                "dense_measured_ms": self.dense_measured_ms, "dense_predicted_ms": self.dense_ms}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatencyTable:
+        return cls(key=dict(d["key"]), attention={int(k): float(v) for k, v in d["attention"].items()},
+                   ffn={int(k): float(v) for k, v in d["ffn"].items()}, outside_ms=float(d["outside_ms"]),
+                   dense_measured_ms=float(d["dense_measured_ms"]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def grid(n: int, points: int) -> list[int]:
+    """Widths measured for a structure of ``n`` units: all of 1..n when ``n <= points``, else ``points`` widths spread
+    evenly from 1 to ``n``."""
+    if n <= points:
+        return list(range(1, n + 1))
+    return sorted({max(1, round(n * i / (points - 1))) for i in range(points)} | {1, n})
+
+
+def _probe(model: PreTrainedModel, groups: int, neurons: int) -> PreTrainedModel:
+    """A compressed-class model of ``model``'s config with ``groups`` key/value groups and ``neurons`` FFN neurons in
+    every layer (0: the sub-layer removed), on the model's device and dtype, constant weights."""
+    from transformers.initialization import no_init_weights
+
+    from vtrans import arch as arch_registry
+    from vtrans import modeling_vtrans
+
+    adapter = arch_registry.for_model(model)
+    g = adapter.geometry(model)
+    specs = [{"heads": groups * g.group_size, "kv_heads": groups, "intermediate_size": neurons}
+             for _ in range(g.n_layers)]
+    config = adapter.compressed_config(model, specs, hidden=g.hidden)
+    cls = getattr(modeling_vtrans, adapter.compressed_class_name(model))
+    p = next(model.parameters())
+    with no_init_weights(), torch.device(p.device):
+        probe = cls(config)
+    probe.to(dtype=p.dtype)
+    with torch.no_grad():
+        for w in probe.parameters():
+            w.fill_(0.02)
+    return probe.eval()
+
+
+def _time_ms(probe: PreTrainedModel, batch_size: int, seq_len: int, clock: Clock, repeats: int, warmup: int) -> float:
+    """Median ms of ``repeats`` forward passes (after ``warmup`` untimed ones) by ``clock``."""
+    from vtrans.latency import _inference, _random_inputs
+
+    ids, mask, dev = _random_inputs(probe, batch_size, seq_len, None, None, 0)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    times: list[float] = []
+    with _inference(probe):
+        for _ in range(warmup):
+            probe(input_ids=ids, attention_mask=mask)
+        for _ in range(repeats):
+            sync()
+            start = clock()
+            probe(input_ids=ids, attention_mask=mask)
+            sync()
+            times.append((clock() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def measure(model: PreTrainedModel, batch_size: int = 1, seq_len: int = 128, *, clock: Clock | None = None,
+            repeats: int = 10, warmup: int = 2) -> LatencyTable:
+    """Measure the latency table of ``model``'s family on its device (module docstring); nothing is cached."""
+    from vtrans import arch as arch_registry
+
+    check_int("repeats", repeats, 1, what="an int >= 1")
+    check_int("warmup", warmup, 0, what="an int >= 0")
+    clock = clock or default_clock
+    key = table_key(model, batch_size, seq_len)
+    g = arch_registry.for_model(model).geometry(model)
+    L = g.n_layers
+
+    def t(groups: int, neurons: int) -> float:
+        probe = _probe(model, groups, neurons)
+        try:
+            return _time_ms(probe, batch_size, seq_len, clock, repeats, warmup)
+        finally:
+            del probe
+
+    outside = t(0, 0)
+
+    def monotone(raw: dict[int, float]) -> dict[int, float]:
+        out, best = {}, 0.0
+        for k in sorted(raw):
+            best = max(best, raw[k])
+            out[k] = best
+        return out
+
+    attention = monotone({k: (t(k, 0) - outside) / L for k in grid(g.n_groups, HEAD_POINTS)})
+    ffn = monotone({n: (t(0, n) - outside) / L for n in grid(g.ffn, FFN_POINTS)})
+    dense = t(g.n_groups, g.ffn)
+    return LatencyTable(key=key, attention=attention, ffn=ffn, outside_ms=outside, dense_measured_ms=dense)
+
+
+def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
+    """``<cache>/latency/<model_type>-<hash of the key>.json``."""
+    from vtrans.assets import cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root(cache_dir) / "latency" / f"{key['model_type']}-{digest}.json"
+
+
+def load(path: str | Path, key: dict | None = None) -> LatencyTable:
+    """A table file; with ``key``, refused (one line) unless it was measured for that key."""
+    path = Path(path)
+    try:
+        table = LatencyTable.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"latency table {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); delete it to "
+                          f"measure anew") from None
+    if key is not None and table.key != key:
+        raise ConfigError(f"latency table {path} holds a table for another setting ({key_difference(table.key, key)})"
+                          f"; it is refused, not reused: delete it to measure anew")
+    table.cached = True
+    return table
+
+
+def save(table: LatencyTable, path: str | Path) -> Path:
+    """Write ``table`` atomically (a concurrent reader sees the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table.as_dict(), f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def table_for(model: PreTrainedModel, batch_size: int = 1, seq_len: int = 128, *, clock: Clock | None = None,
+              repeats: int = 10, warmup: int = 2, cache_dir: str | Path | None = None,
+              cache: bool = True) -> LatencyTable:
+    """The latency table of ``model`` on its device at ``batch_size`` x ``seq_len``: from the cache when one was
+    measured for exactly this key (:func:`table_key`), else measured (and cached unless ``cache=False``)."""
+    key = table_key(model, batch_size, seq_len)
+    path = cache_path(key, cache_dir)
+    if cache and path.is_file():
+        log.info("latency table: cache hit %s", path)
+        return load(path, key)
+    log.info("latency table: measuring %s (%s, batch %d x seq %d)", key["model_class"], key["device"], batch_size,
+             seq_len)
+    table = measure(model, batch_size, seq_len, clock=clock, repeats=repeats, warmup=warmup)
+    if cache:
+        save(table, path)
+    return table
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_table(g: Geometry, table: LatencyTable) -> None:
+    k = table.key
+    if (k["n_layers"], k["hidden"], k["n_groups"], k["group_size"], k["head_dim"], k["ffn"]) != (
+            g.n_layers, g.hidden, g.n_groups, g.group_size, g.head_dim, g.ffn):
+        raise ConfigError(f"the latency table was measured for another shape (layers {k['n_layers']}, hidden "
+                          f"{k['hidden']}, {k['n_groups']} key/value groups, FFN {k['ffn']}) than this model's "
+                          f"(layers {g.n_layers}, hidden {g.hidden}, {g.n_groups} key/value groups, FFN {g.ffn})")
+
+
+def _steps(g: Geometry, budget: Budget) -> dict[str, int]:
+    steps = align_steps(g, budget)  # one-line errors for alignments wider than a structure
+    if steps is None:
+        return {"hidden": 1, "groups": 1, "neurons": 1}
+    if g.hidden % steps["hidden"]:
+        key = "budget.align.hidden" if isinstance(budget.align, dict) else "budget.align"
+        raise ConfigError(f"{key}={steps['hidden']}: a latency budget keeps the hidden size {g.hidden}, which is not "
+                          f"a multiple of it; give a hidden alignment dividing {g.hidden}")
+    return steps
+
+
+def minimum_ms(g: Geometry, scores: Scores | None, budget: Budget, table: LatencyTable) -> float:
+    """The smallest predicted latency any selection reaches: the cost outside the sub-layers plus the never-pruned
+    units (``+inf`` scores) rounded up to their alignment."""
+    steps = _steps(g, budget)
+    total = table.outside_ms
+    for i in range(g.n_layers):
+        for sc, step, cost in ((None if scores is None else scores.groups[i], steps["groups"], table.attention_ms),
+                               (None if scores is None else scores.neurons[i], steps["neurons"], table.ffn_ms)):
+            pinned = 0 if sc is None else int((torch.isinf(sc) & (sc > 0)).sum())
+            total += cost(-(-pinned // step) * step)
+    return total
+
+
+def check_reachable(g: Geometry, budget: Budget, table: LatencyTable, scores: Scores | None = None) -> None:
+    """Raise a one-line :class:`BudgetError` when no selection's predicted latency is <= the latency budget's target."""
+    if budget.metric != "latency":
+        raise ConfigError(f"a latency table checks a latency budget, got {budget.describe()}")
+    _check_table(g, table)
+    dense = table.dense_ms
+    if not dense > 0:
+        raise BudgetError(f"the latency table predicts {dense!r} ms for the dense model: no fraction of it can be "
+                          f"selected; measure the table again (a real clock, more repeats)")
+    target = budget.value * dense
+    low = minimum_ms(g, scores, budget, table)
+    if low > target:
+        raise BudgetError(f"budget latency={budget.value} = {target:.3f} ms is below the smallest predicted latency "
+                          f"the structures reach ({low:.3f} ms = {low / dense:.3f} of the dense {dense:.3f} ms: "
+                          f"embeddings, head and norms take {table.outside_ms:.3f} ms); give latency >= "
+                          f"{math.ceil(low / dense * 1000) / 1000:g}")
+
+
+def select_latency(g: Geometry, scores: Scores, budget: Budget, table: LatencyTable) -> Selection:
+    """Per-layer kept key/value groups and FFN neurons whose predicted latency (``table``) is <= ``budget.latency``
+    times the dense model's predicted latency, keeping as much importance (``scores``) as a greedy search finds.
+
+    Within a sub-layer the best-scored units are kept, so a selection is a count per sub-layer. From the dense counts
+    (rounded down to the alignment) the search removes, one step at a time (one unit, or one alignment step), the step
+    losing the least importance per millisecond saved - or a whole sub-layer when that is cheaper per millisecond (its
+    fixed cost is saved only with its last unit) - until the prediction is <= the target; then it adds back, best
+    importance per millisecond first, every step that still fits. Scores are shifted to be >= 0 when some are negative
+    (``-log_alpha`` of a VIB posterior); block-gate scores are not used (a sub-layer goes with its last unit); units
+    scored ``+inf`` are never removed. The hidden size stays dense. ``achieved``: predicted, target and dense ms,
+    ``fraction`` (predicted / dense) and ``of_target`` (predicted / target).
+    """
+    if budget.metric != "latency":
+        raise ConfigError(f"select_latency needs a latency budget, got {budget.describe()}")
+    check_reachable(g, budget, table, scores)
+    steps = _steps(g, budget)
+    L = g.n_layers
+    dense_ms = table.dense_ms
+    target = budget.value * dense_ms
+    group_scores = [scores.groups[i].double() for i in range(L)] + [scores.neurons[i].double() for i in range(L)]
+    finite = torch.cat([s[torch.isfinite(s)] for s in group_scores] + [torch.zeros(1, dtype=torch.float64)])
+    shift = max(0.0, -float(finite.min()))
+    order = [torch.sort(s, descending=True, stable=True).indices for s in group_scores]
+    prefix = []  # prefix[j][c]: importance of the c best units of sub-layer j
+    for s, o in zip(group_scores, order, strict=True):
+        v = (s[o] + shift).clamp_min(0.0)
+        prefix.append([0.0, *torch.cumsum(v, 0).tolist()])
+    dense = [g.n_groups] * L + [g.ffn] * L
+    step = [steps["groups"]] * L + [steps["neurons"]] * L
+    cost = [table.attention_ms] * L + [table.ffn_ms] * L
+    low = [-(-int((torch.isinf(s) & (s > 0)).sum()) // st) * st for s, st in zip(group_scores, step, strict=True)]
+    count = [d // st * st for d, st in zip(dense, step, strict=True)]
+
+    def total() -> float:
+        return table.outside_ms + sum(cost[j](count[j]) for j in range(2 * L))
+
+    def gain(j: int, a: int, b: int) -> float:  # importance of units ranked a..b-1
+        return prefix[j][b] - prefix[j][a]
+
+    def ratio(j: int, new: int) -> float:
+        saved = cost[j](count[j]) - cost[j](new)
+        loss = gain(j, new, count[j])
+        return math.inf if saved <= 0 else loss / saved
+
+    version = [0] * (2 * L)
+    heap: list[tuple[float, int, int, int]] = []
+
+    def push(j: int) -> None:
+        c = count[j]
+        if c - step[j] >= low[j]:
+            heapq.heappush(heap, (ratio(j, c - step[j]), j, c - step[j], version[j]))
+        if low[j] == 0 and c > step[j]:  # the whole sub-layer: its fixed cost goes with its last unit
+            heapq.heappush(heap, (ratio(j, 0), j, 0, version[j]))
+
+    for j in range(2 * L):
+        push(j)
+    current = total()
+    while current > target and heap:
+        _, j, new, v = heapq.heappop(heap)
+        if v != version[j]:
+            continue
+        current += cost[j](new) - cost[j](count[j])
+        count[j] = new
+        version[j] += 1
+        push(j)
+    current = total()
+    if current > target:  # cannot happen after check_reachable; a guard against a table that is not monotone
+        raise BudgetError(f"budget {budget.describe()}: no selection found under {target:.3f} ms")
+    # fill: add back the best step per millisecond while anything fits
+    while True:
+        best: tuple[float, int] | None = None
+        for j in range(2 * L):
+            new = count[j] + step[j]
+            if new > dense[j]:
+                continue
+            extra = cost[j](new) - cost[j](count[j])
+            if current + extra > target:
+                continue
+            r = gain(j, count[j], new) / extra if extra > 0 else math.inf
+            if best is None or r > best[0]:
+                best = (r, j)
+        if best is None:
+            break
+        j = best[1]
+        current += cost[j](count[j] + step[j]) - cost[j](count[j])
+        count[j] += step[j]
+    current = total()
+
+    def top(j: int) -> torch.Tensor:
+        keep = torch.zeros(dense[j], dtype=torch.bool)
+        keep[order[j][:count[j]]] = True
+        return keep
+
+    sel = Selection.normalised(torch.ones(g.hidden, dtype=torch.bool), [top(i) for i in range(L)],
+                               [top(L + i) for i in range(L)], torch.tensor([c > 0 for c in count[:L]]),
+                               torch.tensor([c > 0 for c in count[L:]]))
+    sel.achieved = {"size": current, "target": target, "dense": dense_ms, "fraction": current / dense_ms,
+                    "of_target": current / target, "predicted_ms": current, "target_ms": target,
+                    "dense_predicted_ms": dense_ms, "outside_ms": table.outside_ms}
+    if budget.aligned:
+        sel.achieved["align"] = budget.alignment
+    return sel
