@@ -16,7 +16,8 @@ Every number comes from timing whole models of the compressed class (:mod:`vtran
 model's config with the same width in every layer: ``outside`` is the model with every sub-layer removed, and
 ``attention(k) = (T(every layer k groups, no FFN) - outside) / n_layers`` (the FFN likewise), so a table measures
 exactly the code a compressed checkpoint runs. The probes carry constant weights (timing does not depend on the
-values); measured values are made non-decreasing in the width (a wider layer never predicts faster).
+values) and share every parameter they have in common; the measured values are fitted non-decreasing in the width
+(pool adjacent violators: a wider layer never predicts faster).
 
 A table is cached as JSON under ``<cache>/latency/`` (``$VTRANS_CACHE``, :func:`vtrans.assets.cache_root`), named by
 the hash of its key (device name, model family and class, attention kernel, dtype, torch threads, batch size, sequence
@@ -196,9 +197,11 @@ def grid(n: int, points: int) -> list[int]:
     return sorted({max(1, round(n * i / (points - 1))) for i in range(points)} | {1, n})
 
 
-def _probe(model: PreTrainedModel, groups: int, neurons: int) -> PreTrainedModel:
+def _probe(model: PreTrainedModel, groups: int, neurons: int, share: PreTrainedModel | None = None
+           ) -> PreTrainedModel:
     """A compressed-class model of ``model``'s config with ``groups`` key/value groups and ``neurons`` FFN neurons in
-    every layer (0: the sub-layer removed), on the model's device and dtype, constant weights."""
+    every layer (0: the sub-layer removed), on the model's device and dtype, constant weights. Every parameter whose
+    name and shape ``share`` has too is ``share``'s (embeddings, head, norms: the probes hold one copy)."""
     from transformers.initialization import no_init_weights
 
     from vtrans import arch as arch_registry
@@ -211,42 +214,58 @@ def _probe(model: PreTrainedModel, groups: int, neurons: int) -> PreTrainedModel
     config = adapter.compressed_config(model, specs, hidden=g.hidden)
     cls = getattr(modeling_vtrans, adapter.compressed_class_name(model))
     p = next(model.parameters())
-    with no_init_weights(), torch.device(p.device):
+    with no_init_weights(), torch.device("meta" if share is not None else p.device):
         probe = cls(config)
-    probe.to(dtype=p.dtype)
+    shared = dict(share.named_parameters(remove_duplicate=False)) if share is not None else {}
     with torch.no_grad():
-        for w in probe.parameters():
-            w.fill_(0.02)
+        for name, w in list(probe.named_parameters(remove_duplicate=False)):
+            owner, _, leaf = name.rpartition(".")
+            module = probe.get_submodule(owner)
+            if name in shared and shared[name].shape == w.shape:
+                setattr(module, leaf, shared[name])
+            elif w.is_meta:
+                setattr(module, leaf, torch.nn.Parameter(torch.full(w.shape, 0.02, dtype=p.dtype, device=p.device),
+                                                         requires_grad=False))
+            else:
+                w.data = w.data.to(p.dtype).fill_(0.02)
+        if share is not None:  # buffers (position ids, rotary frequencies) as the reference probe has them
+            ref = dict(share.named_buffers(remove_duplicate=False))
+            for name, buf in list(probe.named_buffers(remove_duplicate=False)):
+                owner, _, leaf = name.rpartition(".")
+                probe.get_submodule(owner)._buffers[leaf] = ref[name] if name in ref else buf.to(p.device)
     return probe.eval()
 
 
-def _time_ms(probe: PreTrainedModel, batch_size: int, seq_len: int, clock: Clock, repeats: int, warmup: int) -> float:
-    """Median ms of ``repeats`` forward passes (after ``warmup`` untimed ones) by ``clock``."""
-    from vtrans.latency import _inference, _random_inputs
+def _pav(raw: dict[int, float]) -> dict[int, float]:
+    """The non-decreasing least-squares fit of ``raw`` over its sorted widths (pool adjacent violators), >= 0."""
+    xs = sorted(raw)
+    blocks: list[list[float]] = []  # [mean, count]
+    for x in xs:
+        blocks.append([max(raw[x], 0.0), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, c2 = blocks.pop()
+            m1, c1 = blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    out: list[float] = []
+    for m, c in blocks:
+        out += [m] * int(c)
+    return dict(zip(xs, out, strict=True))
 
-    ids, mask, dev = _random_inputs(probe, batch_size, seq_len, None, None, 0)
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    times: list[float] = []
-    with _inference(probe):
-        for _ in range(warmup):
-            probe(input_ids=ids, attention_mask=mask)
-        for _ in range(repeats):
-            sync()
-            start = clock()
-            probe(input_ids=ids, attention_mask=mask)
-            sync()
-            times.append((clock() - start) * 1000.0)
-    return statistics.median(times)
+#: Probes timed together (interleaved, each round against the probe without sub-layers); bounds the memory they hold.
+CHUNK = 4
 
 
 def measure(model: PreTrainedModel, batch_size: int = 1, seq_len: int = 128, *, clock: Clock | None = None,
             repeats: int = 10, warmup: int = 2) -> LatencyTable:
-    """Measure the latency table of ``model``'s family on its device (module docstring); nothing is cached."""
+    """Measure the latency table of ``model``'s family on its device (module docstring); nothing is cached.
+
+    The probes are timed in chunks of :data:`CHUNK`, interleaved round by round, each round also timing the probe
+    without sub-layers: a sub-layer's time is the median over rounds of the difference within a round (slow drifts of
+    the machine's load cancel). ``repeats``: rounds; ``warmup``: untimed passes of every probe first.
+    """
     from vtrans import arch as arch_registry
+    from vtrans.latency import _inference, _random_inputs
 
     check_int("repeats", repeats, 1, what="an int >= 1")
     check_int("warmup", warmup, 0, what="an int >= 0")
@@ -254,27 +273,43 @@ def measure(model: PreTrainedModel, batch_size: int = 1, seq_len: int = 128, *, 
     key = table_key(model, batch_size, seq_len)
     g = arch_registry.for_model(model).geometry(model)
     L = g.n_layers
+    base = _probe(model, 0, 0)
+    ids, mask, dev = _random_inputs(base, batch_size, seq_len, None, None, 0)
 
-    def t(groups: int, neurons: int) -> float:
-        probe = _probe(model, groups, neurons)
-        try:
-            return _time_ms(probe, batch_size, seq_len, clock, repeats, warmup)
-        finally:
-            del probe
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
-    outside = t(0, 0)
+    def once(probe: PreTrainedModel) -> float:
+        sync()
+        start = clock()
+        probe(input_ids=ids, attention_mask=mask)
+        sync()
+        return (clock() - start) * 1000.0
 
-    def monotone(raw: dict[int, float]) -> dict[int, float]:
-        out, best = {}, 0.0
-        for k in sorted(raw):
-            best = max(best, raw[k])
-            out[k] = best
-        return out
-
-    attention = monotone({k: (t(k, 0) - outside) / L for k in grid(g.n_groups, HEAD_POINTS)})
-    ffn = monotone({n: (t(0, n) - outside) / L for n in grid(g.ffn, FFN_POINTS)})
-    dense = t(g.n_groups, g.ffn)
-    return LatencyTable(key=key, attention=attention, ffn=ffn, outside_ms=outside, dense_measured_ms=dense)
+    widths = [(k, 0) for k in grid(g.n_groups, HEAD_POINTS)] + [(0, n) for n in grid(g.ffn, FFN_POINTS)]
+    widths.append((g.n_groups, g.ffn))
+    diffs: dict[tuple[int, int], list[float]] = {w: [] for w in widths}
+    outside: list[float] = []
+    with _inference(base):
+        for _ in range(warmup):
+            base(input_ids=ids, attention_mask=mask)
+        for c in range(0, len(widths), CHUNK):
+            chunk = [(w, _probe(model, *w, share=base)) for w in widths[c:c + CHUNK]]
+            for _, probe in chunk:
+                for _ in range(warmup):
+                    probe(input_ids=ids, attention_mask=mask)
+            for _ in range(repeats):
+                t0 = once(base)
+                outside.append(t0)
+                for w, probe in chunk:
+                    diffs[w].append(once(probe) - t0)
+            del chunk
+    out = statistics.median(outside)
+    attention = _pav({k: statistics.median(diffs[(k, n)]) / L for k, n in widths[:-1] if n == 0 and k > 0})
+    ffn = _pav({n: statistics.median(diffs[(k, n)]) / L for k, n in widths[:-1] if k == 0 and n > 0})
+    dense = out + statistics.median(diffs[widths[-1]])
+    return LatencyTable(key=key, attention=attention, ffn=ffn, outside_ms=out, dense_measured_ms=dense)
 
 
 def cache_path(key: dict, cache_dir: str | Path | None = None) -> Path:
