@@ -160,6 +160,29 @@ class LatencyTable:
                                                                             else 0.0)
             for i in range(self.n_layers))
 
+    def predict_soft(self, keep: Keep) -> torch.Tensor:
+        """Differentiable :meth:`predict` of soft keep counts (tensors: expected counts, block keep probabilities):
+        every sub-layer's cost interpolated piecewise-linearly through (0, 0) and the grid, times its block's keep
+        probability. At integer counts it is :meth:`predict`."""
+
+        def interp(points: dict[int, float], x) -> torch.Tensor:
+            x = torch.as_tensor(x, dtype=torch.float64)
+            xs = [0, *sorted(points)]
+            ys = [0.0, *(points[k] for k in sorted(points))]
+            xs_t = torch.tensor(xs, dtype=x.dtype, device=x.device)
+            ys_t = torch.tensor(ys, dtype=x.dtype, device=x.device)
+            xc = x.clamp(0, xs[-1])
+            i = torch.searchsorted(xs_t, xc.detach().reshape(1), right=True).clamp(1, len(xs) - 1)
+            x0, x1, y0, y1 = xs_t[i - 1], xs_t[i], ys_t[i - 1], ys_t[i]
+            return (y0 + (y1 - y0) * (xc - x0) / (x1 - x0)).reshape(())
+
+        total = torch.tensor(self.outside_ms, dtype=torch.float64)
+        for i in range(self.n_layers):
+            a = interp(self.attention, keep.groups[i]) * torch.as_tensor(keep.mha[i], dtype=torch.float64)
+            f = interp(self.ffn, keep.neurons[i]) * torch.as_tensor(keep.ffn[i], dtype=torch.float64)
+            total = total.to(a.device) + a + f.to(a.device)
+        return total
+
     @property
     def dense_ms(self) -> float:
         """Predicted latency of the dense model."""

@@ -52,7 +52,8 @@ class VIB(nn.Module):
         self.ffn = mask(g.n_layers) if "ffn" in s else None
         self.budget: Budget | None = None
         self.latency_table = None
-        """The :class:`vtrans.latency_table.LatencyTable` of the last latency budget applied."""
+        """The :class:`vtrans.latency_table.LatencyTable` of the last latency budget applied (kept when the budget is
+        released: a training's rounds re-apply budgets with it)."""
         self.achieved: dict[str, float] = {}
         """Target, achieved size and fraction of the last :meth:`apply_budget`."""
         self.method = "vtrans"
@@ -136,7 +137,13 @@ class VIB(nn.Module):
     def expected_size(self, metric: str = "params", scope: str = "blocks", seq_len: int = 128,
                       offset: float = 0.0) -> torch.Tensor:
         """Differentiable expected parameters or FLOPs under the current keep probabilities (every ``log_alpha``
-        moved by ``offset``)."""
+        moved by ``offset``). ``latency``: the predicted milliseconds of :attr:`latency_table` (``scope`` and
+        ``seq_len`` are the table's)."""
+        if metric == "latency":
+            if self.latency_table is None:
+                raise ConfigError("expected latency needs a latency table: set vib.latency_table "
+                                  "(vtrans.latency_table.table_for(model, batch_size, seq_len))")
+            return self.latency_table.predict_soft(self.keep_probs(offset)).float()
         return torch.as_tensor(size(self.geometry, self.keep_probs(offset), metric, scope, seq_len))
 
     @torch.no_grad()
@@ -202,18 +209,19 @@ class VIB(nn.Module):
         if budget.metric == "latency":
             from vtrans import latency_table
 
+            key = latency_table.table_key(self.model, budget.batch_size, budget.seq_len)
+            if table is None and self.latency_table is not None and self.latency_table.key == key:
+                table = self.latency_table  # the table already in use (a training's rounds)
             if table is None:
                 table = latency_table.table_for(self.model, budget.batch_size, budget.seq_len)
             else:
-                table.check_key(latency_table.table_key(self.model, budget.batch_size, budget.seq_len))
+                table.check_key(key)
             sel = latency_table.select_latency(self.geometry, scores, budget, table)
             self.latency_table = table
         elif budget.uniform:  # the shapes a stock config expresses (vtrans.uniform)
             sel = select_uniform(self.geometry, scores, budget, self.adapter.stock_rules(self.model))
         else:
             sel = select(self.geometry, scores, budget)
-        if budget.metric != "latency":
-            self.latency_table = None
         if self.hidden is not None:
             self.hidden.fix(sel.hidden)
         for i in range(self.geometry.n_layers):
@@ -237,7 +245,6 @@ class VIB(nn.Module):
         for _, m in self.masks():
             m.fix(None)
         self.budget = None
-        self.latency_table = None
         self.achieved = {}
         self._cache.clear()
 

@@ -42,10 +42,20 @@ VERSION = 2
 OPTIONS = {"num_cpus": 0}
 
 
+def _budget(d: dict) -> dict:
+    """A budget's material: without the latency keys when it is no latency budget (the keys of the stages cached
+    before latency budgets existed stay what they were)."""
+    if d.get("latency") is None:
+        return {k: v for k, v in d.items() if k not in ("latency", "batch_size")}
+    return d
+
+
 def material(cfg: PipelineConfig) -> dict:
+    prune = to_dict(cfg.prune)
+    prune["budget"] = _budget(prune["budget"])
     if cfg.posterior is None:
-        return {"prune": to_dict(cfg.prune)}
-    return {"prune": to_dict(cfg.prune), "posterior_budget": to_dict(cfg.posterior_budget)}
+        return {"prune": prune}
+    return {"prune": prune, "posterior_budget": _budget(to_dict(cfg.posterior_budget))}
 
 
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:

@@ -203,11 +203,15 @@ def test_apply_budget_measures_with_the_default_clock_and_caches(clock: FakeCloc
     vib = vtrans.attach(model)
     sel = vib.apply_budget(Budget(latency=0.6, seq_len=SEQ), scores=magnitude(model))
     assert not vib.latency_table.cached and sel.achieved["predicted_ms"] <= sel.achieved["target_ms"]
-    calls = clock.calls
+    calls, table = clock.calls, vib.latency_table
     vib.apply_budget(Budget(latency=0.4, seq_len=SEQ), scores=magnitude(model))
-    assert vib.latency_table.cached and clock.calls == calls
-    vib.apply_budget(Budget(params=0.5), scores=magnitude(model))
-    assert vib.latency_table is None
+    assert vib.latency_table is table and clock.calls == calls  # the table in use
+    vib.remove()
+    other = vtrans.attach(model)
+    other.apply_budget(Budget(latency=0.4, seq_len=SEQ), scores=magnitude(model))
+    assert other.latency_table.cached and other.latency_table == table and clock.calls == calls  # from the cache
+    sel = other.apply_budget(Budget(params=0.5), scores=magnitude(model))
+    assert "predicted_ms" not in sel.achieved and "latency" not in vtrans.compress(other).config.vtrans["report"]
 
 
 @pytest.mark.parametrize(("kwargs", "needles"), [
@@ -261,3 +265,36 @@ def test_unreachable_and_oversized_alignments_fail_before_selection(clock: FakeC
     with pytest.raises(ConfigError) as e:  # select without a table
         vtrans.budget.select(g, magnitude(model), Budget(latency=0.5))
     assert "latency table" in _one_line(e)
+
+
+def test_soft_prediction_is_differentiable_and_exact_at_integer_counts(clock: FakeClock) -> None:
+    model = tiny("bert", BertForSequenceClassification)
+    table = lt.measure(model, 1, SEQ, clock=clock, repeats=1, warmup=0)
+    keep = vtrans.Keep(H, [3, 0], [7, 48], [1, 0], [1, 1])
+    assert float(table.predict_soft(keep)) == table.predict(keep)
+    x = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    table.predict_soft(vtrans.Keep(H, [x, 4], [48, 48], [1, 1], [1, 1])).backward()
+    assert float(x.grad) == 1000.0 * 4 * H * HEAD_DIM  # the slope of one head
+
+
+def test_vib_training_to_a_latency_budget(clock: FakeClock, tmp_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vtrans.train import DistillConfig, PruneConfig, Pruner, fit
+
+    monkeypatch.setattr(lt, "default_clock", clock)
+    model = tiny("bert", BertForSequenceClassification)
+    x = torch.randint(3, 60, (32, SEQ), generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 31).long()
+
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        idx = torch.randperm(32, generator=torch.Generator().manual_seed(step))[:8]
+        return {"input_ids": x[idx], "attention_mask": torch.ones_like(x[idx]), "labels": y[idx], "sample_id": idx}
+
+    budget = Budget(latency=0.5, seq_len=SEQ)
+    pruner = Pruner(model, PruneConfig(method="faster", budget=budget, steps=6, rounds=2, finetune_steps=0,
+                                       distill=DistillConfig(logit_weight=0.0)))
+    assert pruner.dense_size == pruner.vib.latency_table.dense_ms
+    assert 0.0 < float(pruner.expected_fraction().detach()) <= 1.0
+    fit(pruner, batches)
+    pruner.finish()
+    a = pruner.vib.achieved
+    assert pruner.vib.budget == budget and a["predicted_ms"] <= a["target_ms"]
