@@ -119,6 +119,10 @@ def _summarise(cfg: PipelineConfig, work: Path, out: Path, inputs: dict[str, Sta
     metrics["ffn_neurons_kept"] = sum(layer["ffn_neurons"] for layer in report["layers"])
     metrics["attention_blocks_kept"] = sum(layer["attention"] for layer in report["layers"])
     metrics["ffn_blocks_kept"] = sum(layer["ffn"] for layer in report["layers"])
+    if report.get("latency"):  # a latency budget: the table's prediction (the evaluate stage measures it)
+        metrics["latency_predicted_ms"] = report["latency"]["predicted_ms"]
+        metrics["latency_predicted_fraction"] = report["latency"]["predicted_ms"] / report["latency"][
+            "dense_predicted_ms"]
     return StageOutput(
         outputs={"compressed": str(out / "compressed"), "masks": str(out / "masks.safetensors"),
                  "report": str(out / "compressed" / "compression.json"), "plot": str(plot)},
