@@ -248,8 +248,8 @@ def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
     tolerance (an alignment's granularity may be coarser than the tolerance).
     """
     if budget.metric == "latency":
-        raise ConfigError(f"budget {budget.describe()} needs a latency table of the model: use vib.apply_budget(budget) "
-                          f"or vtrans.latency_table.select_latency")
+        raise ConfigError(f"budget {budget.describe()} needs a latency table of the model: use "
+                          f"vib.apply_budget(budget) or vtrans.latency_table.select_latency")
     steps = align_steps(g, budget)  # bad alignments fail before any work
     metric, scope, s = budget.metric, budget.scope, budget.seq_len
     dense = int(size(g, g.dense_keep(), metric, scope, s))

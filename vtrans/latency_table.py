@@ -186,7 +186,8 @@ class LatencyTable:
     @property
     def dense_ms(self) -> float:
         """Predicted latency of the dense model."""
-        return self.outside_ms + self.n_layers * (self.attention_ms(self.key["n_groups"]) + self.ffn_ms(self.key["ffn"]))
+        k = self.key
+        return self.outside_ms + self.n_layers * (self.attention_ms(k["n_groups"]) + self.ffn_ms(k["ffn"]))
 
     def check_key(self, want: dict) -> None:
         """Raise a one-line :class:`ConfigError` unless this table was measured for ``want``."""
