@@ -140,6 +140,7 @@ class LatencyTable:
     """The dense widths, timed as one model (the additive prediction's check)."""
     cached: bool = field(default=False, compare=False)
     """Whether this table came from the cache (not persisted)."""
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -147,11 +148,17 @@ class LatencyTable:
 
     def attention_ms(self, groups: float) -> float:
         """One attention sub-layer with ``groups`` kept key/value groups (0: removed)."""
-        return _interp(self.attention, groups)
+        key = ("attention", groups)
+        if key not in self._memo:
+            self._memo[key] = _interp(self.attention, groups)
+        return self._memo[key]
 
     def ffn_ms(self, neurons: float) -> float:
         """One FFN sub-layer with ``neurons`` kept neurons (0: removed)."""
-        return _interp(self.ffn, neurons)
+        key = ("ffn", neurons)
+        if key not in self._memo:
+            self._memo[key] = _interp(self.ffn, neurons)
+        return self._memo[key]
 
     def predict(self, keep: Keep) -> float:
         """Predicted forward latency (ms) of a model with these kept counts (its hidden size is the dense one)."""
@@ -478,60 +485,87 @@ def select_latency(g: Geometry, scores: Scores, budget: Budget, table: LatencyTa
     low = [-(-int((torch.isinf(s) & (s > 0)).sum()) // st) * st for s, st in zip(group_scores, step, strict=True)]
     count = [d // st * st for d, st in zip(dense, step, strict=True)]
 
-    def total() -> float:
-        return table.outside_ms + sum(cost[j](count[j]) for j in range(2 * L))
+    J = 2 * L
 
-    def gain(j: int, a: int, b: int) -> float:  # importance of units ranked a..b-1
-        return prefix[j][b] - prefix[j][a]
+    def total(c: list[int]) -> float:
+        return table.outside_ms + sum(cost[j](c[j]) for j in range(J))
 
-    def ratio(j: int, new: int) -> float:
-        saved = cost[j](count[j]) - cost[j](new)
-        loss = gain(j, new, count[j])
-        return math.inf if saved <= 0 else loss / saved
+    def importance(c: list[int]) -> float:
+        return sum(prefix[j][c[j]] for j in range(J))
 
-    version = [0] * (2 * L)
-    heap: list[tuple[float, int, int, int]] = []
+    def remove(c: list[int], floor: list[int]) -> list[int] | None:
+        """Greedy removal from ``c`` (never below ``floor``) until the prediction is <= target; None if it cannot."""
+        c = list(c)
+        version = [0] * J
+        heap: list[tuple[float, int, int, int]] = []
 
-    def push(j: int) -> None:
-        c = count[j]
-        if c - step[j] >= low[j]:
-            heapq.heappush(heap, (ratio(j, c - step[j]), j, c - step[j], version[j]))
-        if low[j] == 0 and c > step[j]:  # the whole sub-layer: its fixed cost goes with its last unit
-            heapq.heappush(heap, (ratio(j, 0), j, 0, version[j]))
+        def ratio(j: int, new: int) -> float:
+            saved = cost[j](c[j]) - cost[j](new)
+            return math.inf if saved <= 0 else (prefix[j][c[j]] - prefix[j][new]) / saved
 
-    for j in range(2 * L):
-        push(j)
-    current = total()
-    while current > target and heap:
-        _, j, new, v = heapq.heappop(heap)
-        if v != version[j]:
-            continue
-        current += cost[j](new) - cost[j](count[j])
-        count[j] = new
-        version[j] += 1
-        push(j)
-    current = total()
-    if current > target:  # cannot happen after check_reachable; a guard against a table that is not monotone
+        def push(j: int) -> None:
+            if c[j] - step[j] >= floor[j]:
+                heapq.heappush(heap, (ratio(j, c[j] - step[j]), j, c[j] - step[j], version[j]))
+            if floor[j] == 0 and c[j] > step[j]:  # the whole sub-layer: its fixed cost goes with its last unit
+                heapq.heappush(heap, (ratio(j, 0), j, 0, version[j]))
+
+        for j in range(J):
+            push(j)
+        current = total(c)
+        while current > target and heap:
+            _, j, new, v = heapq.heappop(heap)
+            if v != version[j]:
+                continue
+            current += cost[j](new) - cost[j](c[j])
+            c[j] = new
+            version[j] += 1
+            push(j)
+        return c if total(c) <= target else None
+
+    def fill(c: list[int]) -> list[int]:
+        """Add back the best step per millisecond while anything fits (a step that does not fit never will: the
+        prediction only grows, so its sub-layer is done)."""
+        c = list(c)
+        current = total(c)
+        heap: list[tuple[float, int]] = []
+
+        def push(j: int) -> None:
+            new = c[j] + step[j]
+            if new <= dense[j]:
+                extra = cost[j](new) - cost[j](c[j])
+                r = (prefix[j][new] - prefix[j][c[j]]) / extra if extra > 0 else math.inf
+                heapq.heappush(heap, (-r, j))
+
+        for j in range(J):
+            push(j)
+        while heap:
+            _, j = heapq.heappop(heap)
+            extra = cost[j](c[j] + step[j]) - cost[j](c[j])
+            if current + extra <= target:
+                current += extra
+                c[j] += step[j]
+                push(j)
+        return c
+
+    found = remove(count, low)
+    if found is None:  # cannot happen after check_reachable; a guard against a table that is not monotone
         raise BudgetError(f"budget {budget.describe()}: no selection found under {target:.3f} ms")
-    # fill: add back the best step per millisecond while anything fits
-    while True:
-        best: tuple[float, int] | None = None
-        for j in range(2 * L):
-            new = count[j] + step[j]
-            if new > dense[j]:
-                continue
-            extra = cost[j](new) - cost[j](count[j])
-            if current + extra > target:
-                continue
-            r = gain(j, count[j], new) / extra if extra > 0 else math.inf
-            if best is None or r > best[0]:
-                best = (r, j)
-        if best is None:
-            break
-        j = best[1]
-        current += cost[j](count[j] + step[j]) - cost[j](count[j])
-        count[j] += step[j]
-    current = total()
+    count = fill(found)
+    # one pass of swaps: a step that no longer fits (a whole head) comes back when removing cheaper units elsewhere
+    # to make room keeps more importance
+    for j in sorted(range(J), key=lambda j: -(prefix[j][min(count[j] + step[j], dense[j])] - prefix[j][count[j]])):
+        if count[j] + step[j] > dense[j]:
+            continue
+        trial = list(count)
+        trial[j] += step[j]
+        floor = list(low)
+        floor[j] = trial[j]
+        trial = remove(trial, floor)
+        if trial is not None:
+            trial = fill(trial)
+            if importance(trial) > importance(count) * (1 + 1e-12):
+                count = trial
+    current = total(count)
 
     def top(j: int) -> torch.Tensor:
         keep = torch.zeros(dense[j], dtype=torch.bool)
