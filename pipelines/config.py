@@ -539,6 +539,9 @@ class PipelineConfig:
             shape["batch_size"] = e.latency_batch_sizes[0]
         if budget.seq_len == field_default(Budget, "seq_len"):
             shape["seq_len"] = e.latency_seq_lens[0]
+        if budget.batch_size > MAX_EVAL_BATCH:
+            raise ConfigError(f"{key}.batch_size must be at most {MAX_EVAL_BATCH:,} (as evaluate.latency_batch_sizes), "
+                              f"got {budget.batch_size!r}")
         if self.ray.num_workers > 1:
             raise ConfigError(f"{key}.latency={budget.latency!r} with ray.num_workers={self.ray.num_workers!r}: every "
                               f"worker would measure its own latency table; prune a latency budget with "

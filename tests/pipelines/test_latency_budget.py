@@ -41,6 +41,7 @@ def test_latency_budget_follows_the_evaluations_first_point() -> None:
     (["prune.budget.latency=0"], ["budget.latency", "0"]),
     (["prune.budget.latency=0.5", "prune.budget.uniform=true"], ["budget.uniform", "budget.latency"]),
     (["prune.budget.latency=0.5", "prune.budget.batch_size=0"], ["budget.batch_size", "0"]),
+    (["prune.budget.latency=0.5", "prune.budget.batch_size=5000"], ["prune.budget.batch_size", "4,096", "5000"]),
     (["prune.budget={params: 0.5, latency: 0.5}"], ["exactly one of params, flops or latency", "latency=0.5"]),
     (["prune.budget.latency=0.5", "ray.num_workers=2", "prune.batch_size=16"],
      ["prune.budget.latency=0.5", "ray.num_workers=2"]),
