@@ -160,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                          "--out runs/minilm-p50")
     com.add_argument("--model", required=True, help=model_help)
     com.add_argument("--scorer", default="magnitude", help="magnitude | random (default magnitude)")
-    com.add_argument("--budget", required=True, help="params=FRACTION|COUNT or flops=FRACTION|COUNT, e.g. params=0.5")
+    com.add_argument("--budget", required=True, help="params=FRACTION|COUNT, flops=FRACTION|COUNT or latency=FRACTION "
+                     "(of the dense model's latency predicted by a table measured on this machine), e.g. params=0.5")
     com.add_argument("--out", required=True, help="output directory (must not exist or be empty, or --overwrite)")
     com.add_argument("--seq-len", type=int, help="sequence length for FLOPs (default 128; at most the model's "
                      "positions)")
@@ -172,6 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     com.add_argument("--align", help="every kept width a multiple of N (FFN neurons, hidden size, attention width = "
                      "kept key/value groups x head_dim), or per structure: heads=A,neurons=B,hidden=C; the budget "
                      "stays an upper bound and how close it lands is printed")
+    com.add_argument("--latency-batch", type=int, default=1, help="batch size of a latency budget (default 1); its "
+                     "sequence length is --seq-len")
+    com.add_argument("--latency-repeats", type=int, default=10, help="timed forward passes per latency measurement "
+                     "(default 10)")
     com.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     exp = sub.add_parser("export", help="write a vtrans checkpoint as the stock architecture (loads without vtrans)",
@@ -350,13 +355,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     import vtrans
     from vtrans.checkpoint import TASKS, check_output_dir, write_atomically
+
+    # every argument is checked before anything is loaded
+    from vtrans.checks import check_int
     from vtrans.config import parse_align
     from vtrans.scoring import SCORERS, score
 
-    # every argument is checked before anything is loaded
     align = None if args.align is None else parse_align(args.align)
+    check_int("--latency-batch", args.latency_batch, 1, what="a positive integer")
+    check_int("--latency-repeats", args.latency_repeats, 1, what="a positive integer")
     budget = vtrans.Budget.parse(args.budget, seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
-                                 scope=args.scope, uniform=args.uniform, align=align)
+                                 scope=args.scope, uniform=args.uniform, align=align, batch_size=args.latency_batch)
     if args.scorer not in SCORERS:
         raise vtrans.ConfigError(f"--scorer must be one of {list(SCORERS)}, got {args.scorer!r}")
     if args.task not in TASKS:
@@ -369,10 +378,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model, tokenizer, path = _load(args.model, args.task, args.seq_len, dense=True, budget=budget, key="--model")
     t_load = time.perf_counter() - t0
     dense = vtrans.count(model, seq_len=budget.seq_len)
+    table = None
+    if budget.metric == "latency":  # the table (cached or measured now), and an unreachable target, before any work
+        from vtrans import latency_table
+
+        table = latency_table.table_for(model, budget.batch_size, budget.seq_len, repeats=args.latency_repeats)
+        print(f"latency table: {'cache hit' if table.cached else 'measured'} ({table.key['device']}, "
+              f"{table.key['threads']} threads, batch {budget.batch_size} x seq {budget.seq_len}): dense "
+              f"{table.dense_ms:.2f} ms predicted, {table.dense_measured_ms:.2f} ms measured")
+        latency_table.check_reachable(vtrans.arch.for_model(model).geometry(model), budget, table)
     # deterministic unit means: a training-free selection must not perturb the kept weights
     vib = vtrans.attach(model, vtrans.VIBConfig(mu_init_std=0.0, logvar_init_std=0.0))
     t1 = time.perf_counter()
-    sel = vib.apply_budget(budget, scores=score(model, args.scorer, seed=args.seed), method=args.scorer)
+    sel = vib.apply_budget(budget, scores=score(model, args.scorer, seed=args.seed), method=args.scorer, table=table)
     small = vtrans.compress(vib, tokenizer=tokenizer)
     t_compress = time.perf_counter() - t1
 
@@ -386,10 +404,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         a = a[..., vib.selection().hidden]
     err = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-12)
     vib.remove()
+    measured = None
+    if table is not None:  # measured vs predicted, recorded in compression.json
+        from vtrans.latency import time_forward
+
+        measured = time_forward(small, budget.batch_size, budget.seq_len, repeats=args.latency_repeats).median_ms
+        small.config.vtrans["report"]["latency"]["measured_ms"] = measured
 
     _made_by(small, ["vtrans", "compress", "--model", args.model, "--scorer", args.scorer, "--budget", args.budget,
                      "--scope", args.scope, "--seq-len", str(budget.seq_len), "--task", args.task,
                      "--seed", str(args.seed), *(["--uniform"] if args.uniform else []),
+                     *(["--latency-batch", str(args.latency_batch)] if table is not None else []),
                      *(["--align", args.align] if args.align is not None else []), "--out", args.out])
     out_dir = write_atomically(args.out, small.save_pretrained, overwrite=args.overwrite, sources=source)
     comp = vtrans.count(small, seq_len=budget.seq_len)
@@ -409,7 +434,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     rows.append(["attention / ffn blocks", f"{g.n_layers} / {g.n_layers}", f"{sum(keep.mha)} / {sum(keep.ffn)}", ""])
     print(f"model: {path}  ({type(model).__name__})")
     print(f"budget: {budget.describe()}  scorer: {args.scorer}")
-    if budget.aligned:
+    if table is not None:
+        a = sel.achieved
+        print(f"latency: predicted {a['predicted_ms']:.2f} ms = {a['fraction']:.2%} of the dense {a['dense']:.2f} ms "
+              f"(target {a['target_ms']:.2f} ms, {a['of_target']:.2%} of it); measured {measured:.2f} ms "
+              f"({measured / table.dense_measured_ms:.2%} of the dense {table.dense_measured_ms:.2f} ms measured)")
+    elif budget.aligned:
         print(f"aligned widths: {sel.achieved['size']:,.0f} {budget.metric} = {sel.achieved['of_target']:.2%} of the "
               f"target {sel.achieved['target']:,.0f}")
     print(_table(rows))

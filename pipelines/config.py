@@ -506,6 +506,9 @@ class PipelineConfig:
             raise ConfigError(f"calibration.stratified={c.stratified!r} needs class labels, but model.task={task!r}")
         if e.metrics is None:
             e.metrics = list(TASK_METRICS[task])
+        self.prune.budget = self._latency_shape("prune.budget", self.prune.budget)
+        if self.posterior_budget is not None:
+            self.posterior_budget = self._latency_shape("posterior_budget", self.posterior_budget)
         for i, metric in enumerate(e.metrics):
             if metric not in TASK_METRICS[task]:
                 raise ConfigError(f"evaluate.metrics[{i}]={metric!r} is not a {task} metric; choose from "
@@ -526,6 +529,26 @@ class PipelineConfig:
             raise ConfigError(f"finetune.eval_samples={ft.eval_samples!r} held out of data.max_train_samples={cap!r} "
                               f"leaves fewer than finetune.batch_size={ft.batch_size!r} samples to fine-tune on")
 
+    def _latency_shape(self, key: str, budget: Budget) -> Budget:
+        """A latency budget measured at the evaluation's first latency point (``evaluate.latency_batch_sizes[0]`` x
+        ``evaluate.latency_seq_lens[0]``) unless it gives its own ``batch_size`` / ``seq_len``."""
+        if budget.metric != "latency":
+            return budget
+        e = self.evaluate
+        shape = {}
+        if budget.batch_size == field_default(Budget, "batch_size"):
+            shape["batch_size"] = e.latency_batch_sizes[0]
+        if budget.seq_len == field_default(Budget, "seq_len"):
+            shape["seq_len"] = e.latency_seq_lens[0]
+        if budget.batch_size > MAX_EVAL_BATCH:
+            raise ConfigError(f"{key}.batch_size must be at most {MAX_EVAL_BATCH:,} (as evaluate.latency_batch_sizes), "
+                              f"got {budget.batch_size!r}")
+        if self.ray.num_workers > 1:
+            raise ConfigError(f"{key}.latency={budget.latency!r} with ray.num_workers={self.ray.num_workers!r}: every "
+                              f"worker would measure its own latency table; prune a latency budget with "
+                              f"ray.num_workers=1")
+        return dataclasses.replace(budget, **shape) if shape else budget
+
     def _post_load(self, data: Mapping[str, Any], prefix: str) -> None:
         """A derived key written in the file must agree with its owner even when it equals the dataclass default."""
         for section, skey, name, _, owner in self._derived():
@@ -537,7 +560,7 @@ class PipelineConfig:
 
 #: Keys of one section that exclude each other: an override of one drops the others the file gave.
 EXCLUSIVE: dict[type, tuple[frozenset[str], ...]] = {
-    Budget: (frozenset({"params", "flops"}),),
+    Budget: (frozenset({"params", "flops", "latency"}),),
     CalibrationConfig: (frozenset({"fraction", "count"}),),
     DataConfig: (frozenset({"name", "files"}),),
 }

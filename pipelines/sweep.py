@@ -177,8 +177,11 @@ class Sweep:
         """``[(key, "max" | "min"), ...]`` for a model (the default quality metric follows its task)."""
         if self.config.objectives is not None:
             return [tuple(o.rsplit(":", 1)) for o in self.config.objectives]  # type: ignore[misc]
-        task = self.model_configs[label].task
-        quality = task_metric(task)
+        cfg = self.model_configs[label]
+        quality = task_metric(cfg.task)
+        if "prune.budget.latency" in self.config.space or cfg.prune.budget.metric == "latency":
+            # a latency sweep: the front against the latency measured at the budget's point (evaluate stage)
+            return [(quality, direction(quality)), ("latency_measured_ms", "min"), ("params_blocks", "min")]
         return [(quality, direction(quality)), ("params_blocks", "min")]
 
     @property
@@ -195,11 +198,12 @@ TRIAL_METRICS = (*HIGHER_IS_BETTER, "params_blocks", "params_total", "flops_bloc
                  "params_blocks_ratio", "params_total_ratio", "flops_total_ratio")
 
 
-BUDGET_KEYS = ("prune.budget.params", "prune.budget.flops")
+BUDGET_KEYS = ("prune.budget.params", "prune.budget.flops", "prune.budget.latency")
 
 
 def budget_key(config: SweepConfig) -> str:
-    """The space's budget dimension (``prune.budget.params`` or ``.flops``), which ``reuse_posterior`` derives."""
+    """The space's budget dimension (``prune.budget.params``, ``.flops`` or ``.latency``), which ``reuse_posterior``
+    derives."""
     keys = [k for k in BUDGET_KEYS if k in config.space]
     if len(keys) != 1:
         raise ConfigError(f"sweep.reuse_posterior=true derives the budgets of one posterior: sweep.space needs "
@@ -214,7 +218,7 @@ def _check_reuse(sweep: Sweep) -> None:
     budget_key(config)
     if any(k == "prune.budget" or k.startswith("posterior_budget") for k in config.space):
         raise ConfigError("sweep.space may not set prune.budget or posterior_budget as a whole when "
-                          "sweep.reuse_posterior=true; sweep prune.budget.params (or .flops) alone")
+                          "sweep.reuse_posterior=true; sweep prune.budget.params (or .flops, .latency) alone")
     for label, raw in sweep.models.items():
         if raw.get("posterior_budget") is not None:
             raise ConfigError(f"posterior_budget={raw['posterior_budget']!r} (model {label!r}) contradicts "

@@ -247,6 +247,9 @@ def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
     target, and how far below it lands is reported in ``achieved["of_target"]`` instead of checked against the
     tolerance (an alignment's granularity may be coarser than the tolerance).
     """
+    if budget.metric == "latency":
+        raise ConfigError(f"budget {budget.describe()} needs a latency table of the model: use "
+                          f"vib.apply_budget(budget) or vtrans.latency_table.select_latency")
     steps = align_steps(g, budget)  # bad alignments fail before any work
     metric, scope, s = budget.metric, budget.scope, budget.seq_len
     dense = int(size(g, g.dense_keep(), metric, scope, s))
@@ -467,7 +470,11 @@ def quota_scores(scores: Scores, quotas: Keep) -> Scores:
 
 def check_budget_reachable(g: Geometry, budget: Budget) -> None:
     """Raise :class:`~vtrans.errors.BudgetError` when no selection of a model of geometry ``g`` meets ``budget``
-    (:func:`select` on seeded random scores)."""
+    (:func:`select` on seeded random scores). A latency budget needs a measured table (the reach is checked by
+    :func:`vtrans.latency_table.check_reachable` once there is one): here only its alignment is checked."""
+    if budget.metric == "latency":
+        align_steps(g, budget)
+        return
     gen = torch.Generator().manual_seed(0)
     select(g, Scores(torch.rand(g.hidden, generator=gen), [torch.rand(g.n_groups, generator=gen)] * g.n_layers,
                      [torch.rand(g.ffn, generator=gen)] * g.n_layers, torch.rand(g.n_layers, generator=gen),

@@ -122,6 +122,16 @@ def report(vib: VIB, sel: Selection, seq_len: int | None = None) -> dict:
                   "achieved_fraction": vib.achieved.get("fraction"),
                   # how close to the target (an aligned budget may land further below it than the tolerance)
                   "achieved_of_target": got / target if target and got is not None else None}
+        if b.metric == "latency":
+            budget["batch_size"] = b.batch_size
+    latency = None
+    table = getattr(vib, "latency_table", None)
+    if vib.budget is not None and vib.budget.metric == "latency" and table is not None:
+        a = vib.achieved
+        # predicted from the table; measured_ms is filled by whoever times the compressed model (the CLI, evaluate)
+        latency = {"predicted_ms": a.get("predicted_ms"), "target_ms": a.get("target_ms"),
+                   "dense_predicted_ms": a.get("dense_predicted_ms"), "dense_measured_ms": table.dense_measured_ms,
+                   "outside_ms": table.outside_ms, "measured_ms": None, "table_key": dict(table.key)}
     from vtrans import __version__
 
     return {
@@ -130,6 +140,7 @@ def report(vib: VIB, sel: Selection, seq_len: int | None = None) -> dict:
         "source_model": getattr(vib.model.config, "_name_or_path", "") or "",
         "architecture": vib.adapter.name,
         "budget": budget,
+        **({"latency": latency} if latency is not None else {}),
         "dense": counts(g, g.dense_keep(), seq_len).as_dict(),
         "compressed": counts(g, sel.keep(), seq_len).as_dict(),
         "hidden_size": {"dense": g.hidden, "kept": int(sel.hidden.sum())},

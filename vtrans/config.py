@@ -22,6 +22,9 @@ SELECTIONS: tuple[str, ...] = ("threshold", "quota")
 #: Budget scopes: ``blocks`` counts the transformer layers only (as CoFi does); ``total`` the whole model.
 SCOPES: tuple[str, ...] = ("blocks", "total")
 
+#: Budget metrics: exactly one is given (:class:`Budget`).
+METRICS: tuple[str, ...] = ("params", "flops", "latency")
+
 #: Structures whose kept widths :attr:`Budget.align` rounds (``heads``: the attention widths, in whole KV groups).
 ALIGNED: tuple[str, ...] = ("heads", "neurons", "hidden")
 
@@ -99,16 +102,25 @@ class VIBConfig:
 class Budget:
     """A size target: a fraction in (0, 1] of the dense model, or an absolute integer count (> 1).
 
-    Exactly one of ``params`` and ``flops`` is given. FLOPs are forward FLOPs of one sequence of ``seq_len`` tokens
-    (matrix multiplications, 2 per multiply-add, attention counted densely as ``FlopCounterMode`` does).
+    Exactly one of ``params``, ``flops`` and ``latency`` is given. FLOPs are forward FLOPs of one sequence of
+    ``seq_len`` tokens (matrix multiplications, 2 per multiply-add, attention counted densely as ``FlopCounterMode``
+    does). ``latency`` is a fraction of the dense model's latency predicted by a table measured on the device the model
+    is on (:mod:`vtrans.latency_table`), at ``batch_size`` x ``seq_len`` tokens.
     """
 
     params: float | int | None = None
     """Target parameter count: fraction of the dense model's (in ``scope``), or an absolute count."""
     flops: float | int | None = None
     """Target forward FLOPs at ``seq_len``: fraction of the dense model's, or an absolute count."""
+    latency: float | None = None
+    """Target latency: a fraction in (0, 1] of the dense model's forward latency at ``batch_size`` x ``seq_len``,
+    predicted from a per-layer latency table measured on the model's device (:mod:`vtrans.latency_table`). Always the
+    whole model (``scope`` does not apply); the hidden size is never pruned (only heads, neurons and whole blocks);
+    not with ``uniform``."""
     seq_len: int = 128
-    """Sequence length at which FLOPs are counted."""
+    """Sequence length at which FLOPs are counted and a latency budget is measured."""
+    batch_size: int = 1
+    """Batch size at which a latency budget is measured (FLOPs and parameters do not depend on it)."""
     scope: str = "blocks"
     """``blocks`` (transformer layers only, the default, as CoFi) or ``total`` (embeddings and heads too)."""
     tolerance: float = 0.005
@@ -131,17 +143,26 @@ class Budget:
 
     def __hash__(self) -> int:  # a frozen dataclass with a dict field: hash the mapping's items
         align = tuple(sorted(self.align.items())) if isinstance(self.align, dict) else self.align
-        return hash((self.params, self.flops, self.seq_len, self.scope, self.tolerance, self.uniform, align))
+        return hash((self.params, self.flops, self.latency, self.seq_len, self.batch_size, self.scope, self.tolerance,
+                     self.uniform, align))
 
     def __post_init__(self) -> None:
-        given = [k for k in ("params", "flops") if getattr(self, k) is not None]
+        given = [k for k in METRICS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ConfigError(
-                f"budget needs exactly one of params or flops, got params={self.params!r}, flops={self.flops!r}"
-            )
+            got = ", ".join(f"{k}={getattr(self, k)!r}" for k in (given or METRICS))
+            raise ConfigError(f"budget needs exactly one of params, flops or latency, got {got}")
         key = given[0]
         value = getattr(self, key)
         check_number(f"budget.{key}", value, what="a number")
+        if key == "latency":
+            if not 0.0 < value <= 1.0 or (isinstance(value, int) and value != 1):
+                raise ConfigError(f"budget.latency must be a fraction in (0, 1] of the dense model's latency, "
+                                  f"got {value!r}")
+            object.__setattr__(self, "latency", float(value))
+            if self.uniform:
+                raise ConfigError("budget.uniform=true is not supported with budget.latency: a latency budget picks "
+                                  "every layer's widths from its latency table; give params or flops with uniform")
+        check_int("budget.batch_size", self.batch_size, 1, what="a positive integer")
         if isinstance(value, float) and not 0.0 < value <= 1.0:
             raise ConfigError(
                 f"budget.{key} must be a fraction in (0, 1] (or an integer count > 1), got {value!r}"
@@ -172,13 +193,13 @@ class Budget:
 
     @property
     def metric(self) -> str:
-        """``params`` or ``flops``."""
-        return "params" if self.params is not None else "flops"
+        """``params``, ``flops`` or ``latency``."""
+        return next(k for k in METRICS if getattr(self, k) is not None)
 
     @property
     def value(self) -> float | int:
         """The target as given (fraction or absolute count)."""
-        return self.params if self.params is not None else self.flops  # type: ignore[return-value]
+        return getattr(self, self.metric)
 
     def target(self, dense_size: int) -> float:
         """The absolute target given the dense model's size in this budget's metric and scope."""
@@ -187,6 +208,12 @@ class Budget:
 
     def describe(self) -> str:
         """Short human form, e.g. ``params=0.5 (blocks)``."""
+        if self.metric == "latency":
+            extra = f"batch_size={self.batch_size}, seq_len={self.seq_len}"
+            if self.aligned:
+                extra += f", align={self.align}" if isinstance(self.align, int) else ", align=" + ",".join(
+                    f"{k}={v}" for k, v in self.align.items())
+            return f"latency={self.value} ({extra})"
         extra = f", seq_len={self.seq_len}" if self.metric == "flops" else ""
         extra += ", uniform" if self.uniform else ""
         if self.aligned:
@@ -196,14 +223,14 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str, seq_len: int = 128, scope: str = "blocks", uniform: bool = False,
-              align: int | dict[str, int] | None = None) -> Budget:
-        """Parse ``params=0.5`` / ``flops=0.4`` / ``params=5000000`` as given on a command line."""
+              align: int | dict[str, int] | None = None, batch_size: int = 1) -> Budget:
+        """Parse ``params=0.5`` / ``flops=0.4`` / ``params=5000000`` / ``latency=0.6`` as given on a command line."""
         values: dict[str, float | int] = {}
         for part in str(text).split(","):
             key, sep, raw = part.partition("=")
             key = key.strip()
-            if not sep or key not in ("params", "flops"):
-                raise ConfigError(f"budget must look like params=0.5 or flops=0.4, got {quote(text)}")
+            if not sep or key not in METRICS:
+                raise ConfigError(f"budget must look like params=0.5, flops=0.4 or latency=0.6, got {quote(text)}")
             if key in values:
                 raise ConfigError(f"budget gives {key} twice in {quote(text)}; give one {key}=VALUE")
             try:
@@ -211,7 +238,7 @@ class Budget:
             except ValueError:
                 raise ConfigError(f"budget.{key} must be a number, got {quote(raw.strip())}") from None
             values[key] = 1.0 if value == 1 and isinstance(value, int) else value
-        return cls(**values, seq_len=seq_len, scope=scope, uniform=uniform, align=align)
+        return cls(**values, seq_len=seq_len, scope=scope, uniform=uniform, align=align, batch_size=batch_size)
 
 
 def check_align(align: object, key: str = "budget.align") -> None:

@@ -713,7 +713,7 @@ def layer_errors(vib: VIB, batches: Iterable[Batch]) -> list[float]:
 
 
 def kwon_prune(vib: VIB, batches: Iterable[Batch], budget: Budget, *, rearrange: bool = True, tune: bool = True,
-               passes: int = 1, scale_range: tuple[float, float] = (-10.0, 10.0)) -> Selection:
+               passes: int = 1, scale_range: tuple[float, float] = (-10.0, 10.0), table=None) -> Selection:
     """Prune ``vib.model`` to ``budget`` with Kwon et al.'s retraining-free method; ``vtrans.compress(vib)`` then
     gives the pruned, mask-tuned model.
 
@@ -721,6 +721,11 @@ def kwon_prune(vib: VIB, batches: Iterable[Batch], budget: Budget, *, rearrange:
     the search picks the kept heads and neurons, ``rearrange`` re-chooses them within each block, the selection is
     fixed on the VIB (``vib.apply_budget``, method ``"kwon"``), and ``tune`` rescales the kept mask values by least
     squares (:func:`tune_masks`). Returns the selection (its ``achieved`` sizes as :func:`vtrans.budget.select`).
+
+    A latency budget (``Budget(latency=...)``) searches with the latency table of the model on its device
+    (``table``, else cached or measured before the Fisher pass; :mod:`vtrans.latency_table`): the diagonal Fisher
+    scores per millisecond saved (:func:`vtrans.latency_table.select_latency`) instead of the parameter / FLOP search,
+    then rearrangement and tuning as for any budget.
     """
     if not isinstance(vib, VIB):
         raise ConfigError(f"kwon_prune needs a vtrans.VIB: vib = vtrans.attach(model), got {type(vib).__name__}")
@@ -731,6 +736,14 @@ def kwon_prune(vib: VIB, batches: Iterable[Batch], budget: Budget, *, rearrange:
                           "use a VIB method or the magnitude / random scorer for a uniform (stock) model")
     align_steps(vib.geometry, budget)  # bad alignments fail before the Fisher pass
     _check_kept_hidden(vib.geometry, budget)
+    if budget.metric == "latency":  # the table, and a target no selection reaches, before the Fisher pass
+        from vtrans import latency_table
+
+        if table is None:
+            table = latency_table.table_for(vib.model, budget.batch_size, budget.seq_len)
+        else:
+            table.check_key(latency_table.table_key(vib.model, budget.batch_size, budget.seq_len))
+        latency_table.check_reachable(vib.geometry, budget, table)
     if vib.heads is None or vib.neurons is None:
         raise ConfigError(f"kwon_prune needs head and neuron masks; the VIB has structures "
                           f"{list(vib.config.structures)}")
@@ -740,11 +753,14 @@ def kwon_prune(vib: VIB, batches: Iterable[Batch], budget: Budget, *, rearrange:
             m.mu.fill_(1.0)  # Kwon's masks are 1 (kept) or 0 (pruned) until tuned
     fisher = fisher_information(vib.model, batches, blocks=rearrange)
     g = vib.geometry
-    sel = search_masks(g, fisher.scores(), budget)
-    if rearrange:
+    if budget.metric == "latency":
+        sel = latency_table.select_latency(g, fisher.scores(), budget, table)
+    else:
+        sel = search_masks(g, fisher.scores(), budget)
+    if rearrange:  # the same counts per block: the same size and predicted latency
         sel = rearrange_masks(sel, fisher, passes)
     final = vib.apply_budget(budget, scores=_pinned(g, torch.stack(sel.groups), torch.stack(sel.neurons)),
-                             method="kwon")
+                             method="kwon", table=table)
     if not all(torch.equal(a, b) for a, b in zip(final.groups + final.neurons, sel.groups + sel.neurons)):
         raise RuntimeError("internal: the budget selection changed Kwon's masks")  # select reproduces a filled set
     if tune:

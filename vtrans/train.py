@@ -337,7 +337,15 @@ class Pruner(_Distiller):
         if config.constraint == "projection":  # no multiplier in the loss: frozen, so DDP expects no gradient for it
             self.lagrangian.requires_grad_(False)
         b = config.budget
-        self.dense_size = float(size(self.vib.geometry, self.vib.geometry.dense_keep(), b.metric, b.scope, b.seq_len))
+        if b.metric == "latency":  # the expected latency of the table measured on this device (vtrans.latency_table)
+            from vtrans import latency_table
+
+            self.vib.latency_table = latency_table.table_for(model, b.batch_size, b.seq_len)
+            latency_table.check_reachable(self.vib.geometry, b, self.vib.latency_table)
+            self.dense_size = self.vib.latency_table.dense_ms
+        else:
+            self.dense_size = float(size(self.vib.geometry, self.vib.geometry.dense_keep(), b.metric, b.scope,
+                                         b.seq_len))
         self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
         self.optimizers = self._make_optimizers()
         self._mask_lrs = [group["lr"] for group in self.optimizers["masks"].param_groups]
@@ -385,7 +393,8 @@ class Pruner(_Distiller):
     def fix_round_budget(self, r: int) -> None:
         b = self.config.budget
         self.vib.apply_budget(Budget(**{b.metric: self.config.round_target(r)}, scope=b.scope, seq_len=b.seq_len,
-                                     tolerance=b.tolerance, uniform=b.uniform, align=b.align))
+                                     tolerance=b.tolerance, uniform=b.uniform, align=b.align,
+                                     batch_size=b.batch_size))
 
     def finish(self) -> None:
         """Fix the final budget exactly (the state compression uses). With ``config.reconstruct`` call
@@ -408,8 +417,13 @@ class Pruner(_Distiller):
         b = self.config.budget
         # a start, not the final selection: any fill within half the target will do (tiny models have coarse units)
         try:
-            sel = search_masks(self.vib.geometry, fisher.scores(),
-                               Budget(**{b.metric: b.value}, scope=b.scope, seq_len=b.seq_len, tolerance=0.5))
+            if b.metric == "latency":
+                from vtrans.latency_table import select_latency
+
+                sel = select_latency(self.vib.geometry, fisher.scores(), b, self.vib.latency_table)
+            else:
+                sel = search_masks(self.vib.geometry, fisher.scores(),
+                                   Budget(**{b.metric: b.value}, scope=b.scope, seq_len=b.seq_len, tolerance=0.5))
         except BudgetError as e:  # Kwon never prunes the hidden dimension; the VIB can still reach the budget
             warnings.warn(f"prune.init=fisher: Kwon's selection cannot start this budget ({e}); the masks start "
                           f"uniform (init=constant)", UserWarning, stacklevel=2)

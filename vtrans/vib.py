@@ -51,6 +51,9 @@ class VIB(nn.Module):
         self.mha = mask(g.n_layers) if "mha" in s else None
         self.ffn = mask(g.n_layers) if "ffn" in s else None
         self.budget: Budget | None = None
+        self.latency_table = None
+        """The :class:`vtrans.latency_table.LatencyTable` of the last latency budget applied (kept when the budget is
+        released: a training's rounds re-apply budgets with it)."""
         self.achieved: dict[str, float] = {}
         """Target, achieved size and fraction of the last :meth:`apply_budget`."""
         self.method = "vtrans"
@@ -134,7 +137,13 @@ class VIB(nn.Module):
     def expected_size(self, metric: str = "params", scope: str = "blocks", seq_len: int = 128,
                       offset: float = 0.0) -> torch.Tensor:
         """Differentiable expected parameters or FLOPs under the current keep probabilities (every ``log_alpha``
-        moved by ``offset``)."""
+        moved by ``offset``). ``latency``: the predicted milliseconds of :attr:`latency_table` (``scope`` and
+        ``seq_len`` are the table's)."""
+        if metric == "latency":
+            if self.latency_table is None:
+                raise ConfigError("expected latency needs a latency table: set vib.latency_table "
+                                  "(vtrans.latency_table.table_for(model, batch_size, seq_len))")
+            return self.latency_table.predict_soft(self.keep_probs(offset)).float()
         return torch.as_tensor(size(self.geometry, self.keep_probs(offset), metric, scope, seq_len))
 
     @torch.no_grad()
@@ -180,7 +189,8 @@ class VIB(nn.Module):
         return self.scores()
 
     @torch.no_grad()
-    def apply_budget(self, budget: Budget, scores: Scores | None = None, method: str | None = None) -> Selection:
+    def apply_budget(self, budget: Budget, scores: Scores | None = None, method: str | None = None,
+                     table=None) -> Selection:
         """Fix hard masks meeting ``budget`` exactly (never over, within its tolerance under).
 
         ``scores`` default to the trained posterior: ``-log_alpha`` under one global threshold, or per-group quotas
@@ -188,12 +198,27 @@ class VIB(nn.Module):
         :func:`vtrans.scoring.magnitude`) for a baseline. Re-applying with another budget re-thresholds the same
         posterior: one trained VIB serves several budgets. ``budget.uniform``: the same widths in every layer, as the
         stock architecture expresses them (:func:`vtrans.uniform.select_uniform`); :func:`vtrans.compress` then
-        returns the stock Hugging Face class.
+        returns the stock Hugging Face class. A latency budget (``Budget(latency=...)``) selects with a latency table
+        of this model on its device (:mod:`vtrans.latency_table`): ``table`` if given (refused unless measured for
+        this model, device, threads and shape), else from the cache or measured now; it is kept as
+        :attr:`latency_table`.
         """
         if not isinstance(budget, Budget):
             raise ConfigError(f"budget must be a vtrans.Budget, got {budget!r}")
         scores = scores if scores is not None else self.posterior_scores()
-        if budget.uniform:  # the shapes a stock config expresses (vtrans.uniform)
+        if budget.metric == "latency":
+            from vtrans import latency_table
+
+            key = latency_table.table_key(self.model, budget.batch_size, budget.seq_len)
+            if table is None and self.latency_table is not None and self.latency_table.key == key:
+                table = self.latency_table  # the table already in use (a training's rounds)
+            if table is None:
+                table = latency_table.table_for(self.model, budget.batch_size, budget.seq_len)
+            else:
+                table.check_key(key)
+            sel = latency_table.select_latency(self.geometry, scores, budget, table)
+            self.latency_table = table
+        elif budget.uniform:  # the shapes a stock config expresses (vtrans.uniform)
             sel = select_uniform(self.geometry, scores, budget, self.adapter.stock_rules(self.model))
         else:
             sel = select(self.geometry, scores, budget)

@@ -33,13 +33,25 @@ OPTIONS = {"num_cpus": 0}  # the measuring tasks reserve their own CPUs / GPU
 
 
 def material(cfg: PipelineConfig) -> dict:
-    return {"evaluate": to_dict(cfg.evaluate), "flops_seq_len": cfg.prune.budget.seq_len,
-            "device": "cuda" if cfg.ray.use_gpu else "cpu"}
+    m = {"evaluate": to_dict(cfg.evaluate), "flops_seq_len": cfg.prune.budget.seq_len,
+         "device": "cuda" if cfg.ray.use_gpu else "cpu"}
+    if cfg.prune.budget.metric == "latency":  # its point is timed too (other budgets keep their keys)
+        m["latency_point"] = latency_point(cfg)
+    return m
+
+
+def latency_point(cfg: PipelineConfig) -> tuple[int, int] | None:
+    """(batch, seq) of a latency budget (what its table predicted), None for other budgets."""
+    b = cfg.prune.budget
+    return (b.batch_size, b.seq_len) if b.metric == "latency" else None
 
 
 def grid(cfg: PipelineConfig) -> list[tuple[int, int]]:
+    """The timed (batch, seq) points: every pair of the latency grid, and a latency budget's own point."""
     e = cfg.evaluate
-    return [(b, s) for s in e.latency_seq_lens for b in e.latency_batch_sizes]
+    points = [(b, s) for s in e.latency_seq_lens for b in e.latency_batch_sizes]
+    extra = latency_point(cfg)
+    return points + ([extra] if extra is not None and extra not in points else [])
 
 
 def point(batch: int, seq: int) -> str:
@@ -137,6 +149,16 @@ def compare(cfg: PipelineConfig, dense: dict, comp: dict) -> dict[str, float]:
     m["peak_rss_over_baseline_mb"] = comp["peak_rss_over_baseline_mb"]
     m["dense_peak_rss_over_baseline_mb"] = dense["peak_rss_over_baseline_mb"]
     m["model_mb"], m["dense_model_mb"] = comp["model_mb"], dense["model_mb"]
+    record = comp.get("latency_record")
+    if record and latency_point(cfg) is not None:  # a latency budget: the table's prediction against this timing
+        p = point(*latency_point(cfg))
+        m["latency_predicted_ms"] = record["predicted_ms"]
+        m["latency_target_ms"] = record["target_ms"]
+        m["dense_latency_predicted_ms"] = record["dense_predicted_ms"]
+        m["latency_measured_ms"] = comp["latency"][p]["median_ms"]
+        m["dense_latency_measured_ms"] = dense["latency"][p]["median_ms"]
+        m["latency_measured_over_predicted"] = m["latency_measured_ms"] / record["predicted_ms"]
+        m["latency_measured_fraction"] = m["latency_measured_ms"] / m["dense_latency_measured_ms"]
     return m
 
 
@@ -154,12 +176,27 @@ def markdown(cfg: PipelineConfig, m: dict[str, float], device: str) -> str:
                     f"{m[f'latency_ms_{p}']:.2f} | speedup {m[f'speedup_{p}']:.2f}x, "
                     f"÷ FLOPs reduction {m[f'flops_reduction_s{s}']:.2f}x = "
                     f"{m[f'speedup_per_flops_reduction_{p}']:.2f} |")
+    if "latency_predicted_ms" in m:
+        b, s = latency_point(cfg)
+        rows.append(f"| latency budget {cfg.prune.budget.value}, batch {b} x seq {s}: predicted / measured ms | "
+                    f"{m['dense_latency_predicted_ms']:.2f} / {m['dense_latency_measured_ms']:.2f} | "
+                    f"{m['latency_predicted_ms']:.2f} / {m['latency_measured_ms']:.2f} (target "
+                    f"{m['latency_target_ms']:.2f}) | measured {m['latency_measured_fraction']:.4f} of dense, "
+                    f"{m['latency_measured_over_predicted']:.2f}x the prediction |")
     rows.append(f"| model MB | {m['dense_model_mb']:.1f} | {m['model_mb']:.1f} | "
                 f"{m['model_mb'] / m['dense_model_mb']:.4f} |")
     rows.append(f"| peak RSS MB of the measuring process (above its baseline before loading) | "
                 f"{m['dense_peak_rss_mb']:.0f} ({m['dense_peak_rss_over_baseline_mb']:.0f}) | "
                 f"{m['peak_rss_mb']:.0f} ({m['peak_rss_over_baseline_mb']:.0f}) | |")
     return f"Evaluation of `{cfg.name}` on {device}:\n\n" + "\n".join(rows) + "\n"
+
+
+def _latency_record(model_dir: str) -> dict | None:
+    """The ``latency`` record of a compressed checkpoint's compression.json (a latency budget's prediction)."""
+    try:
+        return json.loads((Path(model_dir) / "compression.json").read_text()).get("latency")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _dense_file(ctx: StageContext, comp: dict) -> Path:
@@ -180,6 +217,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     remote = _measure_remote(cfg)
     # one after the other: timings taken side by side on shared cores would disturb each other
     comp = ray.get(remote.remote(compressed, cfg.task, test, cfg, pad, "compressed"))
+    comp["latency_record"] = _latency_record(compressed)
     dense_file = _dense_file(ctx, comp)
     if dense_file.is_file() and NAME not in ctx.rerun:
         dense = json.loads(dense_file.read_text())
@@ -196,6 +234,9 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     (work / "report.md").write_text(md)
     q = ", ".join(f"{k} {metrics[k]:.4f} (dense {metrics['dense_' + k]:.4f})" for k in cfg.evaluate.metrics)
     print(f"[{NAME}] {q}; report {work / 'report.md'}", flush=True)
+    if "latency_predicted_ms" in metrics:
+        print(f"[{NAME}] latency budget: predicted {metrics['latency_predicted_ms']:.2f} ms (target "
+              f"{metrics['latency_target_ms']:.2f}), measured {metrics['latency_measured_ms']:.2f} ms", flush=True)
     model_metrics = {k: metrics[k] for k in (*cfg.evaluate.metrics, "params_blocks_ratio", "params_total_ratio",
                                              "flops_total_ratio")}
     return StageOutput(outputs={"report": str(work / "report.json"), "report_md": str(work / "report.md"),

@@ -42,10 +42,20 @@ VERSION = 2
 OPTIONS = {"num_cpus": 0}
 
 
+def _budget(d: dict) -> dict:
+    """A budget's material: without the latency keys when it is no latency budget (the keys of the stages cached
+    before latency budgets existed stay what they were)."""
+    if d.get("latency") is None:
+        return {k: v for k, v in d.items() if k not in ("latency", "batch_size")}
+    return d
+
+
 def material(cfg: PipelineConfig) -> dict:
+    prune = to_dict(cfg.prune)
+    prune["budget"] = _budget(prune["budget"])
     if cfg.posterior is None:
-        return {"prune": to_dict(cfg.prune)}
-    return {"prune": to_dict(cfg.prune), "posterior_budget": to_dict(cfg.posterior_budget)}
+        return {"prune": prune}
+    return {"prune": prune, "posterior_budget": _budget(to_dict(cfg.posterior_budget))}
 
 
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
@@ -109,6 +119,10 @@ def _summarise(cfg: PipelineConfig, work: Path, out: Path, inputs: dict[str, Sta
     metrics["ffn_neurons_kept"] = sum(layer["ffn_neurons"] for layer in report["layers"])
     metrics["attention_blocks_kept"] = sum(layer["attention"] for layer in report["layers"])
     metrics["ffn_blocks_kept"] = sum(layer["ffn"] for layer in report["layers"])
+    if report.get("latency"):  # a latency budget: the table's prediction (the evaluate stage measures it)
+        metrics["latency_predicted_ms"] = report["latency"]["predicted_ms"]
+        metrics["latency_predicted_fraction"] = report["latency"]["predicted_ms"] / report["latency"][
+            "dense_predicted_ms"]
     return StageOutput(
         outputs={"compressed": str(out / "compressed"), "masks": str(out / "masks.safetensors"),
                  "report": str(out / "compressed" / "compression.json"), "plot": str(plot)},

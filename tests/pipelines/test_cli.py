@@ -54,7 +54,7 @@ def test_compress_tiny_model(tiny_bert_dir: Path, tmp_path: Path, capsys) -> Non
     (["--model", "no-such-model"], ["'no-such-model'", "'minilm'"]),
     (["--budget", "params=1.5"], ["budget.params", "1.5"]),
     (["--budget", "params=0"], ["budget.params", "0"]),
-    (["--budget", "params=0.5,flops=0.4"], ["exactly one of params or flops", "0.4"]),
+    (["--budget", "params=0.5,flops=0.4"], ["exactly one of params, flops or latency", "0.4"]),
     (["--budget", "size=0.5"], ["'size=0.5'"]),
     (["--scope", "everything"], ["budget.scope", "'everything'"]),
     (["--scorer", "fisher"], ["--scorer", "'fisher'"]),

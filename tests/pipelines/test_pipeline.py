@@ -320,3 +320,26 @@ def test_posterior_budget_rethresholds_the_trained_posterior(first) -> None:
     assert (posterior["vtrans.stage"], posterior["vtrans.status"], posterior["vtrans.source_run_id"]) == \
         ("prune", "cached", source.run_id)
     assert children["prune"].data.tags["vtrans.posterior_run_id"] == source.run_id
+
+
+def test_latency_budget_pipeline(workdir) -> None:
+    """``prune.budget.latency``: the VIB trains to the table's expected latency on the worker's device, the prune
+    stage records the prediction, the evaluate stage times the budget's point and reports measured against predicted
+    (structure only: timing is not asserted)."""
+    from pipelines.dag import run_pipeline
+
+    cfg = load_config("tiny.yaml", ["prune.budget.latency=0.6", "ray.num_workers=1",
+                                    "evaluate.latency_batch_sizes=[2]"])
+    assert (cfg.prune.budget.batch_size, cfg.prune.budget.seq_len) == (2, 32)
+    run = run_pipeline(cfg)
+    assert {n: r.status for n, r in run.results.items()}["prune"] == "ran"
+    report = json.loads(Path(run.results["prune"].outputs["report"]).read_text())
+    assert report["budget"]["metric"] == "latency" and report["latency"]["table_key"]["batch_size"] == 2
+    p = run.results["prune"].metrics
+    assert p["latency_predicted_ms"] <= report["latency"]["target_ms"]
+    m = run.metrics
+    assert m["latency_predicted_ms"] == p["latency_predicted_ms"] <= m["latency_target_ms"]
+    assert m["latency_measured_ms"] > 0 and m["latency_measured_ms"] == m["latency_ms_b2_s32"]
+    print(f"\ntiny BERT latency=0.6: predicted {m['latency_predicted_ms']:.3f} ms, measured "
+          f"{m['latency_measured_ms']:.3f} ms (dense {m['dense_latency_predicted_ms']:.3f} predicted, "
+          f"{m['dense_latency_measured_ms']:.3f} measured)")

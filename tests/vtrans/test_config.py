@@ -13,7 +13,7 @@ from vtrans import Budget, ConfigError, VIBConfig
     ({"params": 1.5}, "1.5"),
     ({"params": -3}, "-3"),
     ({"flops": float("nan")}, "budget.flops"),
-    ({"params": 0.5, "flops": 0.4}, "exactly one of params or flops"),
+    ({"params": 0.5, "flops": 0.4}, "exactly one of params, flops or latency"),
     ({}, "exactly one"),
     ({"params": 0.5, "scope": "layers"}, "budget.scope must be one of ['blocks', 'total'], got 'layers'"),
     ({"flops": 0.5, "seq_len": 0}, "budget.seq_len"),
