@@ -351,7 +351,8 @@ def test_bad_files_name_the_path(text: str | None, needle: str, tmp_path: Path) 
 
 @pytest.mark.parametrize(("make", "needle"), [
     (lambda: DataConfig(), "exactly one of data.name or data.files"),
-    (lambda: DataConfig(name="imdb"), "data.name must be one of ['rotten_tomatoes', 'wikipedia'], got 'imdb'"),
+    (lambda: DataConfig(name="imdb"),
+     "data.name must be one of ['rotten_tomatoes', 'wikipedia', 'lee_news'], got 'imdb'"),
     (lambda: CalibrationConfig(count=0), "calibration.count must be an int >= 1, got 0"),
     (lambda: EvaluateConfig(latency_seq_lens=[]), "evaluate.latency_seq_lens must be a non-empty list"),
     (lambda: ModelConfig("minilm", num_labels=1), "model.num_labels must be an int >= 2, got 1"),

@@ -89,7 +89,7 @@ def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_registries_describe_every_asset() -> None:
     assert set(MODELS) == {"minilm", "smollm2"}
-    assert set(DATASETS) == {"rotten_tomatoes", "wikipedia"}
+    assert set(DATASETS) == {"rotten_tomatoes", "wikipedia", "lee_news"}
     for asset in (*MODELS.values(), *DATASETS.values()):
         assert "==" in asset.pin and asset.description
     for asset in MODELS.values():
