@@ -380,9 +380,9 @@ PROFILES: dict[str, Profile] = {
     # every budget is trained on its own), 3 seeds of every method pruned and fine-tuned; SmolLM2 at 80 and 70% with
     # the steps after the warm-up at the budget (the projection), one seed
     "quick": Profile(
-        name="quick", description="the 2-core CPU development machine in about two hours: every measure, the "
-                                  "library's recipe on cut steps and samples, 3 seeds of MiniLM, SmolLM2 at two "
-                                  "budgets",
+        name="quick", description="the 2-core CPU development machine (hours: a VTrans training is minutes): every "
+                                  "measure, the library's recipe on cut steps and samples, 3 seeds of MiniLM, "
+                                  "SmolLM2 at two budgets",
         encoder=TaskProfile(label="minilm", model="minilm", budgets=[0.7, 0.5, 0.3, 0.2], methods=_ALL,
                             train_samples=4000, test_samples=1000, seq_len=64,
                             prune_steps={"vtrans": 200, "fast": 200, "faster": 200}, finetune_steps=50, seeds=3,
