@@ -175,4 +175,4 @@ def test_pareto_models_are_registered_with_aliases_and_load_in_a_fresh_process(s
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(out) == 2 and {"label", "score", "probabilities"} <= set(out[0])
-    assert out[0]["label"] in (0, 1) and abs(sum(out[0]["probabilities"]) - 1) < 1e-5
+    assert out[0]["label"] in ("rotten", "fresh") and abs(sum(out[0]["probabilities"]) - 1) < 1e-5  # class names
