@@ -27,11 +27,11 @@ def _cuda_available() -> bool:
 #: here just starts later.
 SLOWEST_FIRST = (
     "tests/pipelines/test_sweep_run.py",
-    "tests/pipelines/test_train_jobs.py",
+    "tests/pipelines/test_pipeline.py",  # four pipeline runs since the LoRA and latency-budget runs joined
     "tests/pipelines/test_sweep_asha.py",
+    "tests/pipelines/test_train_jobs.py",
     "tests/pipelines/test_bench.py",
     "tests/pipelines/test_sweep_resume.py",
-    "tests/pipelines/test_pipeline.py",
     "tests/pipelines/test_tracking_outage.py",
     "tests/pipelines/test_train_real.py",
     "tests/pipelines/test_pipeline_kill.py",
