@@ -52,25 +52,6 @@ def _texts(model_input) -> list[str]:
     return [str(t) for t in model_input]
 
 
-def stage_checkpoint(model_dir: str | Path, dst: str | Path, label_names: Sequence[str] | None = None) -> Path:
-    """A copy of ``model_dir`` at ``dst`` fit for the artifact store: no ``*.py`` file, no ``auto_map`` in its
-    config (vtrans's classes come from the installed vtrans), the task's class names as ``id2label`` / ``label2id``
-    when ``label_names`` is given."""
-    src, dst = Path(model_dir), Path(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    config_file = dst / "config.json"
-    config = json.loads(config_file.read_text())
-    config.pop("auto_map", None)
-    if label_names is not None:
-        n = int(config.get("num_labels") or len(config.get("id2label") or {}) or len(label_names))
-        if len(label_names) != n:
-            raise ValueError(f"label_names has {len(label_names)} names for a model with {n} labels")
-        config["id2label"] = {str(i): str(name) for i, name in enumerate(label_names)}
-        config["label2id"] = {str(name): i for i, name in enumerate(label_names)}
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return dst
-
-
 def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -80,15 +61,26 @@ def _signature():
                           params=ParamSchema([ParamSpec(k, "long", v) for k, v in PARAMS.items()]))
 
 
-def save_model(path: str, mlflow_model, checkpoint: str, task: str, source: str | None = None,
+def _with_label_names(model, label_names: Sequence[str] | None):
+    """``model`` with the task's class names as ``id2label`` / ``label2id`` (None: left as they are)."""
+    if label_names is not None:
+        n = model.config.num_labels
+        if len(label_names) != n:
+            raise ValueError(f"label_names has {len(label_names)} names for a model with {n} labels")
+        model.config.id2label = {i: str(name) for i, name in enumerate(label_names)}
+        model.config.label2id = {str(name): i for i, name in enumerate(label_names)}
+    return model
+
+
+def save_model(path: str, mlflow_model, checkpoint: str, task: str, label_names: Sequence[str] | None = None,
                pip_requirements: list[str] | None = None, signature=None, input_example=None, metadata=None,
                **kwargs) -> None:
-    """The flavor module's ``save_model`` for :meth:`mlflow.models.Model.log`: the checkpoint (``checkpoint``, a
-    directory made by :func:`stage_checkpoint`) loaded by vtrans and saved by ``mlflow.transformers`` as a pipeline
-    of the task, its folder cleaned of what ``save_pretrained`` adds for people without vtrans (the modeling file and
-    ``auto_map``) and given back the checkpoint's own files (model card, compression record) and its tokenizer; then
-    the flavor's model class becomes the task's Auto class for a vtrans architecture and the pyfunc's loader this
-    module."""
+    """The flavor module's ``save_model`` for :meth:`mlflow.models.Model.log`: the checkpoint loaded by vtrans (with
+    the class names, when given) and saved by ``mlflow.transformers`` as a pipeline of the task; its folder cleaned of
+    what ``save_pretrained`` adds for people without vtrans (the modeling file and ``auto_map``: nothing stored with
+    the model can run, even where MLflow's loader passes ``trust_remote_code=True``) and given back the checkpoint's
+    own files (model card, compression record) and its tokenizer; then the flavor's model class becomes the task's
+    Auto class for a vtrans architecture and the pyfunc's loader this module."""
     import mlflow
     import torch
     import transformers
@@ -97,7 +89,7 @@ def save_model(path: str, mlflow_model, checkpoint: str, task: str, source: str 
     from vtrans.checkpoint import load_pretrained, load_tokenizer
 
     src = Path(checkpoint)
-    model = load_pretrained(src, task=task, dtype=torch.float32).eval()
+    model = _with_label_names(load_pretrained(src, task=task, dtype=torch.float32).eval(), label_names)
     tokenizer = load_tokenizer(src)
     card = src / "README.md"
     # (MLflow 3.17's path for a checkpoint folder, transformers_model=str, fails on transformers 5: pipeline objects)
@@ -121,7 +113,6 @@ def save_model(path: str, mlflow_model, checkpoint: str, task: str, source: str 
     flavor = mlflow_model.flavors["transformers"]
     if not hasattr(transformers, flavor["pipeline_model_type"]):  # a vtrans class: the Auto class finds it
         flavor["pipeline_model_type"] = AUTO_CLASSES[task]
-    flavor["source_model_name"] = source or flavor["source_model_name"]  # where it came from, not the staging folder
     mlflow_model.flavors["python_function"]["loader_module"] = __name__
     mlflow_model.save(str(Path(path) / "MLmodel"))
 
@@ -131,16 +122,13 @@ def log_compressed(model_dir: str | Path, task: str, label_names: Sequence[str] 
     """Log ``model_dir`` (a compressed checkpoint) into the active run as this module's MLflow model (see the module
     docstring); returns MLflow's ``ModelInfo``. MLflow checks the input example by loading it with this module."""
     import sys
-    import tempfile
 
     from mlflow.models import Model
 
     example = ["a gripping film", "dull"] if task == "seq-cls" else ["The history of"]
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = stage_checkpoint(model_dir, Path(tmp) / "checkpoint", label_names)
-        return Model.log(None, sys.modules[__name__], name=name, checkpoint=str(staged), task=task,
-                         source=str(model_dir), pip_requirements=pip_requirements, signature=_signature(),
-                         input_example=(example, {"max_new_tokens": 2} if task == "causal-lm" else {}))
+    return Model.log(None, sys.modules[__name__], name=name, checkpoint=str(model_dir), task=task,
+                     label_names=label_names, pip_requirements=pip_requirements, signature=_signature(),
+                     input_example=(example, {"max_new_tokens": 2} if task == "causal-lm" else {}))
 
 
 class CompressedPredictor:
