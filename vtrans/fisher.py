@@ -739,10 +739,7 @@ def kwon_prune(vib: VIB, batches: Iterable[Batch], budget: Budget, *, rearrange:
     if budget.metric == "latency":  # the table, and a target no selection reaches, before the Fisher pass
         from vtrans import latency_table
 
-        if table is None:
-            table = latency_table.table_for(vib.model, budget.batch_size, budget.seq_len)
-        else:
-            table.check_key(latency_table.table_key(vib.model, budget.batch_size, budget.seq_len))
+        table = latency_table.table_for_budget(vib.model, budget, table)
         latency_table.check_reachable(vib.geometry, budget, table)
     if vib.heads is None or vib.neurons is None:
         raise ConfigError(f"kwon_prune needs head and neuron masks; the VIB has structures "

@@ -395,6 +395,15 @@ def table_for(model: PreTrainedModel, batch_size: int = 1, seq_len: int = 128, *
     return table
 
 
+def table_for_budget(model: PreTrainedModel, budget: Budget, table: LatencyTable | None = None) -> LatencyTable:
+    """The table a latency ``budget`` of ``model`` selects with: ``table`` when given (refused in one line unless it was
+    measured for this model, device, threads and shape), else :func:`table_for` (cached or measured now)."""
+    if table is None:
+        return table_for(model, budget.batch_size, budget.seq_len)
+    table.check_key(table_key(model, budget.batch_size, budget.seq_len))
+    return table
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # selection
 # --------------------------------------------------------------------------------------------------------------------

@@ -340,7 +340,7 @@ class Pruner(_Distiller):
         if b.metric == "latency":  # the expected latency of the table measured on this device (vtrans.latency_table)
             from vtrans import latency_table
 
-            self.vib.latency_table = latency_table.table_for(model, b.batch_size, b.seq_len)
+            self.vib.latency_table = latency_table.table_for_budget(model, b)
             latency_table.check_reachable(self.vib.geometry, b, self.vib.latency_table)
             self.dense_size = self.vib.latency_table.dense_ms
         else:

@@ -209,13 +209,10 @@ class VIB(nn.Module):
         if budget.metric == "latency":
             from vtrans import latency_table
 
-            key = latency_table.table_key(self.model, budget.batch_size, budget.seq_len)
-            if table is None and self.latency_table is not None and self.latency_table.key == key:
+            if table is None and self.latency_table is not None and \
+                    self.latency_table.key == latency_table.table_key(self.model, budget.batch_size, budget.seq_len):
                 table = self.latency_table  # the table already in use (a training's rounds)
-            if table is None:
-                table = latency_table.table_for(self.model, budget.batch_size, budget.seq_len)
-            else:
-                table.check_key(key)
+            table = latency_table.table_for_budget(self.model, budget, table)
             sel = latency_table.select_latency(self.geometry, scores, budget, table)
             self.latency_table = table
         elif budget.uniform:  # the shapes a stock config expresses (vtrans.uniform)
