@@ -355,12 +355,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     import vtrans
     from vtrans.checkpoint import TASKS, check_output_dir, write_atomically
-
-    # every argument is checked before anything is loaded
     from vtrans.checks import check_int
     from vtrans.config import parse_align
     from vtrans.scoring import SCORERS, score
 
+    # every argument is checked before anything is loaded
     align = None if args.align is None else parse_align(args.align)
     check_int("--latency-batch", args.latency_batch, 1, what="a positive integer")
     check_int("--latency-repeats", args.latency_repeats, 1, what="a positive integer")
