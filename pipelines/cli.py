@@ -638,6 +638,7 @@ def cmd_relog(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.dag import run_pipeline
+    from pipelines.stages.products import Evaluation
 
     cfg = _load_config(args)
     if args.console is not None:
@@ -649,8 +650,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows.append([name, r.status, r.key, f"{r.wall_s:.0f}s", _highlights(name, r)])
     print()
     print(_table(rows))
-    report = run.results["evaluate"].outputs.get("report_md")
-    if report and Path(report).is_file():
+    report = Evaluation.of(run.results["evaluate"]).report_md
+    if Path(report).is_file():
         print()
         print(Path(report).read_text().rstrip())
     print()

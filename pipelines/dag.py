@@ -1,4 +1,6 @@
-"""The pipeline as a DAG of Ray tasks: calibrate -> teacher -> prune -> finetune -> evaluate.
+"""The pipeline's stage graph, calibrate -> teacher -> prune -> finetune -> evaluate, and its two drivers: Ray tasks
+(:func:`launch`, what ``vtrans run`` uses) and this process (:func:`run_in_process`, what a sweep trial and the
+benchmark use).
 
 ```python
 from pipelines.config import load_config
@@ -20,6 +22,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +31,8 @@ import yaml
 from pipelines.config import PipelineConfig, config_hash, flatten, to_dict
 from pipelines.redact import redact, redact_data
 from pipelines.stages import BY_NAME, NAMES, STAGES
-from pipelines.stages.base import StageContext, StageResult, execute
+from pipelines.stages.base import Stage, StageContext, StageResult, execute
+from pipelines.stages.products import Evaluation
 from pipelines.tracking import TAG_LOGGED, TAG_MODEL_URI, TAG_PIPELINE, Tracker, ui_hint
 from pipelines.validate import preflight, with_absolute_paths
 from vtrans.errors import ConfigError
@@ -86,6 +90,32 @@ def launch(ctx: StageContext, stages: tuple[str, ...] = NAMES) -> dict:
         task = ray.remote(_stage_task).options(name=f"vtrans-{stage.NAME}", max_retries=0, **stage.OPTIONS)
         refs[stage.NAME] = task.remote(stage.NAME, ctx, *(refs[n] for n in stage.NEEDS))
     return refs
+
+
+def run_in_process(ctx: StageContext, stages: tuple[str, ...] = NAMES, given: Mapping[str, StageResult] | None = None,
+                   replace: Mapping[str, Stage] | None = None,
+                   around: Callable[[str], contextlib.AbstractContextManager] | None = None) -> dict[str, StageResult]:
+    """The named stages in this process, in the graph's order, each found finished or computed (:func:`execute`, as in
+    a Ray task); returns ``{stage: result}`` of those stages.
+
+    ``given``: results of stages not run here that the named ones need. ``replace``: a stage's work done another way
+    (same name, needs, key material and version, so the same cache key and folder: the benchmark's training in this
+    process). ``around(name)``: a context manager around each stage (the benchmark's peak-RSS watch).
+    """
+    unknown = [s for s in stages if s not in BY_NAME]
+    if unknown:
+        raise ConfigError(f"stages must be among {list(NAMES)}, got {unknown}")
+    results = dict(given or {})
+    for stage in STAGES:
+        if stage.NAME not in stages:
+            continue
+        missing = [n for n in stage.NEEDS if n not in results]
+        if missing:
+            raise ConfigError(f"stage {stage.NAME!r} needs {missing}: name them in stages, or give their results")
+        with around(stage.NAME) if around is not None else contextlib.nullcontext():
+            results[stage.NAME] = execute((replace or {}).get(stage.NAME, stage), ctx,
+                                          {n: results[n] for n in stage.NEEDS})
+    return {n: results[n] for n in NAMES if n in stages}
 
 
 def _write_summary(path: Path, run: PipelineRun, cfg: PipelineConfig, logged: bool = False) -> None:
@@ -148,7 +178,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, from_stage: str | Non
                                   **({TAG_MODEL_URI: run.model_uri} if run.model_uri else {})})
         tracker.log_artifacts(run_id, summary_dir / "config.yaml")
         tracker.log_artifacts(run_id, summary_dir / "summary.json")
-        tracker.log_artifacts(run_id, evaluation.outputs["report_md"], "evaluation")
+        tracker.log_artifacts(run_id, Evaluation.of(evaluation).report_md, "evaluation")
         complete = tracker.online and run_id is not None and all(r.logged for r in results.values())
         if complete:
             tracker.set_tags(run_id, {TAG_LOGGED: "complete"})

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import flatten, to_dict
-from pipelines.stages import STAGES
-from pipelines.stages.base import StageContext, StageResult, execute
+from pipelines.stages.base import StageContext
 from pipelines.sweep import Sweep, check_sweep
 from pipelines.tracking import TAG_MODEL_URI, Tracker, ui_hint
 from pipelines.train_jobs import FINETUNE_STEP
@@ -121,10 +120,10 @@ def _trial(config: dict, sweep: Sweep, tracker: Tracker, parent: str, root: str,
     ctx = StageContext(config=with_absolute_paths(cfg), root=root, keys=plan(cfg), tracker=tracker,
                        parent_run_id=run_id, model_path=model_paths[label], single_run=True,
                        report_to_tune=sweep.config.early_stopping is not None)
-    results: dict[str, StageResult] = {}
+    from pipelines.dag import run_in_process
+
     try:
-        for stage in STAGES:
-            results[stage.NAME] = execute(stage, ctx, {n: results[n] for n in stage.NEEDS})
+        results = run_in_process(ctx)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise

@@ -247,17 +247,11 @@ def run_cell(spec: CellSpec) -> list[dict]:
     return rows
 
 
-@dataclass
-class _Split:
-    """The part of a calibrate stage result that :func:`pipelines.stages.calibrate.load_split` reads."""
-
-    outputs: dict[str, str]
-
-
 def load_split_ds(setup: TaskSetup, split: str):
-    from pipelines.stages.calibrate import load_split
+    from pipelines.stages.products import Data
 
-    return load_split(_Split(setup.splits), split, setup.task)
+    return Data(splits=setup.splits, pad_token_id=setup.pad_token_id, num_labels=setup.num_labels).split(split,
+                                                                                                         setup.task)
 
 
 def cached_rows(spec: CellSpec) -> list[dict] | None:

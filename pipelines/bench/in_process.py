@@ -63,95 +63,96 @@ class LocalStage:
 def _local_teacher(ctx, work: Path, inputs: dict, run_id: str | None, device: str = "cpu"):
     """The teacher stage in this process (:mod:`pipelines.stages.teacher` with its Ray Train job as a loop)."""
     from pipelines.stages.base import StageOutput
-    from pipelines.stages.calibrate import load_split
+    from pipelines.stages.products import Data, Trained
     from vtrans.checkpoint import load_tokenizer
     from vtrans.train import DistillConfig, FinetuneConfig, Finetuner
 
     cfg = ctx.config
     if cfg.model.teacher is not None:
-        return StageOutput(outputs={"model": cfg.model.teacher}, info={"source": "given"})
+        return StageOutput(outputs=Trained(cfg.model.teacher).outputs(), info={"source": "given"})
     if cfg.teacher.steps == 0:
-        return StageOutput(outputs={"model": str(ctx.model_path)}, info={"source": "dense"})
-    data, t = inputs["calibrate"], cfg.teacher
+        return StageOutput(outputs=Trained(str(ctx.model_path)).outputs(), info={"source": "dense"})
+    data, t = Data.of(inputs["calibrate"]), cfg.teacher
     ft = FinetuneConfig(steps=t.steps, lr=t.lr, batch_size=t.batch_size, task=cfg.task, seed=t.seed,
                         distill=DistillConfig(logit_weight=0.0))
     torch.manual_seed(t.seed)  # the new classification head
-    model = load_model(str(ctx.model_path), cfg.task, data.info.get("num_labels"), device)
-    history = train_in_process(Finetuner(model, ft), load_split(data, "train", cfg.task), data.info["pad_token_id"],
-                               device, "teacher")
+    model = load_model(str(ctx.model_path), cfg.task, data.num_labels, device)
+    history = train_in_process(Finetuner(model, ft), data.split("train", cfg.task), data.pad_token_id, device,
+                               "teacher")
     model.eval()
     out = _save(model, work / "model", load_tokenizer(ctx.model_path))
-    return StageOutput(outputs={"model": str(out)}, metrics={"final_loss": history[-1]["loss"]},
+    return StageOutput(outputs=Trained(str(out)).outputs(), metrics={"final_loss": history[-1]["loss"]},
                        info={"source": "fine-tuned", "steps": t.steps, "in_process": True})
 
 
 def _local_prune(ctx, work: Path, inputs: dict, run_id: str | None, device: str = "cpu"):
     """The prune stage in this process (no posterior reuse)."""
     from pipelines.stages.base import StageOutput
-    from pipelines.stages.calibrate import load_split
+    from pipelines.stages.products import Data, Pruned, Trained
     from vtrans import compress
     from vtrans.checkpoint import load_tokenizer
     from vtrans.train import Pruner
 
     cfg = ctx.config
-    data, teacher_dir = inputs["calibrate"], inputs["teacher"].outputs["model"]
+    data, teacher_dir = Data.of(inputs["calibrate"]), Trained.of(inputs["teacher"]).model
     split = "calibration" if cfg.calibrates else "train"
-    num_labels = data.info.get("num_labels")
+    num_labels = data.num_labels
     model = load_model(teacher_dir, cfg.task, num_labels, device)
     teacher = load_model(teacher_dir, cfg.task, num_labels, device) if cfg.prune.method != "faster" else None
     from pipelines.train_jobs import prune_calibration
 
     pruner = Pruner(model, cfg.prune, teacher)
-    dataset = load_split(data, split, cfg.task)
-    train_in_process(pruner, dataset, data.info["pad_token_id"], device, "prune")  # warm start included
+    dataset = data.split(split, cfg.task)
+    train_in_process(pruner, dataset, data.pad_token_id, device, "prune")  # warm start included
     pruner.finish()
     if cfg.prune.reconstruct:
-        pruner.reconstruct(prune_calibration(dataset, cfg.prune, data.info["pad_token_id"], device))
+        pruner.reconstruct(prune_calibration(dataset, cfg.prune, data.pad_token_id, device))
     out = _save(compress(pruner.vib).eval(), work / "compressed", load_tokenizer(teacher_dir))
-    return StageOutput(outputs={"compressed": str(out)}, info={"split": split})
+    return StageOutput(outputs=Pruned(str(out)).outputs(), info={"split": split})
 
 
 def _local_finetune(ctx, work: Path, inputs: dict, run_id: str | None, device: str = "cpu"):
     """The finetune stage in this process."""
     from pipelines.stages.base import StageOutput
-    from pipelines.stages.calibrate import load_split
+    from pipelines.stages.products import Data, Pruned, Trained
     from vtrans.checkpoint import load_tokenizer
     from vtrans.train import Finetuner
 
     cfg = ctx.config
-    pruned = inputs["prune"].outputs["compressed"]
+    pruned = Pruned.of(inputs["prune"]).compressed
     if cfg.finetune.steps == 0:
-        return StageOutput(outputs={"model": pruned}, info={"fine_tuned": False})
-    data, teacher_dir = inputs["calibrate"], inputs["teacher"].outputs["model"]
+        return StageOutput(outputs=Trained(pruned).outputs(), info={"fine_tuned": False})
+    data, teacher_dir = Data.of(inputs["calibrate"]), Trained.of(inputs["teacher"]).model
     model = load_model(pruned, cfg.task, None, device)
-    teacher = load_model(teacher_dir, cfg.task, data.info.get("num_labels"), device)
+    teacher = load_model(teacher_dir, cfg.task, data.num_labels, device)
     finetuner = Finetuner(model, cfg.finetune, teacher)
-    train_in_process(finetuner, load_split(data, "train", cfg.task), data.info["pad_token_id"], device, "finetune")
+    train_in_process(finetuner, data.split("train", cfg.task), data.pad_token_id, device, "finetune")
     out = _save(finetuner.finish(), work / "model", load_tokenizer(pruned))  # lora: the adapters merged
-    return StageOutput(outputs={"model": str(out)}, info={"fine_tuned": True})
+    return StageOutput(outputs=Trained(str(out)).outputs(), info={"fine_tuned": True})
 
 
 def _local_evaluate(ctx, work: Path, inputs: dict, run_id: str | None, device: str = "cpu"):
     """The evaluate stage in this process: both models measured here, one after the other."""
     from pipelines.stages import evaluate
     from pipelines.stages.base import StageOutput
+    from pipelines.stages.products import Data, Evaluation, Trained
 
     cfg = ctx.config
-    data = inputs["calibrate"]
-    test, pad = data.outputs["test"], data.info["pad_token_id"]
-    comp = evaluate.measure(inputs["finetune"].outputs["model"], cfg.task, test, cfg, pad, "compressed")
-    dense = evaluate.measure(inputs["teacher"].outputs["model"], cfg.task, test, cfg, pad, "dense")
+    data = Data.of(inputs["calibrate"])
+    test, pad = data.splits["test"], data.pad_token_id
+    comp = evaluate.measure(Trained.of(inputs["finetune"]).model, cfg.task, test, cfg, pad, "compressed")
+    dense = evaluate.measure(Trained.of(inputs["teacher"]).model, cfg.task, test, cfg, pad, "dense")
     metrics = evaluate.compare(cfg, dense, comp)
     (work / "report.md").write_text(evaluate.markdown(cfg, metrics, f"{comp['device']} ({comp['threads']} threads)"))
-    return StageOutput(outputs={"report_md": str(work / "report.md")}, metrics=metrics)
+    return StageOutput(outputs=Evaluation(report_md=str(work / "report.md")).outputs(), metrics=metrics)
 
 
 def local_stages(device: str) -> dict[str, LocalStage]:
-    """Every pipeline stage as a :class:`LocalStage` (calibrate is the stage itself: it needs no Ray)."""
-    from pipelines.stages import calibrate, evaluate, finetune, prune, teacher
+    """The work of every pipeline stage that uses Ray, as a :class:`LocalStage` (calibrate needs no Ray: it is the
+    stage itself)."""
+    from pipelines.stages import evaluate, finetune, prune, teacher
 
-    return {"calibrate": LocalStage(calibrate, calibrate.run),
-            "teacher": LocalStage(teacher, functools.partial(_local_teacher, device=device)),
+    return {"teacher": LocalStage(teacher, functools.partial(_local_teacher, device=device)),
             "prune": LocalStage(prune, functools.partial(_local_prune, device=device)),
             "finetune": LocalStage(finetune, functools.partial(_local_finetune, device=device)),
             "evaluate": LocalStage(evaluate, functools.partial(_local_evaluate, device=device))}

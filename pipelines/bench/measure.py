@@ -50,6 +50,15 @@ class PeakRSS:
         return {"peak_rss_mb": self.peak_mb, "delta_mb": self.delta_mb}
 
 
+@contextlib.contextmanager
+def peak_rss_into(into: dict[str, dict], name: str) -> Iterator[None]:
+    """:class:`PeakRSS` around the block, its figures stored as ``into[name]`` (the ``around`` of
+    :func:`pipelines.dag.run_in_process`: one entry per stage)."""
+    with PeakRSS() as rss:
+        yield
+    into[name] = rss.as_dict()
+
+
 class LoadWatch:
     """The machine's 1-minute load average while the block runs, sampled every ``interval`` seconds: how much other
     work shared the CPUs with the benchmark (every timing depends on it)."""

@@ -4,13 +4,14 @@ freshly started local Ray.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
 
 from pipelines.bench import stats
 from pipelines.bench.in_process import local_stages
-from pipelines.bench.measure import PeakRSS, _log, torch_threads
+from pipelines.bench.measure import _log, peak_rss_into, torch_threads
 from pipelines.bench.mlflow_runs import EXPERIMENT
 from pipelines.bench.profiles import OverheadProfile
 from pipelines.config import PipelineConfig, from_dict
@@ -37,21 +38,19 @@ def overhead_config(ov: OverheadProfile, root: Path, tracking_uri: str, device: 
 
 def run_local_pipeline(cfg: PipelineConfig, device: str) -> dict:
     """The pipeline's stages in this process, in order, everything recomputed; wall time and peak RSS per stage."""
-    from pipelines.stages import NAMES, STAGES
-    from pipelines.stages.base import StageContext, execute
+    from pipelines.dag import run_in_process
+    from pipelines.stages import NAMES
+    from pipelines.stages.base import StageContext
     from pipelines.validate import preflight, with_absolute_paths
 
     t0 = time.perf_counter()
     checked = preflight(cfg)
     ctx = StageContext(config=with_absolute_paths(cfg), root=str(Path(cfg.output).resolve()), keys=checked.keys,
                        rerun=frozenset(NAMES), model_path=checked.model_path)
-    stages = local_stages(device)
-    results, out = {}, {}
+    rss: dict[str, dict] = {}
     with torch_threads(int(cfg.ray.cpus_per_worker)):
-        for stage in STAGES:
-            with PeakRSS() as rss:
-                results[stage.NAME] = execute(stages[stage.NAME], ctx, {n: results[n] for n in stage.NEEDS})
-            out[stage.NAME] = {"wall_s": results[stage.NAME].wall_s, **rss.as_dict()}
+        results = run_in_process(ctx, replace=local_stages(device), around=functools.partial(peak_rss_into, rss))
+    out = {name: {"wall_s": r.wall_s, **rss[name]} for name, r in results.items()}
     return {"wall_s": time.perf_counter() - t0, "stages": out,
             "metrics": {k: v for k, v in results["evaluate"].metrics.items() if isinstance(v, float)}}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.bench.in_process import LocalStage, _local_teacher, load_model
-from pipelines.bench.measure import PeakRSS, _log
+from pipelines.bench.measure import _log, peak_rss_into
 from pipelines.bench.profiles import TaskProfile
 from pipelines.config import PipelineConfig, from_dict
 from vtrans.metrics import measure, task_metric
@@ -75,48 +75,46 @@ def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: st
     ``executor=ray``, a loop in this process with ``local``), each found in ``<out>/stages`` when already computed
     (by either); then the dense teacher's quality and exact counts."""
     import vtrans
+    from pipelines.dag import run_in_process
     from pipelines.stages import calibrate
     from pipelines.stages import teacher as teacher_stage
-    from pipelines.stages.base import StageContext, execute, stage_key
-    from pipelines.stages.calibrate import load_split
+    from pipelines.stages.base import StageContext, stage_key
+    from pipelines.stages.products import Data, Trained
     from pipelines.validate import resolve_model_path, with_absolute_paths
 
     cfg = with_absolute_paths(task_config(kind, t, out, teacher_workers, device))
     keys = {"calibrate": stage_key(calibrate, cfg, {})}
     keys["teacher"] = stage_key(teacher_stage, cfg, {"calibrate": keys["calibrate"]})
     ctx = StageContext(config=cfg, root=str(out), keys=keys, model_path=str(resolve_model_path(t.model).resolve()))
-    stages = {}
-    with PeakRSS() as rss:
-        data = execute(calibrate, ctx, {})
-    stages["data"] = {**rss.as_dict(), "status": data.status, "wall_s": data.wall_s}
-    stage = (teacher_stage if executor == "ray"
-             else LocalStage(teacher_stage, functools.partial(_local_teacher, device=device)))
-    with PeakRSS() as rss:
-        teacher = execute(stage, ctx, {"calibrate": data})
-    stages["teacher"] = {**rss.as_dict(), "status": teacher.status, "wall_s": teacher.wall_s}
+    rss: dict[str, dict] = {}
+    results = run_in_process(ctx, ("calibrate", "teacher"), around=functools.partial(peak_rss_into, rss),
+                             replace=None if executor == "ray" else
+                             {"teacher": LocalStage(teacher_stage, functools.partial(_local_teacher, device=device))})
+    stages = {("data" if name == "calibrate" else name): {**rss[name], "status": r.status, "wall_s": r.wall_s}
+              for name, r in results.items()}
+    data, teacher_dir = Data.of(results["calibrate"]), Trained.of(results["teacher"]).model
     task, data_name, metric = KINDS[kind]
-    num_labels = data.info.get("num_labels")
-    model = load_model(teacher.outputs["model"], task, num_labels, device).eval()
-    test = load_split(data, "test", task)
-    quality = measure(metric, model, test, data.info["pad_token_id"], t.eval_batch)
+    model = load_model(teacher_dir, task, data.num_labels, device).eval()
+    quality = measure(metric, model, data.split("test", task), data.pad_token_id, t.eval_batch)
     dense = {"quality": quality, **vtrans.count(model, seq_len=t.latency.seq_len).as_dict()}
-    splits = dict(data.outputs)
+    splits = dict(data.splits)
     if t.second_text is not None:  # its test chunks only: nothing is trained or calibrated on it
         cfg2 = with_absolute_paths(task_config(kind, t, out, teacher_workers, device, data_name=t.second_text))
         keys["second"] = stage_key(calibrate, cfg2, {})
-        second = execute(calibrate, StageContext(config=cfg2, root=str(out), keys={"calibrate": keys["second"]},
-                                                 model_path=ctx.model_path), {})
-        splits["second"] = second.outputs["test"]
-        dense["quality_second"] = measure(metric, model, load_split(second, "test", task), data.info["pad_token_id"],
+        second = run_in_process(StageContext(config=cfg2, root=str(out), keys={"calibrate": keys["second"]},
+                                             model_path=ctx.model_path), ("calibrate",))["calibrate"]
+        splits["second"] = Data.of(second).splits["test"]
+        dense["quality_second"] = measure(metric, model, Data.of(second).split("test", task), data.pad_token_id,
                                           t.eval_batch)
         _log(f"{t.label}: second text {t.second_text}: dense {metric} {dense['quality_second']:.4f} on "
              f"{int(second.metrics['test_samples'])} chunks")
-    sizes = {s: int(data.metrics[f"{s}_samples"]) for s in ("train", "test", "calibration")}
-    _log(f"{t.label}: data {data.status}, teacher {teacher.status}; dense {metric} {quality:.4f}, "
+    calibrated = results["calibrate"]
+    sizes = {s: int(calibrated.metrics[f"{s}_samples"]) for s in ("train", "test", "calibration")}
+    _log(f"{t.label}: data {calibrated.status}, teacher {results['teacher'].status}; dense {metric} {quality:.4f}, "
          f"params blocks {dense['params_blocks']:,}; " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     return TaskSetup(kind=kind, label=t.label, task=task, metric=metric, splits=splits, sizes=sizes,
-                     pad_token_id=data.info["pad_token_id"], num_labels=num_labels,
-                     teacher_dir=teacher.outputs["model"], keys=keys, dense=dense, stages=stages,
+                     pad_token_id=data.pad_token_id, num_labels=data.num_labels,
+                     teacher_dir=teacher_dir, keys=keys, dense=dense, stages=stages,
                      model_name=t.model if t.model not in ("minilm", "smollm2") else
                      {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}[t.model],
                      data_name=DATA_NAMES[data_name],

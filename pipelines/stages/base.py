@@ -1,11 +1,13 @@
-"""What every stage shares: the cache key, the output folder, the stage record and its MLflow child run.
+"""What every stage shares: the stage contract, the cache key, the output folder, the stage record and its MLflow
+child run.
 
-A stage is a module of :mod:`pipelines.stages` with
+A stage is a module of :mod:`pipelines.stages` that satisfies :class:`Stage`:
 
-- ``NAME`` and ``NEEDS`` (the stages whose results it reads),
+- ``NAME`` and ``NEEDS`` (the stages whose results it reads), ``VERSION`` (of its code: part of the cache key),
 - ``OPTIONS``: the Ray task options of the stage (a stage that launches a TorchTrainer holds no CPU),
 - ``material(cfg) -> dict``: everything of the config that its output depends on (beyond its inputs' keys),
-- ``run(ctx, work, inputs, run_id) -> StageOutput``: the work itself, writing under ``work``.
+- ``run(ctx, work, inputs, run_id) -> StageOutput``: the work itself, writing under ``work``; what it hands the next
+  stages is typed in :mod:`pipelines.stages.products`.
 
 Its output lives in ``<output>/stages/<NAME>/<key>/``, where ``key`` hashes ``material``, the keys of its inputs and
 the stage's code ``VERSION``: a later pipeline (another run name, another budget in a sweep) with the same key reuses
@@ -26,7 +28,7 @@ import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pipelines.config import PipelineConfig, config_hash, flatten
 from pipelines.redact import redact_data
@@ -66,6 +68,21 @@ class StageOutput:
     """Tags set on the stage's run (on the trial's run when stages share one: name them uniquely)."""
     datasets: list[tuple[str, str, str]] = field(default_factory=list)
     """``(parquet file, name, context)`` logged as dataset inputs of the stage's run and the pipeline's run."""
+
+
+class Stage(Protocol):
+    """The stage contract (the modules of :mod:`pipelines.stages` satisfy it; so does the benchmark's in-process
+    replacement of a stage's work)."""
+
+    NAME: str
+    NEEDS: tuple[str, ...]
+    VERSION: int
+    OPTIONS: dict[str, Any]
+
+    def material(self, cfg: PipelineConfig) -> dict: ...
+
+    def run(self, ctx: StageContext, work: Path, inputs: Mapping[str, StageResult],
+            run_id: str | None) -> StageOutput: ...
 
 
 @dataclass
@@ -183,7 +200,7 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def execute(stage, ctx: StageContext, inputs: Mapping[str, StageResult]) -> StageResult:
+def execute(stage: Stage, ctx: StageContext, inputs: Mapping[str, StageResult]) -> StageResult:
     """Run one stage (or find it finished), with its MLflow child run. Called inside the stage's Ray task."""
     name, key = stage.NAME, ctx.keys[stage.NAME]
     work = ctx.stage_dir(name)

@@ -28,6 +28,7 @@ from pipelines.config import PipelineConfig, to_dict
 from pipelines.redact import redact
 from pipelines.stages.base import StageContext, StageOutput
 from pipelines.stages.fingerprint import data_identity, model_identity
+from pipelines.stages.products import Data
 from vtrans.errors import ConfigError
 from vtrans.progress import progress
 
@@ -65,11 +66,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
         ids = self.input_ids[i]
         label = self.labels[i] if self.labels is not None else ids
         return {"input_ids": ids, "labels": label, "sample_id": self.sample_ids[i]}
-
-
-def load_split(result, split: str, task: str) -> TokenizedDataset:
-    """A split of a finished calibrate stage (its :class:`~pipelines.stages.base.StageResult`)."""
-    return TokenizedDataset(result.outputs[split], task)
 
 
 def _token_column(ids: list[list[int]]) -> pa.Array:
@@ -177,19 +173,17 @@ def run(ctx: StageContext, work: Path, inputs: dict, run_id: str | None) -> Stag
         metrics[f"{split}_samples"] = tables[split].num_rows
         lengths = [len(x) for x in tables[split].column("input_ids").to_pylist()]
         metrics[f"{split}_mean_tokens"] = float(np.mean(lengths))
-    info = {"summary": sources.describe(tables)}
+    num_labels = names = None
     if cfg.task == "seq-cls":
         labels = table.column("label").to_pylist()
         found = max(labels) + 1
         num_labels = cfg.model.num_labels or found
         if found > num_labels:
             raise ConfigError(f"model.num_labels={num_labels} but the data has label {found - 1}")
-        info["num_labels"] = num_labels
         names = sources.label_names(table)
-        if names is not None:
-            info["label_names"] = names
         metrics["num_labels"] = num_labels
-    info["pad_token_id"] = pad_token_id_of(tokenizer)
+    data = Data(splits=outputs, pad_token_id=pad_token_id_of(tokenizer), num_labels=num_labels, label_names=names)
+    info = {"summary": sources.describe(tables), **data.info()}
     summary = work / "summary.json"
     summary.write_text(json.dumps({"metrics": metrics, **info}, indent=1))
     print(f"[{NAME}] " + ", ".join(f"{s} {int(metrics[f'{s}_samples'])}" for s in SPLITS), flush=True)

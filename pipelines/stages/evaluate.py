@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig, config_hash, to_dict
 from pipelines.stages.base import STAGES_DIR, StageContext, StageOutput, StageResult, _write_json
+from pipelines.stages.products import Data, Evaluation, Trained
 
 NAME = "evaluate"
 NEEDS = ("calibrate", "teacher", "finetune")
@@ -211,9 +212,9 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     import ray
 
     cfg = ctx.config
-    data = inputs["calibrate"]
-    test, pad = data.outputs["test"], data.info["pad_token_id"]
-    compressed, dense_dir = inputs["finetune"].outputs["model"], inputs["teacher"].outputs["model"]
+    data = Data.of(inputs["calibrate"])
+    test, pad = data.splits["test"], data.pad_token_id
+    compressed, dense_dir = Trained.of(inputs["finetune"]).model, Trained.of(inputs["teacher"]).model
     remote = _measure_remote(cfg)
     # one after the other: timings taken side by side on shared cores would disturb each other
     comp = ray.get(remote.remote(compressed, cfg.task, test, cfg, pad, "compressed"))
@@ -239,9 +240,8 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
               f"{metrics['latency_target_ms']:.2f}), measured {metrics['latency_measured_ms']:.2f} ms", flush=True)
     model_metrics = {k: metrics[k] for k in (*cfg.evaluate.metrics, "params_blocks_ratio", "params_total_ratio",
                                              "flops_total_ratio")}
-    return StageOutput(outputs={"report": str(work / "report.json"), "report_md": str(work / "report.md"),
-                                "logged_model_dir": compressed},
-                       metrics=metrics, info={"model_metrics": model_metrics,
-                                              "label_names": data.info.get("label_names")},
+    return StageOutput(outputs=Evaluation(report_md=str(work / "report.md"), report=str(work / "report.json"),
+                                          logged_model_dir=compressed).outputs(),
+                       metrics=metrics, info={"model_metrics": model_metrics, "label_names": data.label_names},
                        artifacts=[(str(work / "report.json"), "evaluation"), (str(work / "report.md"), "evaluation")],
                        model_dir=compressed, model_metrics=model_metrics)

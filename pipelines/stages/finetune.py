@@ -18,7 +18,8 @@ from torch.utils.data import Subset
 
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tracking
-from pipelines.stages.calibrate import TokenizedDataset, load_split
+from pipelines.stages.calibrate import TokenizedDataset
+from pipelines.stages.products import Data, Pruned, Trained
 from pipelines.train_jobs import JobSpec, run_finetune_job
 from vtrans.data import train_test_split
 from vtrans.errors import ConfigError
@@ -40,15 +41,15 @@ def material(cfg: PipelineConfig) -> dict:
 
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
     cfg = ctx.config
-    pruned = inputs["prune"].outputs["compressed"]
+    pruned = Pruned.of(inputs["prune"]).compressed
     if cfg.finetune.steps == 0:
-        return StageOutput(outputs={"model": pruned}, info={"fine_tuned": False})
-    data = inputs["calibrate"]
-    teacher = inputs["teacher"].outputs["model"]
-    train, held_out = load_split(data, "train", cfg.task), None
+        return StageOutput(outputs=Trained(pruned).outputs(), info={"fine_tuned": False})
+    data = Data.of(inputs["calibrate"])
+    teacher = Trained.of(inputs["teacher"]).model
+    train, held_out = data.split("train", cfg.task), None
     if cfg.finetune.eval_every:
         train, held_out = hold_out(train, cfg)
-    spec = JobSpec(model_dir=pruned, task=cfg.task, dataset=train, pad_token_id=data.info["pad_token_id"],
+    spec = JobSpec(model_dir=pruned, task=cfg.task, dataset=train, pad_token_id=data.pad_token_id,
                    teacher_dir=teacher, tokenizer_dir=pruned, eval_dataset=held_out)
     job = run_finetune_job(spec, cfg.finetune, cfg.ray, "train", work,
                            checkpoint_every=max(1, cfg.finetune.steps // 4), tracking=job_tracking(ctx, run_id, NAME),
@@ -56,7 +57,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     metrics = {"final_loss": job.history[-1]["loss"], "job_wall_s": job.wall_time_s} if job.history else {}
     val = [k for k in (job.history[-1] if job.history else {}) if k.startswith("val_")]
     metrics.update({f"final_{k}": job.history[-1][k] for k in val})
-    return StageOutput(outputs={"model": str(Path(job.output) / "model")}, metrics=metrics,
+    return StageOutput(outputs=Trained(str(Path(job.output) / "model")).outputs(), metrics=metrics,
                        info={"fine_tuned": True, "steps": cfg.finetune.steps, "node_ids": job.node_ids,
                              "train_samples": len(train), "held_out_samples": len(held_out or ())},
                        artifacts=[(str(Path(job.output) / "history.json"), "train")])

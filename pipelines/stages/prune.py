@@ -31,7 +31,7 @@ from pipelines.stages.base import (
     job_tracking,
     stage_key,
 )
-from pipelines.stages.calibrate import load_split
+from pipelines.stages.products import Data, Pruned, Trained
 from pipelines.train_jobs import JobSpec, run_prune_job
 from vtrans.checkpoint import geometry_of
 from vtrans.errors import ConfigError
@@ -62,11 +62,11 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     cfg = ctx.config
     if cfg.posterior is not None:
         return _derive(ctx, work, inputs)
-    data, teacher = inputs["calibrate"], inputs["teacher"].outputs["model"]
+    data, teacher = Data.of(inputs["calibrate"]), Trained.of(inputs["teacher"]).model
     split = "calibration" if cfg.calibrates else "train"
-    dataset = load_split(data, split, cfg.task)
-    spec = JobSpec(model_dir=teacher, task=cfg.task, dataset=dataset, pad_token_id=data.info["pad_token_id"],
-                   num_labels=data.info.get("num_labels"), teacher_dir=teacher, tokenizer_dir=teacher)
+    dataset = data.split(split, cfg.task)
+    spec = JobSpec(model_dir=teacher, task=cfg.task, dataset=dataset, pad_token_id=data.pad_token_id,
+                   num_labels=data.num_labels, teacher_dir=teacher, tokenizer_dir=teacher)
     total = cfg.prune.total_steps
     print(f"[{NAME}] {cfg.prune.method} to {cfg.prune.budget.describe()} on {len(dataset)} {split} samples, "
           f"{total} steps", flush=True)
@@ -83,7 +83,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     output = _summarise(cfg, work, out, inputs, metrics, {"split": split, "samples": len(dataset),
                                                                    "node_ids": job.node_ids})
     output.tags.update(stall_tags(job.history))
-    output.outputs["posterior"] = str(out / "posterior")
+    output.outputs = dataclasses.replace(Pruned.of(output), posterior=str(out / "posterior")).outputs()
     output.artifacts.append((str(out / "history.json"), "train"))
     return output
 
@@ -104,9 +104,9 @@ def stall_tags(history: list[dict]) -> dict[str, str]:
 def _summarise(cfg: PipelineConfig, work: Path, out: Path, inputs: dict[str, StageResult], metrics: dict,
                info: dict) -> StageOutput:
     """The stage's output for ``out`` (``compressed/`` and ``masks.safetensors``): kept sizes, the layer plot."""
-    data, teacher = inputs["calibrate"], inputs["teacher"].outputs["model"]
+    num_labels, teacher = Data.of(inputs["calibrate"]).num_labels, Trained.of(inputs["teacher"]).model
     report = json.loads((out / "compressed" / "compression.json").read_text())
-    g = geometry_of(teacher, cfg.task, data.info.get("num_labels"))
+    g = geometry_of(teacher, cfg.task, num_labels)
     plot = plot_layers(report, g.heads_per_layer, g.ffn, work / "layers.png",
                        title=f"{cfg.name}: {cfg.prune.method}, {cfg.prune.budget.describe()}")
     dense, kept = report["dense"], report["compressed"]
@@ -124,8 +124,8 @@ def _summarise(cfg: PipelineConfig, work: Path, out: Path, inputs: dict[str, Sta
         metrics["latency_predicted_fraction"] = report["latency"]["predicted_ms"] / report["latency"][
             "dense_predicted_ms"]
     return StageOutput(
-        outputs={"compressed": str(out / "compressed"), "masks": str(out / "masks.safetensors"),
-                 "report": str(out / "compressed" / "compression.json"), "plot": str(plot)},
+        outputs=Pruned(compressed=str(out / "compressed"), masks=str(out / "masks.safetensors"),
+                       report=str(out / "compressed" / "compression.json"), plot=str(plot)).outputs(),
         metrics=metrics, info={**info, "report": report},
         artifacts=[(str(out / "masks.safetensors"), "masks"), (str(out / "compressed" / "compression.json"), "layers"),
                    (str(plot), "layers")])
@@ -147,7 +147,7 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
     print(f"[{NAME}] {cfg.prune.budget.describe()} from the posterior trained at "
           f"{source_cfg.prune.budget.describe()} ({source_ctx.stage_dir(NAME)})", flush=True)
     source = execute(BY_NAME[NAME], source_ctx, inputs)
-    posterior = source.outputs.get("posterior")
+    posterior = Pruned.of(source).posterior
     if not posterior or not Path(posterior).is_dir():
         raise ConfigError(f"posterior_budget: the prune output {source.dir} has no posterior/ to re-threshold")
     t0 = time.perf_counter()
@@ -157,9 +157,9 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
         from pipelines.train_jobs import prune_calibration
         from vtrans.fisher import tune_masks
 
-        data = inputs["calibrate"]
-        dataset = load_split(data, "calibration" if cfg.calibrates else "train", cfg.task)
-        tune_masks(vib, prune_calibration(dataset, cfg.prune, data.info["pad_token_id"]))
+        data = Data.of(inputs["calibrate"])
+        dataset = data.split("calibration" if cfg.calibrates else "train", cfg.task)
+        tune_masks(vib, prune_calibration(dataset, cfg.prune, data.pad_token_id))
     tokenizer = load_tokenizer(posterior)
     out = work / "output"
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
     info = {"posterior": {"key": source.key, "dir": source.dir, "run_id": source.run_id,
                           "budget": source_cfg.prune.budget.describe()}}
     output = _summarise(cfg, work, out, inputs, metrics, dict(source.info, **info))
-    output.outputs["posterior"] = posterior
+    output.outputs = dataclasses.replace(Pruned.of(output), posterior=posterior).outputs()
     if source.run_id:
         output.tags["vtrans.posterior_run_id"] = source.run_id
     return output

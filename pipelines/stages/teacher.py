@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pipelines.config import PipelineConfig, to_dict
 from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tracking
-from pipelines.stages.calibrate import load_split
 from pipelines.stages.fingerprint import model_identity
+from pipelines.stages.products import Data, Trained
 from pipelines.train_jobs import JobSpec, run_finetune_job
 from vtrans.train import DistillConfig, FinetuneConfig
 
@@ -35,20 +35,20 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     cfg = ctx.config
     if cfg.model.teacher is not None:
         path = cfg.model.teacher  # made absolute by the driver (pipelines.validate.with_absolute_paths)
-        return StageOutput(outputs={"model": path}, info={"source": "given"})
+        return StageOutput(outputs=Trained(path).outputs(), info={"source": "given"})
     if cfg.teacher.steps == 0:
-        return StageOutput(outputs={"model": str(ctx.model_path)}, info={"source": "dense"})
-    data = inputs["calibrate"]
+        return StageOutput(outputs=Trained(str(ctx.model_path)).outputs(), info={"source": "dense"})
+    data = Data.of(inputs["calibrate"])
     t = cfg.teacher
     finetune = FinetuneConfig(steps=t.steps, lr=t.lr, batch_size=t.batch_size, task=cfg.task, seed=t.seed,
                               distill=DistillConfig(logit_weight=0.0))
-    spec = JobSpec(model_dir=str(ctx.model_path), task=cfg.task, dataset=load_split(data, "train", cfg.task),
-                   pad_token_id=data.info["pad_token_id"], num_labels=data.info.get("num_labels"),
+    spec = JobSpec(model_dir=str(ctx.model_path), task=cfg.task, dataset=data.split("train", cfg.task),
+                   pad_token_id=data.pad_token_id, num_labels=data.num_labels,
                    tokenizer_dir=str(ctx.model_path))
     job = run_finetune_job(spec, finetune, cfg.ray, "train", work, checkpoint_every=max(1, t.steps // 4),
                            tracking=job_tracking(ctx, run_id, NAME), label="teacher")
     history = job.history
     metrics = {"final_loss": history[-1]["loss"], "job_wall_s": job.wall_time_s} if history else {}
-    return StageOutput(outputs={"model": str(Path(job.output) / "model")}, metrics=metrics,
+    return StageOutput(outputs=Trained(str(Path(job.output) / "model")).outputs(), metrics=metrics,
                        info={"source": "fine-tuned", "steps": t.steps},
                        artifacts=[(str(Path(job.output) / "history.json"), "train")])

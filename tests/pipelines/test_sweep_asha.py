@@ -3,7 +3,9 @@
 Two budgets x two fine-tune learning rates, one trial at a time (grid order: for each budget, the sane learning rate
 first). A learning rate of 1.0 wrecks the model within two Adam steps; ASHA sees its held-out perplexity at the first
 rung and stops it, per budget: each stopped trial's run is KILLED and tagged, takes no place on the front, and the
-sweep still ends FINISHED. The sane trials run to the end although the 0.3 one competes only with its own budget."""
+sweep still ends FINISHED. The sane trials run to the end although the 0.3 one competes only with its own budget. One
+mask training serves both budgets (``reuse_posterior``): the trials differ in their fine-tunes, which is what ASHA
+stops."""
 
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ SWEEP = {
     "finetune": {"steps": STEPS, "batch_size": 4, "eval_every": EVERY, "eval_samples": 16},
     "evaluate": {"batch_size": 8, "latency_batch_sizes": [2], "latency_seq_lens": [32], "latency_repeats": 2,
                  "warmup": 1},
-    "ray": {"num_workers": 2},
+    "ray": {"num_workers": 1},  # ASHA stops trials, not workers: two workers per job is test_pipeline's (and CI time)
     "tracking": {"experiment": "asha-test"},
     "sweep": {"space": {"prune.budget.params": [0.6, 0.3], "finetune.lr": [1e-4, 1.0]},
               "early_stopping": "asha", "asha": {"reduction_factor": 2}, "max_concurrent_trials": 1,
+              "reuse_posterior": True,  # one mask training for both budgets: the fine-tunes are what ASHA stops
               "registry": {"register": False}},
 }
 
