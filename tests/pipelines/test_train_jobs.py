@@ -294,9 +294,10 @@ def test_fsdp_workers_equal_one_worker_through_a_recovered_failure(ray_local, ti
     used = json.loads((Path(job.output) / "resources.json").read_text())
     by_rank = used["training_memory_by_rank"]
     assert used["strategy"] == "fsdp" and len(by_rank) == 2
-    # each worker holds half of the blocks' weights, gradients and Adam state (the embeddings and head whole: root)
-    full = sum(p.numel() * 4 for p in pruner.model.parameters()) * 4  # weights, grads, 2 Adam moments (float32)
-    assert all(r["train_state_mb"] * 2**20 < 0.75 * full for r in by_rank), (by_rank, full / 2**20)
+    # each worker holds half of the weights, their gradients and the 2 moments of both AdamWs (pruning, and the
+    # fine-tune between rounds): 6 float32 copies in all under ddp; the masks (whole on each) are a few hundred numbers
+    whole = 6 * 4 * sum(p.numel() for p in pruner.model.parameters())
+    assert all(r["train_state_mb"] * 2**20 < 0.6 * whole for r in by_rank), (by_rank, whole / 2**20)
 
 
 @pytest.mark.integration
