@@ -354,6 +354,14 @@ class TrackingConfig:
         return resolve_tracking_uri(self.uri)
 
 
+#: How the Ray Train workers of a prune / fine-tune job hold the model (``ray.strategy``).
+STRATEGIES = ("ddp", "fsdp")
+#: Why a sharded LoRA fine-tune is refused: the adapters are merged on one process at the end, which needs the peft
+#: model rebuilt around the gathered weights (not implemented).
+LORA_FSDP = ("finetune.method='lora' with ray.strategy='fsdp' is not supported (the adapters are merged into an "
+             "unsharded model at the end); use finetune.method='full' or ray.strategy='ddp'")
+
+
 @dataclass
 class RayConfig:
     """Where and how wide a job runs."""
@@ -369,11 +377,21 @@ class RayConfig:
     """CPUs reserved per worker (also its torch thread count)."""
     max_failures: int = 0
     """Worker-group restarts from the last checkpoint before the job fails."""
+    strategy: str = "ddp"
+    """How the prune and fine-tune workers hold the model. ``ddp``: every worker a whole copy (DDP all-reduces the
+    gradients). ``fsdp``: every transformer block's weights, gradients and optimizer state sharded over the workers
+    (torch FSDP2 ``fully_shard``; masks and lambdas stay whole on every worker), for a model that does not fit one
+    worker - see pipelines/GUIDE.md. Both take the same steps: N workers x B/N samples give one worker's masks on B."""
 
     def __post_init__(self) -> None:
         check_int("ray.num_workers", self.num_workers, 1, what="an integer >= 1")
         check_int("ray.max_failures", self.max_failures, 0, what="an integer >= 0")
         check_number("ray.cpus_per_worker", self.cpus_per_worker, 0, low_open=True, what="> 0")
+        check_choice("ray.strategy", self.strategy, STRATEGIES)
+        if self.strategy == "fsdp" and self.num_workers < 2:
+            raise ConfigError(f"ray.strategy={self.strategy!r} shards the model over the workers and needs "
+                              f"ray.num_workers >= 2, got ray.num_workers={self.num_workers!r}; use ray.strategy='ddp' "
+                              f"for one worker")
 
 
 @dataclass
@@ -524,6 +542,8 @@ class PipelineConfig:
             if used and batch % n:
                 raise ConfigError(f"{key}={quote(batch)} must be a multiple of ray.num_workers={n!r} (each worker "
                                   f"takes an equal share of every batch)")
+        if self.ray.strategy == "fsdp" and self.finetune.steps > 0 and self.finetune.method == "lora":
+            raise ConfigError(LORA_FSDP)
         ft, cap = self.finetune, self.data.max_train_samples
         if ft.steps > 0 and ft.eval_every > 0 and cap is not None and cap - ft.eval_samples < ft.batch_size:
             raise ConfigError(f"finetune.eval_samples={ft.eval_samples!r} held out of data.max_train_samples={cap!r} "

@@ -1,8 +1,11 @@
 """VIB pruning and fine-tuning as data-parallel Ray Train jobs (Train V2).
 
-Each job is a ``TorchTrainer`` with N workers: every worker holds the model, its masks and the lambdas (one
+Each job is a ``TorchTrainer`` with N workers, each taking its contiguous share of every global batch. How a worker
+holds the model is ``ray.strategy`` (:class:`_Placement`): ``ddp`` - the whole model, its masks and the lambdas (one
 :class:`vtrans.train.Pruner` / :class:`~vtrans.train.Finetuner` wrapped by ``prepare_model``, so DDP all-reduces the
-gradients of weights and mask parameters alike) and takes its contiguous share of each global batch. Rank 0 writes
+gradients of weights and mask parameters alike); ``fsdp`` - 1/N of every transformer block (and of the teacher) with
+the masks and lambdas whole, their gradients averaged after each backward (:mod:`vtrans.sharding`); checkpoints then
+gather the full state on rank 0, in the same format. Rank 0 writes
 checkpoints (weights, masks, lambdas, optimizer states, step, metric history) as safetensors + JSON every
 ``checkpoint_every`` steps; a run started again with the same ``name`` and ``storage_path`` resumes from its last
 checkpoint, and ``FailureConfig(max_failures)`` restarts failed workers from it. Training noise is keyed by (seed,
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pipelines.config import RayConfig
+from pipelines.config import LORA_FSDP, RayConfig
 from pipelines.ray_runtime import init_ray
 from vtrans.checkpoint import check_reachable_at
 from vtrans.data import collate, global_order
@@ -191,12 +194,7 @@ def _node_ids(world: int) -> list[str]:
     """Every worker's Ray node id, by rank (a collective: all ranks call it)."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    if world == 1 or not torch.distributed.is_initialized():
-        return [node]
-    nodes: list = [None] * world
-    torch.distributed.all_gather_object(nodes, node)
-    return nodes
+    return _gathered(ray.get_runtime_context().get_node_id(), world)
 
 
 def load_latest_state(latest: str | os.PathLike, run_dir: str | os.PathLike) -> tuple[dict, dict]:
@@ -226,6 +224,96 @@ def load_latest_state(latest: str | os.PathLike, run_dir: str | os.PathLike) -> 
         return state
     raise CheckpointError(f"{failure}, and no other checkpoint of {str(run_dir)!r} loads; remove that folder to "
                           f"start the job over")
+
+
+class _Placement:
+    """How a worker holds the module (``ray.strategy``), the one place the training loop differs between them.
+
+    ``ddp``: Ray Train's ``prepare_model`` - a whole copy per worker, DDP all-reduces every gradient. ``fsdp``: the
+    model (and the teacher) sharded by :func:`vtrans.sharding.shard`; masks and lambdas replicated, their gradients
+    averaged by the module's ``grad_hook``; checkpoints and the final model gathered to rank 0 (collectives: every
+    rank calls :meth:`state` and :meth:`unshard`)."""
+
+    def __init__(self, strategy: str, rank: int, device: torch.device) -> None:
+        self.sharded, self.rank, self.device = strategy == "fsdp", rank, device
+
+    def wrap(self, module, teacher, find_unused: bool):
+        """Place ``module`` on this worker; returns what computes ``loss, metrics`` (:func:`vtrans.train.fit`'s
+        ``forward``)."""
+        import ray.train.torch
+
+        if not self.sharded:
+            return ray.train.torch.prepare_model(module,
+                                                 parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+        from vtrans.sharding import average_grads, shard
+
+        for model in (module.model, teacher):
+            if model is not None:
+                shard(model, self.device)
+        for child in module.children():  # the masks and lambdas: whole on every worker
+            if child is not module.model:
+                child.to(self.device)
+        module.reset_optimizers()  # sharding replaced the model's parameters
+        replicated = module.replicated_parameters()
+        module.grad_hook = lambda: average_grads(replicated)
+        module.collective_teacher = True
+        return module
+
+    def state(self, module) -> tuple[dict, dict] | None:
+        """The training state to checkpoint, on rank 0 (None elsewhere); unsharded, whatever the strategy."""
+        if not self.sharded:
+            return module.state_tensors() if self.rank == 0 else None
+        from vtrans.sharding import gather
+
+        tensors, meta = module.state_tensors()
+        tensors = gather(tensors, keep=self.rank == 0)
+        return (tensors, meta) if self.rank == 0 else None
+
+    def unshard(self, module, spec: JobSpec, weights_trained: bool) -> None:
+        """After training: rank 0 goes on with a whole model holding the trained weights (compression and saving are
+        one process's work); the other ranks only help gather them."""
+        if not self.sharded:
+            return
+        from vtrans.sharding import gather
+
+        full = gather(module.model.state_dict(), keep=self.rank == 0) if weights_trained else {}
+        if self.rank == 0:
+            model = _load_model(spec.model_dir, spec.task, spec.num_labels)
+            if full:
+                model.load_state_dict(full)
+            module.rebind(model.to(self.device))
+
+
+def _memory_mb(module) -> dict[str, float]:
+    """This process's memory: peak and current resident set, and what its training state occupies (parameters,
+    gradients and optimizer state held here: a shard of them under ``fsdp``)."""
+    from vtrans.sharding import is_sharded
+
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if is_sharded(t) else t
+        return t.numel() * t.element_size()
+
+    params = {id(p): p for p in module.parameters()}
+    params.update({id(p): p for o in module.optimizers.values() for g in o.param_groups for p in g["params"]})
+    state = sum(nbytes(p) + (nbytes(p.grad) if p.grad is not None else 0) for p in params.values())
+    state += sum(nbytes(v) for o in module.optimizers.values() for st in o.state.values() for v in st.values()
+                 if torch.is_tensor(v))
+    current = 0.0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                current = int(line.split()[1]) / 1024
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+            "rss_mb": current, "train_state_mb": state / 2**20}
+
+
+def _gathered(value, world: int) -> list:
+    """``value`` of every rank, by rank (a collective: all ranks call it)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return [value]
+    values: list = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def _quiet_ray_train_logs() -> None:
@@ -263,19 +351,25 @@ def _train_loop(loop_config: dict) -> None:
         teacher = _load_model(teacher_dir, spec.task, spec.num_labels)
     module = Pruner(model, cfg, teacher) if kind == "prune" else Finetuner(model, cfg, teacher)
 
-    start, history = 0, []
+    start, history, state = 0, [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            tensors, meta = load_latest_state(d, Path(loop_config["output_dir"]).parent)
-        module.load_state_tensors(tensors, meta)
-        start, history = meta["step"] + 1, meta.get("history", [])
+            state = load_latest_state(d, Path(loop_config["output_dir"]).parent)
+        start, history = state[1]["step"] + 1, state[1].get("history", [])
     device = ray.train.torch.get_device()
+    placement = _Placement(loop_config.get("strategy", "ddp"), rank, device)
     if kind == "prune" and start == 0 and cfg.init == "fisher":  # every rank alike (same batches, deterministic)
-        module.warm_start(prune_calibration(spec.dataset, cfg, spec.pad_token_id, device))
+        # before placing, on the whole model: on the worker's device under ddp, on the host under fsdp (the model
+        # does not fit the device whole; the Fisher pass then runs on the host's CPUs)
+        where = device if not placement.sharded else torch.device("cpu")
+        module.to(where)
+        module.warm_start(prune_calibration(spec.dataset, cfg, spec.pad_token_id, where))
     # masks and lambdas sit idle during the fine-tunes between rounds
     unused = kind == "prune" and "finetune" in module.optimizers
-    ddp = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": unused})
+    forward = placement.wrap(module, teacher, unused)
+    if state is not None:  # after placing: a sharded worker cuts its shard of the saved (whole) state
+        module.load_state_tensors(*state)
     total = cfg.total_steps
     every, report_every = loop_config["checkpoint_every"], loop_config["report_every"]
     curves = _LiveCurves(loop_config.get("tracking"), resumed=start > 0) if rank == 0 else None
@@ -294,7 +388,7 @@ def _train_loop(loop_config: dict) -> None:
         if evaluate:
             # what a sweep's ASHA compares, at fine-tune step `finetune_step` (rank 0's report reaches Tune)
             metrics[FINETUNE_STEP] = step + 1
-            if rank == 0:
+            if rank == 0 or placement.sharded:  # a sharded model's forward takes every rank
                 metrics.update(_held_out_quality(module.model, spec, cfg.batch_size))
         history.append(metrics)
         if rank == 0:
@@ -305,8 +399,9 @@ def _train_loop(loop_config: dict) -> None:
         if (step + 1) % every == 0 or last:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
-                if rank == 0:
-                    tensors, meta = module.state_tensors()
+                saved = placement.state(module)
+                if saved is not None:
+                    tensors, meta = saved
                     save_state(tmp, tensors, dict(meta, step=step, history=history, kind=kind))
                     checkpoint = Checkpoint.from_directory(tmp)
                 ray.train.report(dict(metrics), checkpoint=checkpoint)
@@ -314,10 +409,12 @@ def _train_loop(loop_config: dict) -> None:
             ray.train.report(dict(metrics))
 
     before = loop_config.get("before_step")
-    fit(module, batches, start, total, on_step, forward=ddp, rank=rank, warm_start=False,
+    fit(module, batches, start, total, on_step, forward=forward, rank=rank, warm_start=False,
         before_step=None if before is None else lambda step: before(step, rank))
 
     nodes = _node_ids(world)
+    memory = _gathered(_memory_mb(module), world)  # at the end of training, before rank 0 builds the outputs
+    placement.unshard(module, spec, weights_trained=kind == "finetune" or cfg.method != "faster")
     if rank == 0:
         bar.close()
         out = Path(loop_config["output_dir"])
@@ -344,7 +441,8 @@ def _train_loop(loop_config: dict) -> None:
         (out / "history.json").write_text(json.dumps(history))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         (out / "resources.json").write_text(json.dumps({"peak_rss_mb": peak, "rank": rank, "world_size": world,
-                                                        "node_ids": nodes}))
+                                                        "node_ids": nodes, "strategy": loop_config.get("strategy"),
+                                                        "training_memory_by_rank": memory}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -378,7 +476,8 @@ def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storag
         _train_loop,
         train_loop_config={"kind": kind, "spec": spec, "config": config, "output_dir": str(out),
                            "checkpoint_every": checkpoint_every, "report_every": report_every, "threads": threads,
-                           "before_step": before_step, "tracking": tracking, "label": label},
+                           "before_step": before_step, "tracking": tracking, "label": label,
+                           "strategy": ray_cfg.strategy},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -445,6 +544,8 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
         raise ConfigError(f"finetune config must be a vtrans.train.FinetuneConfig, got {type(config).__name__}")
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
+    if config.method == "lora" and ray_cfg.strategy == "fsdp":
+        raise ConfigError(LORA_FSDP)
     if config.method == "lora":  # a target_modules name that matches nothing fails here, before any worker starts
         from vtrans.lora import check_targets_at
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ from vtrans.config import Budget, VIBConfig
 from vtrans.errors import BudgetError, ConfigError, quote
 from vtrans.lora import ADAPTER_KEY, LoraAdapters, LoraConfig, add_adapters
 from vtrans.masks import EPS
+from vtrans.sharding import local_like
 from vtrans.vib import VIB, attach
 
 METHODS = ("vtrans", "fast", "faster")
@@ -272,11 +274,38 @@ class Lagrangian(nn.Module):
 
 
 class _Distiller(nn.Module):
-    """Teacher outputs (cached per sample id when asked) and the logit KD loss."""
+    """Teacher outputs (cached per sample id when asked), the logit KD loss, and what a sharded data-parallel worker
+    (:mod:`vtrans.sharding`) sets: ``grad_hook`` and ``collective_teacher``."""
 
     config: PruneConfig | FinetuneConfig
+    model: PreTrainedModel
+    optimizers: dict[str, torch.optim.Optimizer]
     _teacher: list[PreTrainedModel]
     _teacher_cache: dict[int, dict[str, torch.Tensor]]
+    grad_hook: Callable[[], None] | None = None
+    """Called after every backward, before the optimizers step: a sharded worker averages the gradients of the
+    replicated parameters (:meth:`replicated_parameters`) there, as DDP does during the backward."""
+    collective_teacher: bool = False
+    """Whether the teacher's forward is a collective (a sharded teacher, or the sharded student standing in for it):
+    then every worker runs it whenever any worker's batch misses the teacher cache, so all take part."""
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters outside the model (masks, lambdas): what sharding leaves whole on every worker."""
+        return []
+
+    def reset_optimizers(self) -> None:
+        """Build the optimizers again over the current parameters (after sharding replaced the model's)."""
+        raise NotImplementedError
+
+    def rebind(self, model: PreTrainedModel) -> None:
+        """Go on with ``model``, an unsharded copy of :attr:`model` holding the same weights (what one process saves
+        and compresses after sharded training); masks and their state move over to it."""
+        self.model = model
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.grad_hook is not None:
+            self.grad_hook()
 
     @torch.no_grad()
     def _teacher_outputs(self, inputs: dict, sample_ids: torch.Tensor | None, hidden: bool) -> dict:
@@ -290,7 +319,10 @@ class _Distiller(nn.Module):
         keys = ["logits", "hidden"] if hidden else ["logits"]
         if d.cache_teacher and sample_ids is not None:
             entries = [self._teacher_cache.get(int(i)) for i in sample_ids.tolist()]
-            if all(e is not None and all(k in e for k in keys) for e in entries):
+            hit = all(e is not None and all(k in e for k in keys) for e in entries)
+            if self.collective_teacher:
+                hit = _on_every_worker(hit, ids.device)
+            if hit:
                 return {k: torch.stack([_pad_seq(e[k], seq, k) for e in entries]).to(ids.device) for k in keys}
         if self._teacher:
             out = self._teacher[0](**inputs, output_hidden_states=hidden)
@@ -357,6 +389,22 @@ class Pruner(_Distiller):
         """``constraint: projection``: the ``log_alpha`` offset the last pruning step applied (:meth:`project`)."""
         self.stalled: str | None = None
         """Set at the end of the warm-up when the expected size has not moved towards the target (one line)."""
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        return self.vib.mask_parameters() + [p for p in self.lagrangian.parameters() if p.requires_grad]
+
+    def reset_optimizers(self) -> None:
+        self.optimizers = self._make_optimizers()
+
+    def rebind(self, model: PreTrainedModel) -> None:
+        """Go on with ``model``, an unsharded copy of :attr:`model` with the same weights: the masks are attached to it
+        anew, with their trained state and latency table (the old model's hooks are removed)."""
+        state, table = self.vib.state_dict(), self.vib.latency_table
+        self.vib.remove()
+        self.model = model
+        self.vib = attach(model, self.config.vib)
+        self.vib.load_state_dict(state)
+        self.vib.latency_table = table
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.config
@@ -528,7 +576,7 @@ class Pruner(_Distiller):
                 group["lr"] = lr * factor
         for o in self.optimizers.values():
             o.zero_grad(set_to_none=True)
-        loss.backward()
+        self._backward(loss)
         if self.config.max_grad_norm > 0 and {"weights", "finetune"} & set(names):
             params = [p for p in self.model.parameters() if p.grad is not None]
             if params:
@@ -591,7 +639,7 @@ class Pruner(_Distiller):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         if model_sd:
-            self.model.load_state_dict(model_sd, strict=False)
+            self.model.load_state_dict(_laid_out_as(self.model, model_sd), strict=False)
         self.vib.load_state_dict({k[len("vib."):]: v for k, v in tensors.items() if k.startswith("vib.")})
         self.lagrangian.load_state_dict({k[len("lagrangian."):]: v for k, v in tensors.items()
                                          if k.startswith("lagrangian.")})
@@ -674,9 +722,19 @@ class Finetuner(_Distiller):
             if config.method == "lora" else None
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.reset_optimizers()
+
+    def reset_optimizers(self) -> None:
         params = self.adapters.parameters() if self.adapters is not None else \
-            [p for p in model.parameters() if p.requires_grad]
-        self.optimizers = {"finetune": torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)}
+            [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizers = {"finetune": torch.optim.AdamW(params, lr=self.config.lr,
+                                                         weight_decay=self.config.weight_decay)}
+
+    def rebind(self, model: PreTrainedModel) -> None:
+        if self.adapters is not None:
+            raise ConfigError("finetune.method='lora' cannot move its adapters to another copy of the model (a sharded "
+                              "fine-tune, ray.strategy='fsdp'); use finetune.method='full' or ray.strategy='ddp'")
+        self.model = model
 
     def finish(self) -> PreTrainedModel:
         """The fine-tuned model to save, in eval mode: with ``lora`` the adapters merged into the weights and removed
@@ -706,7 +764,7 @@ class Finetuner(_Distiller):
     def optimize(self, loss: torch.Tensor, step: int) -> None:
         opt = self.optimizers["finetune"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self._backward(loss)
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
                                            self.config.max_grad_norm)
@@ -734,7 +792,7 @@ class Finetuner(_Distiller):
                 raise ConfigError(f"the checkpoint lacks {len(missing)} LoRA adapter tensor(s) of this "
                                   f"finetune.lora (e.g. {sorted(missing)[0]!r}): was it saved with other "
                                   f"rank / target_modules?")
-        self.model.load_state_dict(model_sd, strict=False)
+        self.model.load_state_dict(_laid_out_as(self.model, model_sd), strict=False)
         _load_optimizers(self.optimizers, tensors, meta)
         torch.set_rng_state(tensors["rng.torch"])
 
@@ -757,18 +815,37 @@ def _save_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict
 
 def _load_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
                      meta: dict) -> None:
+    """The inverse of :func:`_save_optimizers`; the state of a sharded parameter is cut to its shard."""
     for name, opt in optimizers.items():
+        params = [p for group in opt.param_groups for p in group["params"]]  # the state's indices
         m = meta["optimizers"][name]
         state: dict[int, dict] = {}
         prefix = f"opt.{name}."
         for k, v in tensors.items():
             if k.startswith(prefix):
                 idx, key = k[len(prefix):].split(".", 1)
-                state.setdefault(int(idx), {})[key] = v
+                state.setdefault(int(idx), {})[key] = local_like(params[int(idx)], v) if int(idx) < len(params) else v
         for k, v in m["scalars"].items():
             idx, key = k.split(".", 1)
             state.setdefault(int(idx), {})[key] = v
         opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+
+
+def _laid_out_as(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full state dict of ``model`` with each tensor cut to the shard ``model`` holds (unchanged when unsharded)."""
+    current = model.state_dict()
+    return {k: local_like(current[k], v) if k in current else v for k, v in state.items()}
+
+
+def _on_every_worker(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every worker of the default process group (itself outside one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def _trim_seq(t: torch.Tensor, length: int, key: str) -> torch.Tensor:

@@ -242,3 +242,78 @@ def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path
 
     assert ft.node_ids == [ray.get_runtime_context().get_node_id()] * 2  # one local node, two workers
     assert not [p for p in Path(ft.output).iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ray.strategy: fsdp (the model sharded over the workers; masks and lambdas whole on each)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_fsdp_bad_input_fails_in_one_line_before_any_worker(tiny_dir: str, tmp_path: Path) -> None:
+    from vtrans.lora import LoraConfig
+
+    with pytest.raises(vtrans.ConfigError) as info:
+        RayConfig(num_workers=1, strategy="fsdp")
+    assert str(info.value) == ("ray.strategy='fsdp' shards the model over the workers and needs ray.num_workers >= 2, "
+                               "got ray.num_workers=1; use ray.strategy='ddp' for one worker")
+    with pytest.raises(vtrans.ConfigError, match=r"ray.strategy must be one of \['ddp', 'fsdp'\], got 'zero3'"):
+        RayConfig(num_workers=2, strategy="zero3")
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    with pytest.raises(vtrans.ConfigError, match=r"^finetune.method='lora' with ray.strategy='fsdp' is not supported"):
+        run_finetune_job(spec, FinetuneConfig(steps=2, batch_size=8, method="lora", lora=LoraConfig(rank=2)),
+                         RayConfig(num_workers=2, strategy="fsdp"), "lora", tmp_path)
+    assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.integration
+def test_fsdp_workers_equal_one_worker_through_a_recovered_failure(ray_local, tiny_dir: str, tmp_path: Path) -> None:
+    """2 sharded workers x B/2 end with the masks and the compressed weights of one worker on B (computed in this
+    process), across rounds (the fine-tune between them included) and a worker failure at step 13 recovered from the
+    step-9 checkpoint that rank 0 gathered from the shards."""
+    import json
+
+    from pipelines.bench.in_process import load_model, train_in_process
+    from vtrans.posterior import save_masks
+    from vtrans.train import Pruner
+
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    cfg = _cfg(steps=12, rounds=2, finetune_steps=4)
+    pruner = Pruner(load_model(tiny_dir, "seq-cls", None, "cpu"), cfg, load_model(tiny_dir, "seq-cls", None, "cpu"))
+    train_in_process(pruner, spec.dataset, 0, "cpu", "reference")
+    pruner.finish()
+    save_masks(pruner.vib, tmp_path / "reference-masks.safetensors")
+    ref_weights = vtrans.compress(pruner.vib).state_dict()
+
+    job = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1, strategy="fsdp"), "fsdp", tmp_path,
+                        checkpoint_every=5, before_step=FailOnce(step=13, marker=str(tmp_path / "f"), rank=1))
+    assert (tmp_path / "f").exists()
+    _assert_same(load_file(str(tmp_path / "reference-masks.safetensors")), _masks(job.output), atol=1e-5)
+    weights = load_file(str(Path(job.output) / "compressed" / "model.safetensors"))
+    _assert_same({k: v for k, v in ref_weights.items() if k in weights}, weights, atol=1e-5)
+    assert [m["step"] for m in job.history] == list(range(cfg.total_steps))
+    used = json.loads((Path(job.output) / "resources.json").read_text())
+    by_rank = used["training_memory_by_rank"]
+    assert used["strategy"] == "fsdp" and len(by_rank) == 2
+    # each worker holds half of the weights, their gradients and the 2 moments of both AdamWs (pruning, and the
+    # fine-tune between rounds): 6 float32 copies in all under ddp; the masks (whole on each) are a few hundred numbers
+    whole = 6 * 4 * sum(p.numel() for p in pruner.model.parameters())
+    assert all(r["train_state_mb"] * 2**20 < 0.6 * whole for r in by_rank), (by_rank, whole / 2**20)
+
+
+@pytest.mark.integration
+def test_fsdp_finetune_equals_one_worker(ray_local, tiny_dir: str, tmp_path: Path) -> None:
+    """A sharded fine-tune (2 workers, teacher sharded too, held-out evaluation on every rank) ends with the weights
+    one worker reaches on the whole batch."""
+    from pipelines.bench.in_process import load_model, train_in_process
+    from vtrans.train import Finetuner
+
+    cfg = FinetuneConfig(steps=8, batch_size=8, lr=1e-3, eval_every=4)
+    held_out = _dataset()[:16]
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset()[16:], pad_token_id=0, teacher_dir=tiny_dir, eval_dataset=held_out)
+    ft = Finetuner(load_model(tiny_dir, "seq-cls", None, "cpu"), cfg, load_model(tiny_dir, "seq-cls", None, "cpu"))
+    train_in_process(ft, spec.dataset, 0, "cpu", "reference")
+    ref = {k: v.detach() for k, v in ft.finish().state_dict().items()}
+    job = run_finetune_job(spec, cfg, RayConfig(num_workers=2, strategy="fsdp"), "ft", tmp_path, checkpoint_every=4)
+    got = load_file(str(Path(job.output) / "model" / "model.safetensors"))
+    _assert_same({k: v for k, v in ref.items() if k in got}, got, atol=1e-5)
+    assert [h["finetune_step"] for h in job.history if "val_accuracy" in h] == [4, 8]
