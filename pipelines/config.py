@@ -87,6 +87,8 @@ MAX_LATENCY_REPEATS = 10_000
 #: Largest batch at which latency is timed (``evaluate.latency_batch_sizes``) or quality evaluated
 #: (``evaluate.batch_size``).
 MAX_EVAL_BATCH = 4096
+#: Most examples per lm-eval task (``evaluate.lm_eval_limit``).
+MAX_LM_EVAL_LIMIT = 1_000_000
 
 #: Task of each built-in data set.
 DATASET_TASKS: dict[str, str] = {"rotten_tomatoes": "seq-cls", "wikipedia": "causal-lm", "lee_news": "causal-lm"}
@@ -301,6 +303,13 @@ class EvaluateConfig:
     """Untimed forward passes before timing (at most :data:`MAX_LATENCY_REPEATS`)."""
     threads: int | None = None
     """CPU threads for timing (``torch.set_num_threads``); None: torch's default."""
+    lm_eval_tasks: list[str] | None = None
+    """lm-evaluation-harness tasks run on the dense and the compressed model (causal-lm only; needs
+    ``vtrans[eval]``): each metric logged as ``lm_eval_<task>_<metric>`` (dense: ``dense_lm_eval_...``), a valid
+    sweep objective. ``lambada_local`` is shipped (built-in text, no dataset hub); any lm-eval task whose data is
+    reachable or cached works. Checked before any work (:func:`vtrans.lm_eval.check_tasks`). None: none."""
+    lm_eval_limit: int | None = None
+    """Examples of each ``lm_eval_tasks`` task (its first ones; at most :data:`MAX_LM_EVAL_LIMIT`); None: all."""
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
@@ -318,6 +327,19 @@ class EvaluateConfig:
         check_int("evaluate.warmup", self.warmup, 0, MAX_LATENCY_REPEATS)
         if self.threads is not None:
             check_int("evaluate.threads", self.threads, 1)
+        if self.lm_eval_tasks is not None:
+            if not isinstance(self.lm_eval_tasks, list) or not self.lm_eval_tasks:
+                raise ConfigError(f"evaluate.lm_eval_tasks must be a non-empty list of lm-eval task names (or null), "
+                                  f"got {quote(self.lm_eval_tasks)}")
+            for i, name in enumerate(self.lm_eval_tasks):
+                check_text(f"evaluate.lm_eval_tasks[{i}]", name)
+            if len(set(self.lm_eval_tasks)) != len(self.lm_eval_tasks):
+                raise ConfigError(f"evaluate.lm_eval_tasks lists a task twice: {self.lm_eval_tasks!r}")
+        if self.lm_eval_limit is not None:
+            check_int("evaluate.lm_eval_limit", self.lm_eval_limit, 1, MAX_LM_EVAL_LIMIT)
+            if self.lm_eval_tasks is None:
+                raise ConfigError(f"evaluate.lm_eval_limit={self.lm_eval_limit!r} limits the lm-eval tasks, but "
+                                  f"evaluate.lm_eval_tasks is not set; set both or neither")
 
 
 #: ``tracking.experiment`` when neither the config nor ``$MLFLOW_EXPERIMENT_NAME`` names one.
@@ -527,6 +549,9 @@ class PipelineConfig:
         self.prune.budget = self._latency_shape("prune.budget", self.prune.budget)
         if self.posterior_budget is not None:
             self.posterior_budget = self._latency_shape("posterior_budget", self.posterior_budget)
+        if e.lm_eval_tasks is not None and task != "causal-lm":
+            raise ConfigError(f"evaluate.lm_eval_tasks={e.lm_eval_tasks!r} needs a causal LM, but model.task={task!r}; "
+                              f"leave evaluate.lm_eval_tasks out for seq-cls")
         for i, metric in enumerate(e.metrics):
             if metric not in TASK_METRICS[task]:
                 raise ConfigError(f"evaluate.metrics[{i}]={metric!r} is not a {task} metric; choose from "

@@ -193,7 +193,8 @@ class Sweep:
         return config_hash({"base": self.base, "sweep": sweep})
 
 
-#: Metrics every trial reports (objectives may name these or any evaluation metric).
+#: Metrics every trial reports (objectives may name these or any evaluation metric, ``lm_eval_<task>_<metric>`` of
+#: ``evaluate.lm_eval_tasks`` included).
 TRIAL_METRICS = (*HIGHER_IS_BETTER, "params_blocks", "params_total", "flops_blocks", "flops_total",
                  "params_blocks_ratio", "params_total_ratio", "flops_total_ratio")
 
@@ -238,9 +239,31 @@ def _check_objectives(sweep: Sweep) -> None:
                               f"{spec!r}")
     quality = objectives[0].rpartition(":")[0]
     for label, cfg in sweep.model_configs.items():
-        if quality not in TASK_METRICS[cfg.task]:
+        produced = [*TASK_METRICS[cfg.task], *lm_eval_objectives(cfg)]
+        if quality not in produced and not _lm_eval_metric_of(quality, cfg):
             raise ConfigError(f"sweep.objectives[0]={objectives[0]!r}: {quality!r} is not produced for model "
-                              f"{label!r} ({cfg.task}: {list(TASK_METRICS[cfg.task])})")
+                              f"{label!r} ({cfg.task}: {produced})")
+        if sweep.config.early_stopping is not None and quality != task_metric(cfg.task):
+            raise ConfigError(f"sweep.objectives[0]={objectives[0]!r} with sweep.early_stopping="
+                              f"{sweep.config.early_stopping!r}: ASHA stops trials on the fine-tune's held-out "
+                              f"{task_metric(cfg.task)!r}, so the quality objective must be it")
+
+
+def lm_eval_objectives(cfg: PipelineConfig) -> list[str]:
+    """The lm-eval metric names a pipeline logs that are known before it runs: every metric of its local tasks
+    (``lm_eval_lambada_local_acc``, ...); other lm-eval tasks' names are known once their configs load."""
+    from vtrans.lm_eval import LOCAL_TASKS, metric_name
+
+    return [metric_name(t, m) for t in cfg.evaluate.lm_eval_tasks or [] for m in LOCAL_TASKS.get(t, ())]
+
+
+def _lm_eval_metric_of(key: str, cfg: PipelineConfig) -> bool:
+    """``key`` names a metric of one of the pipeline's lm-eval tasks that is not local (``lm_eval_<task>_<metric>``
+    with any metric: which ones a hub task reports is known when it runs)."""
+    from vtrans.lm_eval import LOCAL_TASKS, metric_name
+
+    return any(key.startswith(metric_name(t, "")) and len(key) > len(metric_name(t, ""))
+               for t in cfg.evaluate.lm_eval_tasks or [] if t not in LOCAL_TASKS)
 
 
 def _absolute(raw: dict[str, Any]) -> dict[str, Any]:

@@ -119,6 +119,10 @@ def check_before_start(cfg: PipelineConfig) -> None:
 
     check_data(cfg)
     _check_tokenizer(cfg.model.name)
+    if cfg.evaluate.lm_eval_tasks:  # unknown tasks, or data not reachable offline: refused before any work
+        from vtrans.lm_eval import check_tasks
+
+        check_tasks(cfg.evaluate.lm_eval_tasks)
     r = cfg.ray
     key, address = ("ray.address", r.address) if r.address else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS") or None)
     if address and address != "local":

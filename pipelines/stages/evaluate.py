@@ -34,7 +34,9 @@ OPTIONS = {"num_cpus": 0}  # the measuring tasks reserve their own CPUs / GPU
 
 
 def material(cfg: PipelineConfig) -> dict:
-    m = {"evaluate": to_dict(cfg.evaluate), "flops_seq_len": cfg.prune.budget.seq_len,
+    # the lm-eval settings left out while unset: the dense measurements kept before they existed stay valid
+    evaluate = {k: v for k, v in to_dict(cfg.evaluate).items() if not (k.startswith("lm_eval_") and v is None)}
+    m = {"evaluate": evaluate, "flops_seq_len": cfg.prune.budget.seq_len,
          "device": "cuda" if cfg.ray.use_gpu else "cpu"}
     if cfg.prune.budget.metric == "latency":  # its point is timed too (other budgets keep their keys)
         m["latency_point"] = latency_point(cfg)
@@ -59,8 +61,11 @@ def point(batch: int, seq: int) -> str:
     return f"b{batch}_s{seq}"
 
 
-def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_token_id: int, label: str) -> dict:
-    """Quality, counts, latency and memory of one model (runs in its own process)."""
+def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_token_id: int, label: str,
+            tokenizer_dir: str | None = None) -> dict:
+    """Quality, counts, latency and memory of one model (runs in its own process); the lm-eval tasks' scores under
+    ``lm_eval`` (``{task: {metric: value}}``) when ``evaluate.lm_eval_tasks`` is set (the tokenizer of
+    ``tokenizer_dir``, the data's, else the model's own)."""
     import torch
 
     import vtrans
@@ -79,6 +84,8 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
                  "threads": torch.get_num_threads(), "model_mb": model_bytes(model) / 2**20}
     for metric in e.metrics:
         out[metric] = measure(metric, model, data, pad_token_id, e.batch_size, desc=f"{label} {metric}")
+    if e.lm_eval_tasks:
+        out["lm_eval"] = _lm_eval(model, tokenizer_dir or model_dir, cfg, label)
     seqs = sorted({cfg.prune.budget.seq_len, *e.latency_seq_lens})
     out["counts"] = {str(s): vtrans.count(model, seq_len=s).as_dict() for s in seqs}
     timings = {}
@@ -92,6 +99,27 @@ def measure(model_dir: str, task: str, test_path: str, cfg: PipelineConfig, pad_
     out["peak_rss_mb"] = _peak_rss_mb()
     out["peak_rss_over_baseline_mb"] = out["peak_rss_mb"] - baseline_mb
     return out
+
+
+def _lm_eval(model, tokenizer_dir: str, cfg: PipelineConfig, label: str) -> dict[str, dict[str, float]]:
+    """The lm-eval tasks' scores of ``model`` (:func:`vtrans.lm_eval.evaluate`)."""
+    import time
+
+    from vtrans.checkpoint import load_tokenizer
+    from vtrans.errors import ConfigError
+    from vtrans.lm_eval import evaluate
+
+    e = cfg.evaluate
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer is None:
+        raise ConfigError(f"evaluate.lm_eval_tasks needs a tokenizer, and {tokenizer_dir!r} has none")
+    t0 = time.time()
+    scores = evaluate(model, tokenizer, list(e.lm_eval_tasks), limit=e.lm_eval_limit, batch_size=e.batch_size)
+    for task, by_metric in scores.items():
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in by_metric.items() if k != "samples")
+        print(f"[{NAME}] {label} lm-eval {task}: {figures} ({by_metric.get('samples', 0):.0f} examples, "
+              f"{time.time() - t0:.0f} s)", flush=True)
+    return scores
 
 
 def device_name(device: str) -> str:
@@ -130,6 +158,8 @@ def compare(cfg: PipelineConfig, dense: dict, comp: dict) -> dict[str, float]:
     m: dict[str, float] = {}
     for metric in cfg.evaluate.metrics:
         m[metric], m[f"dense_{metric}"] = comp[metric], dense[metric]
+    m.update(lm_eval_metrics(cfg, comp.get("lm_eval") or {}))
+    m.update(lm_eval_metrics(cfg, dense.get("lm_eval") or {}, prefix="dense_"))
     s0 = str(cfg.prune.budget.seq_len)
     for k in ("params_blocks", "params_total", "flops_blocks", "flops_total"):
         m[k], m[f"dense_{k}"] = comp["counts"][s0][k], dense["counts"][s0][k]
@@ -163,10 +193,23 @@ def compare(cfg: PipelineConfig, dense: dict, comp: dict) -> dict[str, float]:
     return m
 
 
+def lm_eval_metrics(cfg: PipelineConfig, scores: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    """The flat ``lm_eval_<task>_<metric>`` figures of one model's lm-eval scores (only the configured tasks: a dense
+    measurement is keyed on them, so it has the same)."""
+    from vtrans.lm_eval import flat_metrics
+
+    tasks = cfg.evaluate.lm_eval_tasks or []
+    return flat_metrics({t: s for t, s in scores.items() if t in tasks}, prefix)
+
+
 def markdown(cfg: PipelineConfig, m: dict[str, float], device: str) -> str:
     rows = ["| | dense | compressed | compressed / dense |", "|---|---|---|---|"]
     for metric in cfg.evaluate.metrics:
         rows.append(f"| {metric} | {m[f'dense_{metric}']:.4f} | {m[metric]:.4f} | |")
+    for key in sorted(k for k in m if k.startswith("lm_eval_")):
+        dense = m.get(f"dense_{key}")
+        ratio = f"{m[key] / dense:.4f}" if dense and not key.endswith("_samples") else ""
+        rows.append(f"| {key} | {'' if dense is None else f'{dense:.4f}'} | {m[key]:.4f} | {ratio} |")
     s0 = cfg.prune.budget.seq_len
     for k in ("params_blocks", "params_total", "flops_blocks", "flops_total"):
         label = k.replace("_", " ") + (f" @{s0}" if k.startswith("flops") else "")
@@ -217,14 +260,15 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     compressed, dense_dir = Trained.of(inputs["finetune"]).model, Trained.of(inputs["teacher"]).model
     remote = _measure_remote(cfg)
     # one after the other: timings taken side by side on shared cores would disturb each other
-    comp = ray.get(remote.remote(compressed, cfg.task, test, cfg, pad, "compressed"))
+    tokenizer = str(ctx.model_path) if ctx.model_path else None  # the data's tokenizer (the calibrate stage's)
+    comp = ray.get(remote.remote(compressed, cfg.task, test, cfg, pad, "compressed", tokenizer))
     comp["latency_record"] = _latency_record(compressed)
     dense_file = _dense_file(ctx, comp)
     if dense_file.is_file() and NAME not in ctx.rerun:
         dense = json.loads(dense_file.read_text())
         print(f"[{NAME}] dense: measured before on the same {comp['device_name']} ({dense_file})", flush=True)
     else:
-        dense = ray.get(remote.remote(dense_dir, cfg.task, test, cfg, pad, "dense"))
+        dense = ray.get(remote.remote(dense_dir, cfg.task, test, cfg, pad, "dense", tokenizer))
         dense_file.parent.mkdir(parents=True, exist_ok=True)
         _write_json(dense_file, dense)  # atomic: concurrent trials leave the last complete measurement, never a part
     metrics = compare(cfg, dense, comp)
@@ -239,7 +283,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
         print(f"[{NAME}] latency budget: predicted {metrics['latency_predicted_ms']:.2f} ms (target "
               f"{metrics['latency_target_ms']:.2f}), measured {metrics['latency_measured_ms']:.2f} ms", flush=True)
     model_metrics = {k: metrics[k] for k in (*cfg.evaluate.metrics, "params_blocks_ratio", "params_total_ratio",
-                                             "flops_total_ratio")}
+                                             "flops_total_ratio", *lm_eval_metrics(cfg, comp.get("lm_eval") or {}))}
     return StageOutput(outputs=Evaluation(report_md=str(work / "report.md"), report=str(work / "report.json"),
                                           logged_model_dir=compressed).outputs(),
                        metrics=metrics, info={"model_metrics": model_metrics, "label_names": data.label_names},

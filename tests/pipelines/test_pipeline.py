@@ -233,7 +233,8 @@ prune:
   batch_size: 4
   distill: {cache_teacher: false}
 finetune: {steps: 0, batch_size: 4}
-evaluate: {batch_size: 8, latency_batch_sizes: [2], latency_seq_lens: [32], latency_repeats: 2, warmup: 1}
+evaluate: {batch_size: 8, latency_batch_sizes: [2], latency_seq_lens: [32], latency_repeats: 2, warmup: 1,
+           lm_eval_tasks: [lambada_local], lm_eval_limit: 8}
 ray: {num_workers: 2}
 tracking: {experiment: pipeline-test}
 """
@@ -261,6 +262,15 @@ def test_decoder_pipeline_without_teacher_or_finetune(workdir) -> None:
     m = run.metrics
     assert m["perplexity"] > 1 and m["dense_perplexity"] > 1
     assert 0.55 <= m["params_blocks_ratio"] <= 0.6
+    # lm-eval's lambada_local on both models (the compressed one: vtrans's own classes, handed to HFLM in memory)
+    logged = _client().get_run(run.run_id).data.metrics
+    for prefix in ("", "dense_"):
+        assert logged[f"{prefix}lm_eval_lambada_local_samples"] == 8
+        assert 0 <= logged[f"{prefix}lm_eval_lambada_local_acc"] <= 1
+        assert logged[f"{prefix}lm_eval_lambada_local_perplexity"] > 1
+    assert logged["lm_eval_lambada_local_perplexity"] != logged["dense_lm_eval_lambada_local_perplexity"]
+    report = Path(run.results["evaluate"].outputs["report_md"]).read_text()
+    assert "| lm_eval_lambada_local_acc |" in report
     with global_tracking_uri(run.tracking_uri):
         out = mlflow.pyfunc.load_model(run.model_uri).predict(["The history of"], params={"max_new_tokens": 3})
     assert list(out.columns) == ["generated_text"] and len(out) == 1

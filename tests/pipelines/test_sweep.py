@@ -67,6 +67,35 @@ def test_bad_sweeps_fail_before_any_trial(tmp_path: Path, sweep: dict, needles: 
         assert needle in message, (needle, message)
 
 
+LM_BASE = {"model": {"name": "smollm2", "task": "causal-lm"}, "data": {"name": "wikipedia", "seq_len": 32},
+           "prune": {"method": "faster", "budget": {"params": 0.5}, "steps": 2, "batch_size": 8},
+           "finetune": {"steps": 0, "batch_size": 8}, "ray": {"num_workers": 2}}
+
+
+def test_lm_eval_metrics_are_objectives(tmp_path: Path) -> None:
+    """``lm_eval_<task>_<metric>`` of an ``evaluate.lm_eval_tasks`` task is a quality objective; of a task the
+    pipeline does not run, or with ASHA (which stops on the fine-tune's own quality), it is refused."""
+    sweep = {"space": {"prune.budget.params": [0.5]}, "objectives": ["lm_eval_lambada_local_acc:max",
+                                                                     "params_blocks:min"]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **LM_BASE, "evaluate": {"lm_eval_tasks": ["lambada_local"]},
+                                    "sweep": sweep}))
+    assert load_sweep(path).objectives(next(iter(load_sweep(path).models))) == [
+        ("lm_eval_lambada_local_acc", "max"), ("params_blocks", "min")]
+    # a hub task's metrics are known when it runs: any metric of it is accepted
+    ok = load_sweep(path, ["evaluate.lm_eval_tasks=[arc_easy]",
+                           "sweep.objectives=[lm_eval_arc_easy_acc_norm:max, params_blocks:min]"])
+    assert ok.config.objectives[0] == "lm_eval_arc_easy_acc_norm:max"
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path, ["evaluate.lm_eval_tasks=null"])
+    assert "'lm_eval_lambada_local_acc' is not produced" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path, ["sweep.objectives=[lm_eval_lambada_local_f1:max, params_blocks:min]"])
+    assert "'lm_eval_lambada_local_f1' is not produced" in str(e.value) and "lm_eval_lambada_local_acc" in str(e.value)
+    with pytest.raises(ConfigError, match="ASHA stops trials on the fine-tune's held-out 'perplexity'"):
+        load_sweep(path, ["sweep.early_stopping=asha", "finetune.steps=8", "finetune.eval_every=2"])
+
+
 def test_a_pipeline_config_is_not_a_sweep(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(BASE))

@@ -68,3 +68,22 @@ def test_lora_target_modules_naming_nothing_fail_before_any_work(tmp_path: Path,
     assert err.startswith("vtrans: error: finetune.lora.target_modules names 'q_proj', which matches no Linear "
                           "layer of BertForSequenceClassification") and "\n" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_lm_eval_task_fails_before_any_work(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vtrans validate`` (what ``vtrans run`` checks before Ray) refuses a task lm-eval does not know, naming the list
+    item, the value and the closest task (lm-eval's index of its own tasks stubbed: building it takes a minute)."""
+    from pipelines.cli import main
+    from tests.pipelines.test_config import SMOLLM2
+    from vtrans import lm_eval
+
+    class Index:
+        all_tasks = ["lambada_local", "lambada_openai", "arc_easy"]
+
+    monkeypatch.setattr(lm_eval, "_task_manager", lambda include_defaults: Index())
+    assert main(["validate", str(SMOLLM2), "evaluate.lm_eval_tasks=[lambada_local, arc_easyy]",
+                 f"output={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vtrans: error: evaluate.lm_eval_tasks[1]='arc_easyy' is not one of lm-eval's tasks")
+    assert "did you mean 'arc_easy'?" in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()
