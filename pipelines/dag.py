@@ -31,7 +31,7 @@ import yaml
 from pipelines.config import PipelineConfig, config_hash, flatten, to_dict
 from pipelines.redact import redact, redact_data
 from pipelines.stages import BY_NAME, NAMES, STAGES
-from pipelines.stages.base import Stage, StageContext, StageResult, execute
+from pipelines.stages.base import StageContext, StageResult, execute
 from pipelines.stages.products import Evaluation
 from pipelines.tracking import TAG_LOGGED, TAG_MODEL_URI, TAG_PIPELINE, Tracker, ui_hint
 from pipelines.validate import preflight, with_absolute_paths
@@ -93,14 +93,14 @@ def launch(ctx: StageContext, stages: tuple[str, ...] = NAMES) -> dict:
 
 
 def run_in_process(ctx: StageContext, stages: tuple[str, ...] = NAMES, given: Mapping[str, StageResult] | None = None,
-                   replace: Mapping[str, Stage] | None = None,
                    around: Callable[[str], contextlib.AbstractContextManager] | None = None) -> dict[str, StageResult]:
     """The named stages in this process, in the graph's order, each found finished or computed (:func:`execute`, as in
-    a Ray task); returns ``{stage: result}`` of those stages.
+    a Ray task); returns ``{stage: result}`` of those stages. A sweep trial runs its pipeline so (inside its Tune
+    trial, the training still Ray Train jobs); with ``ctx.in_process`` the training and the evaluation run here too,
+    without Ray (the benchmark's local executor).
 
-    ``given``: results of stages not run here that the named ones need. ``replace``: a stage's work done another way
-    (same name, needs, key material and version, so the same cache key and folder: the benchmark's training in this
-    process). ``around(name)``: a context manager around each stage (the benchmark's peak-RSS watch).
+    ``given``: results of stages not run here that the named ones need. ``around(name)``: a context manager around
+    each stage (the benchmark's peak-RSS watch).
     """
     unknown = [s for s in stages if s not in BY_NAME]
     if unknown:
@@ -113,8 +113,7 @@ def run_in_process(ctx: StageContext, stages: tuple[str, ...] = NAMES, given: Ma
         if missing:
             raise ConfigError(f"stage {stage.NAME!r} needs {missing}: name them in stages, or give their results")
         with around(stage.NAME) if around is not None else contextlib.nullcontext():
-            results[stage.NAME] = execute((replace or {}).get(stage.NAME, stage), ctx,
-                                          {n: results[n] for n in stage.NEEDS})
+            results[stage.NAME] = execute(stage, ctx, {n: results[n] for n in stage.NEEDS})
     return {n: results[n] for n in NAMES if n in stages}
 
 

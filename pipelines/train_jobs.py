@@ -15,11 +15,13 @@ and a resumed run ends where an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,11 +192,73 @@ def _held_out_quality(model, spec: JobSpec, batch_size: int) -> dict[str, float]
     return {f"val_{metric}": measure(metric, model, spec.eval_dataset, spec.pad_token_id, batch_size)}
 
 
-def _node_ids(world: int) -> list[str]:
-    """Every worker's Ray node id, by rank (a collective: all ranks call it)."""
-    import ray
+class _RayWorker:
+    """A Ray Train worker's side of a job: its rank, the world size and device, the checkpoint to resume from, the
+    reports (with checkpoints) to the controller, DDP wrapping and its node."""
 
-    return _gathered(ray.get_runtime_context().get_node_id(), world)
+    keeps_checkpoints = True
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        _quiet_ray_train_logs()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def resume_from(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def prepare(self, module, find_unused: bool):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+
+    def node_ids(self) -> list[str]:
+        """Every worker's Ray node id, by rank (a collective: all ranks call it)."""
+        import ray
+
+        return _gathered(ray.get_runtime_context().get_node_id(), self.world)
+
+
+class _InProcess:
+    """The job's one worker in the calling process, without Ray (a pipeline run by
+    :func:`pipelines.dag.run_in_process` with ``StageContext.in_process``: the benchmark's local executor). Nothing to
+    resume from and no checkpoints (nothing can fail over); the curve is in ``history.json`` as for a Ray job."""
+
+    keeps_checkpoints = False
+    rank, world = 0, 1
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+
+    @contextlib.contextmanager
+    def resume_from(self) -> Iterator[str | None]:
+        yield None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        pass
+
+    def prepare(self, module, find_unused: bool):
+        return module
+
+    def node_ids(self) -> list[str]:
+        return []
 
 
 def load_latest_state(latest: str | os.PathLike, run_dir: str | os.PathLike) -> tuple[dict, dict]:
@@ -234,17 +298,14 @@ class _Placement:
     averaged by the module's ``grad_hook``; checkpoints and the final model gathered to rank 0 (collectives: every
     rank calls :meth:`state` and :meth:`unshard`)."""
 
-    def __init__(self, strategy: str, rank: int, device: torch.device) -> None:
-        self.sharded, self.rank, self.device = strategy == "fsdp", rank, device
+    def __init__(self, strategy: str, worker: _RayWorker | _InProcess) -> None:
+        self.sharded, self.worker, self.rank, self.device = strategy == "fsdp", worker, worker.rank, worker.device
 
     def wrap(self, module, teacher, find_unused: bool):
         """Place ``module`` on this worker; returns what computes ``loss, metrics`` (:func:`vtrans.train.fit`'s
         ``forward``)."""
-        import ray.train.torch
-
         if not self.sharded:
-            return ray.train.torch.prepare_model(module,
-                                                 parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+            return self.worker.prepare(module, find_unused)
         from vtrans.sharding import average_grads, shard
 
         for model in (module.model, teacher):
@@ -329,21 +390,20 @@ def _quiet_ray_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _train_loop(loop_config: dict) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
+def _train_loop(loop_config: dict, worker: _RayWorker | _InProcess | None = None) -> None:
+    """A job's training on one worker: a Ray Train worker (``worker`` None: what ``TorchTrainer`` runs), or the
+    calling process (:class:`_InProcess`)."""
     from vtrans import compress
     from vtrans.checkpoint import load_tokenizer, save_state, write_atomically
     from vtrans.posterior import save_masks, save_posterior
     from vtrans.train import Finetuner, Pruner, fit
 
     kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
-    _quiet_ray_train_logs()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker = worker or _RayWorker()
+    rank, world, device = worker.rank, worker.world, worker.device
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    if loop_config.get("threads"):  # in process: the caller's threads
+        torch.set_num_threads(max(1, int(loop_config["threads"])))
     model = _load_model(spec.model_dir, spec.task, spec.num_labels)
     teacher_dir = spec.teacher_dir or (spec.model_dir if kind == "prune" else None)
     teacher = None
@@ -352,13 +412,11 @@ def _train_loop(loop_config: dict) -> None:
     module = Pruner(model, cfg, teacher) if kind == "prune" else Finetuner(model, cfg, teacher)
 
     start, history, state = 0, [], None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    with worker.resume_from() as d:
+        if d is not None:
             state = load_latest_state(d, Path(loop_config["output_dir"]).parent)
-        start, history = state[1]["step"] + 1, state[1].get("history", [])
-    device = ray.train.torch.get_device()
-    placement = _Placement(loop_config.get("strategy", "ddp"), rank, device)
+            start, history = state[1]["step"] + 1, state[1].get("history", [])
+    placement = _Placement(loop_config.get("strategy", "ddp"), worker)
     if kind == "prune" and start == 0 and cfg.init == "fisher":  # every rank alike (same batches, deterministic)
         # before placing, on the whole model: on the worker's device under ddp, on the host under fsdp (the model
         # does not fit the device whole; the Fisher pass then runs on the host's CPUs)
@@ -396,23 +454,21 @@ def _train_loop(loop_config: dict) -> None:
             bar.update(1, loss=metrics["loss"])
             if (step + 1) % report_every == 0 or last or evaluate:
                 curves.flush()
-        if (step + 1) % every == 0 or last:
+        if worker.keeps_checkpoints and ((step + 1) % every == 0 or last):
             with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
                 saved = placement.state(module)
                 if saved is not None:
                     tensors, meta = saved
                     save_state(tmp, tensors, dict(meta, step=step, history=history, kind=kind))
-                    checkpoint = Checkpoint.from_directory(tmp)
-                ray.train.report(dict(metrics), checkpoint=checkpoint)
+                worker.report(dict(metrics), tmp if saved is not None else None)
         elif (step + 1) % report_every == 0 or evaluate:
-            ray.train.report(dict(metrics))
+            worker.report(dict(metrics))
 
     before = loop_config.get("before_step")
     fit(module, batches, start, total, on_step, forward=forward, rank=rank, warm_start=False,
         before_step=None if before is None else lambda step: before(step, rank))
 
-    nodes = _node_ids(world)
+    nodes = worker.node_ids()
     memory = _gathered(_memory_mb(module), world)  # at the end of training, before rank 0 builds the outputs
     placement.unshard(module, spec, weights_trained=kind == "finetune" or cfg.method != "faster")
     if rank == 0:
@@ -450,19 +506,37 @@ def _train_loop(loop_config: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _run_in_process(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, out: Path, report_every: int,
+                    tracking: dict | None, label: str | None) -> JobResult:
+    """The job's loop (:func:`_train_loop`) as one worker in this process, on ``ray_cfg.use_gpu``'s device, with the
+    caller's torch threads: the same steps, batches and outputs as a 1-worker Ray job."""
+    loop_config = {"kind": kind, "spec": spec, "config": config, "output_dir": str(out), "checkpoint_every": 1,
+                   "report_every": report_every, "tracking": tracking, "label": label, "strategy": "ddp"}
+    t0 = time.perf_counter()
+    _train_loop(loop_config, _InProcess("cuda" if ray_cfg.use_gpu else "cpu"))
+    history = json.loads((out / "history.json").read_text())
+    return JobResult(name=out.parent.name, path=str(out.parent), output=str(out), history=history,
+                     wall_time_s=time.perf_counter() - t0)
+
+
 def _run(kind: str, spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
          checkpoint_every: int, report_every: int, threads_per_worker: int | None, before_step,
-         tracking: dict | None = None, label: str | None = None, report_to_tune: bool = False) -> JobResult:
+         tracking: dict | None = None, label: str | None = None, report_to_tune: bool = False,
+         in_process: bool = False) -> JobResult:
+    storage = Path(storage_path).expanduser().absolute()
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"{kind}.checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    out = storage / name / OUTPUT
+    if in_process:
+        if report_to_tune or before_step is not None:
+            raise ConfigError(f"a {kind} job in process takes no report_to_tune / before_step (Ray jobs only)")
+        return _run_in_process(kind, spec, config, ray_cfg, out, report_every, tracking, label)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = Path(storage_path).expanduser().absolute()
     _check_batch(config.batch_size, ray_cfg, f"{kind}.batch_size")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ConfigError(f"{kind}.checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     init_ray(ray_cfg.address)
     check_resources(ray_cfg)
-    out = storage / name / OUTPUT
     callbacks = []
     if report_to_tune:  # the job's reports reach the Tune trial that runs it (what a sweep's ASHA scheduler reads)
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -514,9 +588,11 @@ def _vtrans_error(e: BaseException, depth: int = 0) -> BaseException | None:
 
 def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                   checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
-                  before_step=None, tracking: dict | None = None, label: str | None = None) -> JobResult:
+                  before_step=None, tracking: dict | None = None, label: str | None = None,
+                  in_process: bool = False) -> JobResult:
     """Train VIB masks (and, except for ``faster``, the weights) to ``config.budget``; output the exact-budget masks
-    and the compressed model. Validates everything, then starts the workers.
+    and the compressed model. Validates everything, then starts the workers (``in_process``: runs the one worker's
+    loop in this process instead, without Ray).
 
     ``before_step(step, rank)`` is called on every worker before every step (picklable: it travels to the workers;
     the fault-tolerance tests inject their failures with it). ``tracking`` (``{"uri": ..., "run_id": ...}``)
@@ -527,31 +603,32 @@ def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_
         raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
     check_reachable_at(spec.model_dir, spec.task, config.budget, spec.num_labels)
     return _run("prune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, before_step, tracking, label)
+                threads_per_worker, before_step, tracking, label, in_process=in_process)
 
 
 def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_path: str | os.PathLike,
                      checkpoint_every: int = 50, report_every: int = 10, threads_per_worker: int | None = None,
                      before_step=None, tracking: dict | None = None, label: str | None = None,
-                     report_to_tune: bool = False) -> JobResult:
+                     report_to_tune: bool = False, in_process: bool = False) -> JobResult:
     """Fine-tune a compressed model (``spec.model_dir``) with distillation from ``spec.teacher_dir``;
     ``report_to_tune`` hands its reports to the Tune trial that runs it (ASHA). With ``config.method == "lora"``
     the workers train LoRA adapters and rank 0 saves the model with them merged (``output/model/``: the input
-    checkpoint's class and keys); its checkpoints hold the adapters and their optimizer state only."""
+    checkpoint's class and keys); its checkpoints hold the adapters and their optimizer state only. ``in_process``:
+    the one worker's loop in this process, without Ray."""
     from vtrans.train import FinetuneConfig
 
     if not isinstance(config, FinetuneConfig):
         raise ConfigError(f"finetune config must be a vtrans.train.FinetuneConfig, got {type(config).__name__}")
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
-    if config.method == "lora" and ray_cfg.strategy == "fsdp":
+    if config.method == "lora" and ray_cfg.strategy == "fsdp" and not in_process:
         raise ConfigError(LORA_FSDP)
     if config.method == "lora":  # a target_modules name that matches nothing fails here, before any worker starts
         from vtrans.lora import check_targets_at
 
         check_targets_at(spec.model_dir, spec.task, config.lora, spec.num_labels)
     return _run("finetune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
-                threads_per_worker, before_step, tracking, label, report_to_tune)
+                threads_per_worker, before_step, tracking, label, report_to_tune, in_process)
 
 
 __all__ = ["JobResult", "JobSpec", "check_resources", "run_finetune_job", "run_prune_job", "worker_batch"]

@@ -49,7 +49,7 @@ from pipelines.bench.cells import (
     run_cell,
 )
 from pipelines.bench.cli import BENCHMARKS_REPORT, main, render_only, resolve_device, resolve_readme
-from pipelines.bench.in_process import LocalStage, load_model, local_stages, train_in_process
+from pipelines.bench.in_process import load_model, train_in_process
 from pipelines.bench.latency import measure_latency
 from pipelines.bench.measure import LoadWatch, PeakRSS, torch_threads
 from pipelines.bench.mlflow_runs import EXPERIMENT, ROW_METRICS, log_row, summary_metrics
@@ -74,9 +74,9 @@ from pipelines.bench.tasks import KINDS, TaskSetup, prepare_task, task_config
 __all__ = [
     "BENCHMARKS_REPORT", "CELL_VERSION", "DETERMINISTIC", "EXPERIMENT", "KINDS", "METHODS", "OPTIONAL_SETTINGS",
     "PROFILES", "PRUNE_SETTINGS", "ROW_METRICS", "TRAINING_FREE", "VIB_METHODS", "VIB_SETTINGS", "CellSpec",
-    "Executor", "LatencyProfile", "LoadWatch", "LocalStage", "OverheadProfile", "PeakRSS", "Profile", "TaskProfile",
+    "Executor", "LatencyProfile", "LoadWatch", "OverheadProfile", "PeakRSS", "Profile", "TaskProfile",
     "TaskSetup", "cached_rows", "cell_key", "check_local_resources", "load_model", "load_profile", "load_split_ds",
-    "local_stages", "log_row", "machine", "main", "measure_latency", "overhead_config", "prepare_task", "ray_overhead",
+    "log_row", "machine", "main", "measure_latency", "overhead_config", "prepare_task", "ray_overhead",
     "render_only", "resolve_device", "resolve_readme", "run_bench", "run_cell", "run_grid", "run_local_pipeline",
     "summary_metrics", "task_config", "torch_threads", "train_in_process", "what_ran", "write_outputs",
 ]

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from pipelines.bench import stats
-from pipelines.bench.in_process import local_stages
 from pipelines.bench.measure import _log, peak_rss_into, torch_threads
 from pipelines.bench.mlflow_runs import EXPERIMENT
 from pipelines.bench.profiles import OverheadProfile
@@ -46,10 +45,10 @@ def run_local_pipeline(cfg: PipelineConfig, device: str) -> dict:
     t0 = time.perf_counter()
     checked = preflight(cfg)
     ctx = StageContext(config=with_absolute_paths(cfg), root=str(Path(cfg.output).resolve()), keys=checked.keys,
-                       rerun=frozenset(NAMES), model_path=checked.model_path)
+                       rerun=frozenset(NAMES), model_path=checked.model_path, in_process=True)
     rss: dict[str, dict] = {}
     with torch_threads(int(cfg.ray.cpus_per_worker)):
-        results = run_in_process(ctx, replace=local_stages(device), around=functools.partial(peak_rss_into, rss))
+        results = run_in_process(ctx, around=functools.partial(peak_rss_into, rss))
     out = {name: {"wall_s": r.wall_s, **rss[name]} for name, r in results.items()}
     return {"wall_s": time.perf_counter() - t0, "stages": out,
             "metrics": {k: v for k, v in results["evaluate"].metrics.items() if isinstance(v, float)}}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.bench.in_process import LocalStage, _local_teacher, load_model
+from pipelines.bench.in_process import load_model
 from pipelines.bench.measure import _log, peak_rss_into
 from pipelines.bench.profiles import TaskProfile
 from pipelines.config import PipelineConfig, from_dict
@@ -72,8 +72,8 @@ class TaskSetup:
 def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: str = "local",
                  teacher_workers: int = 1) -> TaskSetup:
     """Data (the pipeline's calibrate stage) and teacher (the pipeline's teacher stage: a Ray Train job with
-    ``executor=ray``, a loop in this process with ``local``), each found in ``<out>/stages`` when already computed
-    (by either); then the dense teacher's quality and exact counts."""
+    ``executor=ray``, its one worker's loop in this process with ``local``), each found in ``<out>/stages`` when
+    already computed (by either); then the dense teacher's quality and exact counts."""
     import vtrans
     from pipelines.dag import run_in_process
     from pipelines.stages import calibrate
@@ -85,11 +85,10 @@ def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: st
     cfg = with_absolute_paths(task_config(kind, t, out, teacher_workers, device))
     keys = {"calibrate": stage_key(calibrate, cfg, {})}
     keys["teacher"] = stage_key(teacher_stage, cfg, {"calibrate": keys["calibrate"]})
-    ctx = StageContext(config=cfg, root=str(out), keys=keys, model_path=str(resolve_model_path(t.model).resolve()))
+    ctx = StageContext(config=cfg, root=str(out), keys=keys, model_path=str(resolve_model_path(t.model).resolve()),
+                       in_process=executor != "ray")
     rss: dict[str, dict] = {}
-    results = run_in_process(ctx, ("calibrate", "teacher"), around=functools.partial(peak_rss_into, rss),
-                             replace=None if executor == "ray" else
-                             {"teacher": LocalStage(teacher_stage, functools.partial(_local_teacher, device=device))})
+    results = run_in_process(ctx, ("calibrate", "teacher"), around=functools.partial(peak_rss_into, rss))
     stages = {("data" if name == "calibrate" else name): {**rss[name], "status": r.status, "wall_s": r.wall_s}
               for name, r in results.items()}
     data, teacher_dir = Data.of(results["calibrate"]), Trained.of(results["teacher"]).model

@@ -136,6 +136,9 @@ class StageContext:
     report_to_tune: bool = False
     """Hand the fine-tune job's reports (its held-out quality) to the Tune trial running this pipeline: what a
     sweep's ASHA early stopping reads."""
+    in_process: bool = False
+    """Train and measure in this process, without Ray (the training jobs as one worker's loop, the evaluation's
+    models one after the other here): the benchmark's local executor. Same outputs, keys and cache folders."""
     log_as: str | None = None
     """The name the stage logs under (its child run's name, or its prefix in a shared run); None: the stage's name.
     A stage run on behalf of another (the posterior a prune stage re-thresholds) logs under its own role."""

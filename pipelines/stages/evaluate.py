@@ -142,6 +142,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _measurer(ctx: StageContext):
+    """What measures one model: :func:`measure` in a fresh Ray worker process per model, or in this process
+    (``ctx.in_process``)."""
+    if ctx.in_process:
+        def here(*args) -> dict:
+            import torch
+
+            threads = torch.get_num_threads()  # measure sets evaluate.threads: this process's own come back after
+            try:
+                return measure(*args)
+            finally:
+                torch.set_num_threads(threads)
+
+        return here
+    import ray
+
+    remote = _measure_remote(ctx.config)
+    return lambda *args: ray.get(remote.remote(*args))
+
+
 def _measure_remote(cfg: PipelineConfig):
     import ray
 
@@ -252,23 +272,21 @@ def _dense_file(ctx: StageContext, comp: dict) -> Path:
 
 
 def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: str | None) -> StageOutput:
-    import ray
-
     cfg = ctx.config
     data = Data.of(inputs["calibrate"])
     test, pad = data.splits["test"], data.pad_token_id
     compressed, dense_dir = Trained.of(inputs["finetune"]).model, Trained.of(inputs["teacher"]).model
-    remote = _measure_remote(cfg)
+    measure_one = _measurer(ctx)
     # one after the other: timings taken side by side on shared cores would disturb each other
     tokenizer = str(ctx.model_path) if ctx.model_path else None  # the data's tokenizer (the calibrate stage's)
-    comp = ray.get(remote.remote(compressed, cfg.task, test, cfg, pad, "compressed", tokenizer))
+    comp = measure_one(compressed, cfg.task, test, cfg, pad, "compressed", tokenizer)
     comp["latency_record"] = _latency_record(compressed)
     dense_file = _dense_file(ctx, comp)
     if dense_file.is_file() and NAME not in ctx.rerun:
         dense = json.loads(dense_file.read_text())
         print(f"[{NAME}] dense: measured before on the same {comp['device_name']} ({dense_file})", flush=True)
     else:
-        dense = ray.get(remote.remote(dense_dir, cfg.task, test, cfg, pad, "dense", tokenizer))
+        dense = measure_one(dense_dir, cfg.task, test, cfg, pad, "dense", tokenizer)
         dense_file.parent.mkdir(parents=True, exist_ok=True)
         _write_json(dense_file, dense)  # atomic: concurrent trials leave the last complete measurement, never a part
     metrics = compare(cfg, dense, comp)

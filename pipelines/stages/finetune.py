@@ -53,7 +53,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
                    teacher_dir=teacher, tokenizer_dir=pruned, eval_dataset=held_out)
     job = run_finetune_job(spec, cfg.finetune, cfg.ray, "train", work,
                            checkpoint_every=max(1, cfg.finetune.steps // 4), tracking=job_tracking(ctx, run_id, NAME),
-                           report_to_tune=ctx.report_to_tune)
+                           report_to_tune=ctx.report_to_tune, in_process=ctx.in_process)
     metrics = {"final_loss": job.history[-1]["loss"], "job_wall_s": job.wall_time_s} if job.history else {}
     val = [k for k in (job.history[-1] if job.history else {}) if k.startswith("val_")]
     metrics.update({f"final_{k}": job.history[-1][k] for k in val})

@@ -71,7 +71,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     print(f"[{NAME}] {cfg.prune.method} to {cfg.prune.budget.describe()} on {len(dataset)} {split} samples, "
           f"{total} steps", flush=True)
     job = run_prune_job(spec, cfg.prune, cfg.ray, "train", work, checkpoint_every=max(1, total // 4),
-                        tracking=job_tracking(ctx, run_id, NAME))
+                        tracking=job_tracking(ctx, run_id, NAME), in_process=ctx.in_process)
     out = Path(job.output)
     metrics = {}
     if job.history:

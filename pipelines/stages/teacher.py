@@ -46,7 +46,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
                    pad_token_id=data.pad_token_id, num_labels=data.num_labels,
                    tokenizer_dir=str(ctx.model_path))
     job = run_finetune_job(spec, finetune, cfg.ray, "train", work, checkpoint_every=max(1, t.steps // 4),
-                           tracking=job_tracking(ctx, run_id, NAME), label="teacher")
+                           tracking=job_tracking(ctx, run_id, NAME), label="teacher", in_process=ctx.in_process)
     history = job.history
     metrics = {"final_loss": history[-1]["loss"], "job_wall_s": job.wall_time_s} if history else {}
     return StageOutput(outputs=Trained(str(Path(job.output) / "model")).outputs(), metrics=metrics,

@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.config import PipelineConfig, from_dict
 from pipelines.dag import run_in_process
-from pipelines.stages import NAMES, STAGES
+from pipelines.stages import BY_NAME, NAMES, STAGES
 from pipelines.stages.base import RECORD, StageContext, StageOutput, stage_key
 from pipelines.stages.products import Data, Evaluation, Pruned, Trained
 from vtrans.errors import ConfigError
@@ -18,7 +18,7 @@ from vtrans.errors import ConfigError
 
 class Standin:
     """A stage's name, needs, key material and version, with work that records its call and hands on its inputs'
-    names (the shape :class:`pipelines.bench.in_process.LocalStage` has)."""
+    names."""
 
     def __init__(self, stage, calls: list) -> None:
         self.NAME, self.NEEDS, self.VERSION, self.OPTIONS = stage.NAME, stage.NEEDS, stage.VERSION, stage.OPTIONS
@@ -33,6 +33,16 @@ class Standin:
 
 
 @pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The graph's stages replaced by stand-ins; the list of their calls."""
+    import pipelines.dag
+
+    made: list = []
+    monkeypatch.setattr(pipelines.dag, "STAGES", tuple(Standin(s, made) for s in STAGES))
+    return made
+
+
+@pytest.fixture
 def ctx(tmp_path: Path) -> StageContext:
     cfg = from_dict(PipelineConfig, {"name": "t", "model": {"name": "minilm", "task": "seq-cls"},
                                      "data": {"name": "rotten_tomatoes"}, "output": str(tmp_path)})
@@ -42,23 +52,19 @@ def ctx(tmp_path: Path) -> StageContext:
     return StageContext(config=cfg, root=str(tmp_path), keys=keys)
 
 
-def test_runs_every_stage_in_order_with_its_needs_then_finds_them_finished(ctx: StageContext) -> None:
-    calls: list = []
-    standins = {s.NAME: Standin(s, calls) for s in STAGES}
-    results = run_in_process(ctx, replace=standins)
+def test_runs_every_stage_in_order_with_its_needs_then_finds_them_finished(ctx: StageContext, calls: list) -> None:
+    results = run_in_process(ctx)
     assert list(results) == list(NAMES) and {r.status for r in results.values()} == {"ran"}
     assert calls == [(s.NAME, sorted(s.NEEDS)) for s in STAGES]
     for name, r in results.items():  # each in the pipeline's cache folder, under the real stage's key
         assert Path(r.dir) == ctx.stage_dir(name) and r.key == ctx.keys[name]
-        assert json.loads((Path(r.dir) / RECORD).read_text())["metrics"]["inputs"] == len(standins[name].NEEDS)
-    again = run_in_process(ctx, replace=standins)
+        assert json.loads((Path(r.dir) / RECORD).read_text())["metrics"]["inputs"] == len(BY_NAME[name].NEEDS)
+    again = run_in_process(ctx)
     assert len(calls) == len(NAMES) and {r.status for r in again.values()} == {"cached"}
 
 
-def test_a_part_of_the_graph_with_given_results_and_a_wrapper_round_each_stage(ctx: StageContext) -> None:
-    calls: list = []
-    standins = {s.NAME: Standin(s, calls) for s in STAGES}
-    first = run_in_process(ctx, ("calibrate", "teacher"), replace=standins)
+def test_a_part_of_the_graph_with_given_results_and_a_wrapper_round_each_stage(ctx: StageContext, calls: list) -> None:
+    first = run_in_process(ctx, ("calibrate", "teacher"))
     assert list(first) == ["calibrate", "teacher"]
     seen: list[str] = []
 
@@ -68,19 +74,18 @@ def test_a_part_of_the_graph_with_given_results_and_a_wrapper_round_each_stage(c
         yield
         seen.append(f"leave {name}")
 
-    rest = run_in_process(ctx, ("prune", "finetune"), given=first, replace=standins, around=around)
+    rest = run_in_process(ctx, ("prune", "finetune"), given=first, around=around)
     assert list(rest) == ["prune", "finetune"]
     assert seen == ["enter prune", "leave prune", "enter finetune", "leave finetune"]
     assert calls[-2:] == [("prune", ["calibrate", "teacher"]), ("finetune", ["calibrate", "prune", "teacher"])]
 
 
-def test_a_stage_whose_needs_are_missing_or_an_unknown_stage_is_refused_before_any_work(ctx: StageContext) -> None:
-    calls: list = []
-    standins = {s.NAME: Standin(s, calls) for s in STAGES}
+def test_a_stage_whose_needs_are_missing_or_an_unknown_stage_is_refused_before_any_work(ctx: StageContext,
+                                                                                         calls: list) -> None:
     with pytest.raises(ConfigError, match=r"stage 'prune' needs \['calibrate', 'teacher'\]"):
-        run_in_process(ctx, ("prune",), replace=standins)
+        run_in_process(ctx, ("prune",))
     with pytest.raises(ConfigError, match=r"stages must be among .*got \['tune'\]"):
-        run_in_process(ctx, ("calibrate", "tune"), replace=standins)
+        run_in_process(ctx, ("calibrate", "tune"))
     assert calls == []
 
 

@@ -92,6 +92,30 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol), (k, (a[k].float() - b[k].float()).abs().max())
 
 
+def test_a_job_in_process_runs_the_workers_loop_without_ray(tiny_dir: str, tmp_path: Path, monkeypatch) -> None:
+    """``in_process``: the Train worker's loop as one worker in this process (the benchmark's local executor), the
+    same masks as the library's loop on the global batches, the same outputs as a Ray job - and no Ray."""
+    import pipelines.train_jobs as jobs
+
+    def no_ray(*a, **k):
+        raise AssertionError("an in-process job started Ray")
+
+    monkeypatch.setattr(jobs, "init_ray", no_ray)
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    cfg = _cfg(steps=6)
+    job = run_prune_job(spec, cfg, RayConfig(), "here", tmp_path, in_process=True)
+    _assert_same(_reference_masks(spec, cfg, tmp_path), _masks(job.output), atol=1e-6)
+    out = Path(job.output)
+    assert [h["step"] for h in job.history] == list(range(cfg.total_steps)) and job.node_ids == []
+    assert (out / "compressed" / "config.json").is_file() and (out / "posterior").is_dir()
+    assert not list(Path(job.path).glob("checkpoint_*"))  # nothing to fail over: no checkpoints
+    ft = run_finetune_job(JobSpec(str(out / "compressed"), "seq-cls", _dataset(), pad_token_id=0, teacher_dir=tiny_dir),
+                          FinetuneConfig(steps=3, batch_size=8), RayConfig(), "ft", tmp_path, in_process=True)
+    assert len(ft.history) == 3 and (Path(ft.output) / "model" / "config.json").is_file()
+    with pytest.raises(vtrans.ConfigError, match="in process takes no report_to_tune / before_step"):
+        run_prune_job(spec, cfg, RayConfig(), "bad", tmp_path, in_process=True, before_step=FailOnce(1, "m"))
+
+
 @pytest.mark.integration
 def test_bad_input_fails_before_any_worker(ray_local, tiny_dir: str, tmp_path: Path) -> None:
     spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
