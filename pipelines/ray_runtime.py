@@ -179,6 +179,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         return _join(target, key)
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # Ray Train starts a preemption-watcher actor (a process of its own) with every job; the nodes of a local Ray
+    # are this machine's, never drained by a cloud, so the jobs go without it (a user's own setting wins)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # "local", not None: ray.init() with no address joins the latest `ray start` cluster of this machine
     # (/tmp/ray/ray_current_cluster) when there is one, and then refuses num_cpus
     with _keep_loopback():
