@@ -243,10 +243,34 @@ def _check_objectives(sweep: Sweep) -> None:
         if quality not in produced and not _lm_eval_metric_of(quality, cfg):
             raise ConfigError(f"sweep.objectives[0]={objectives[0]!r}: {quality!r} is not produced for model "
                               f"{label!r} ({cfg.task}: {produced})")
+        sizes = size_objectives(cfg)
+        for i, spec in enumerate(objectives[1:], 1):
+            key = spec.rpartition(":")[0]
+            if key not in sizes:  # a misspelled size would give trials without it: no front, silently
+                import difflib
+
+                close = difflib.get_close_matches(key, sizes, n=1)
+                raise ConfigError(f"sweep.objectives[{i}]={spec!r}: {key!r} is not a size the trials of model "
+                                  f"{label!r} report" + (f"; did you mean {close[0]!r}?" if close else
+                                                         f" (e.g. {list(sizes[:4])})"))
         if sweep.config.early_stopping is not None and quality != task_metric(cfg.task):
             raise ConfigError(f"sweep.objectives[0]={objectives[0]!r} with sweep.early_stopping="
                               f"{sweep.config.early_stopping!r}: ASHA stops trials on the fine-tune's held-out "
                               f"{task_metric(cfg.task)!r}, so the quality objective must be it")
+
+
+def size_objectives(cfg: PipelineConfig) -> list[str]:
+    """The size and cost metrics a trial of ``cfg`` reports (its evaluation's): counts and their ratios, model and
+    memory sizes, and latency, throughput and speedup at every timed point (``latency_ms_b1_s128``, ...)."""
+    from pipelines.stages.evaluate import grid, point
+
+    names = [k for k in TRIAL_METRICS if k not in HIGHER_IS_BETTER]
+    names += ["flops_blocks_ratio", "model_mb", "peak_rss_mb", "peak_rss_over_baseline_mb"]
+    for b, s in grid(cfg):
+        names += [f"{k}_{point(b, s)}" for k in ("latency_ms", "throughput", "speedup", "peak_gpu_mb")]
+    if cfg.prune.budget.metric == "latency":
+        names += ["latency_measured_ms", "latency_predicted_ms", "latency_measured_fraction"]
+    return names
 
 
 def lm_eval_objectives(cfg: PipelineConfig) -> list[str]:

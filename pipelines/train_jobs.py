@@ -305,6 +305,8 @@ class _Placement:
         """Place ``module`` on this worker; returns what computes ``loss, metrics`` (:func:`vtrans.train.fit`'s
         ``forward``)."""
         if not self.sharded:
+            if teacher is not None:  # held outside the module's parameters (not trained): prepare_model leaves it
+                teacher.to(self.device)
             return self.worker.prepare(module, find_unused)
         from vtrans.sharding import average_grads, shard
 

@@ -33,7 +33,7 @@ CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
                      "lr_lambdas", "mask_lr_decay", "warmup", "selection", "reconstruct", "kwon_tune", "init",
                      "init_keep", "warmup_from", "constraint", "finetune_method", "lora_rank", "lora_alpha",
-                     "second_text", "uniform")
+                     "second_text", "uniform", "lm_eval_tasks", "lm_eval_limit")
 """Task settings added after cells were cached: left at None they are not part of a cell's key."""
 
 
@@ -186,10 +186,21 @@ def _second(setup: TaskSetup, model, second, batch: int) -> dict[str, float]:
     return {} if second is None else {"quality_second": _quality(setup, model, second, batch)}
 
 
+def lm_eval_scores(t: TaskProfile, model, tokenizer) -> dict[str, float]:
+    """``{"lm_eval_<task>_<metric>": ...}`` of ``model`` on the profile's lm-eval tasks (none configured: ``{}``)."""
+    if not t.lm_eval_tasks:
+        return {}
+    from vtrans.lm_eval import evaluate, flat_metrics
+
+    return flat_metrics(evaluate(model, tokenizer, list(t.lm_eval_tasks), limit=t.lm_eval_limit,
+                                 batch_size=t.eval_batch))
+
+
 def run_cell(spec: CellSpec) -> list[dict]:
     """Compress to every budget, evaluate, fine-tune (when ``spec.finetune``) and evaluate again: the cell's rows.
     Writes them to ``spec.cache_file`` (what a re-run reads instead of computing)."""
     import vtrans
+    from vtrans.checkpoint import load_tokenizer
     from vtrans.train import DistillConfig, FinetuneConfig, Finetuner
 
     s, t = spec.setup, spec.profile
@@ -199,11 +210,12 @@ def run_cell(spec: CellSpec) -> list[dict]:
         train, test, calibration = (load_split_ds(s, split) for split in ("train", "test", "calibration"))
         second = load_split_ds(s, "second") if "second" in s.splits else None
         teacher = load_model(s.teacher_dir, s.task, s.num_labels, spec.device).eval()
+        tokenizer = load_tokenizer(s.teacher_dir) if t.lm_eval_tasks else None
         for b, small, info in _compressions(spec, teacher, train, calibration):
             rss = dict(info.pop("rss"))
             with PeakRSS() as r_eval:
                 q = _quality(s, small, test, t.eval_batch)
-                q2 = _second(s, small, second, t.eval_batch)
+                q2 = {**_second(s, small, second, t.eval_batch), **lm_eval_scores(t, small, tokenizer)}
             rss["evaluate"] = r_eval.as_dict()
             counts = vtrans.count(small, seq_len=t.latency.seq_len).as_dict()
             base = {"task": s.label, "method": spec.method, "budget": b, "seed": spec.seed, **info,
@@ -233,7 +245,7 @@ def run_cell(spec: CellSpec) -> list[dict]:
                 ft_s = time.perf_counter() - t0
             with PeakRSS() as r_eval:
                 q_ft = _quality(s, small, test, t.eval_batch)
-                q2_ft = _second(s, small, second, t.eval_batch)
+                q2_ft = {**_second(s, small, second, t.eval_batch), **lm_eval_scores(t, small, tokenizer)}
             rows.append({**base, "finetuned": True, "quality": q_ft, **q2_ft, "finetune_s": ft_s,
                          "finetune_steps": t.finetune_steps, "finetune_method": ft.method,
                          "rss": {**rss, "finetune": r_ft.as_dict(), "evaluate": r_eval.as_dict()}})

@@ -31,6 +31,7 @@ def log_row(tracker, parent: str, r: dict, metric: str, dense: dict) -> str:
     m[metric] = float(r["quality"])
     if "quality_second" in r:  # the second text (TaskProfile.second_text)
         m[f"{metric}_second"] = float(r["quality_second"])
+    m.update({k: float(v) for k, v in r.items() if k.startswith("lm_eval_")})  # TaskProfile.lm_eval_tasks
     m["budget_met"] = float(bool(r["budget_met"]))
     for k in stats.SIZE_KEYS:
         m[f"{k}_fraction"] = r[k] / dense[k]

@@ -150,6 +150,11 @@ class TaskProfile:
     second_text: str | None = None
     """Decoders: a second built-in text (``lee_news``) whose held-out chunks are scored too (perplexity on a text no
     pruning, calibration or fine-tune saw; ``test_samples`` chunks of ``seq_len`` tokens); None: none."""
+    lm_eval_tasks: list[str] | None = None
+    """Decoders: lm-evaluation-harness tasks (``lambada_local``, or any task whose data is reachable; ``vtrans[eval]``)
+    scored on every row and the dense model, as ``lm_eval_<task>_<metric>``; None: none."""
+    lm_eval_limit: int | None = None
+    """The first examples of each lm-eval task only; None: all."""
     tolerance: float = 0.005
     """Budgets are met within this fraction under the target (``vtrans.Budget.tolerance``)."""
     uniform: bool | None = None
@@ -222,6 +227,14 @@ class TaskProfile:
         self._check_recipe()
         self._check_finetune()
         self._check_second_text()
+        if self.lm_eval_tasks is not None:
+            from vtrans.lm_eval import check_tasks
+
+            check_tasks(self.lm_eval_tasks, "lm_eval_tasks")
+        if self.lm_eval_limit is not None:
+            check_int("lm_eval_limit", self.lm_eval_limit, 1, what="an int >= 1")
+            if self.lm_eval_tasks is None:
+                raise ConfigError(f"lm_eval_limit={self.lm_eval_limit!r} needs lm_eval_tasks")
         if self.uniform is not None and not isinstance(self.uniform, bool):
             raise ConfigError(f"uniform must be true or false, got {self.uniform!r}")
         if self.uniform and "kwon" in self.methods:
@@ -341,6 +354,9 @@ class Profile:
             if t.teacher_batch % self.teacher_workers:
                 raise ConfigError(f"{t.label}: teacher_batch={t.teacher_batch} must be divisible by teacher_workers="
                                   f"{self.teacher_workers}")
+        if self.encoder is not None and self.encoder.lm_eval_tasks is not None:
+            raise ConfigError(f"encoder.lm_eval_tasks={self.encoder.lm_eval_tasks!r}: lm-eval tasks score decoders "
+                              f"(set decoder.lm_eval_tasks)")
         labels = [t.label for _, t in self.tasks()]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"encoder.label and decoder.label must differ, got {labels!r}")
@@ -368,6 +384,7 @@ PROFILES: dict[str, Profile] = {
                             finetune_steps=2, seeds=1, trained_seeds=1, finetune_seeds=1, calibration_fraction=None,
                             calibration_count=8, prune_batch=2, kwon_samples=8, kwon_batch=4, finetune_batch=2,
                             eval_batch=8, hidden_weight=0.0, second_text="lee_news",
+                            lm_eval_tasks=["lambada_local"], lm_eval_limit=2,
                             kl_normalisation="unit",
                             latency=LatencyProfile(batch_sizes=[1, 2], seq_len=32, repeats=2, warmup=1)),
         overhead=OverheadProfile(train_samples=64, test_samples=32, max_length=32, teacher_steps=2, prune_steps=2,
@@ -400,6 +417,23 @@ PROFILES: dict[str, Profile] = {
                             latency=LatencyProfile(batch_sizes=[1, 8], seq_len=128, repeats=3, warmup=1)),
         overhead=OverheadProfile(),
         executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=2,
+    ),
+    # the decoder rows of issue 19: SmolLM2 at 90 / 80 / 70% of block parameters, every method, recovered by LoRA
+    # (the full fine-tune: `decoder.finetune_method=full decoder.finetune_lr=5e-5`), perplexity on Wikipedia and on
+    # the Lee news stories, lambada_local accuracy and perplexity (the first 100 passages) - hours on 2 CPU cores
+    "decoder": Profile(
+        name="decoder", description="SmolLM2 at 90 / 80 / 70% of block parameters, every method, LoRA recovery, "
+                                    "perplexity on two texts and lambada_local",
+        decoder=TaskProfile(label="smollm2", model="smollm2", budgets=[0.9, 0.8, 0.7], methods=_ALL,
+                            train_samples=128, test_samples=16, seq_len=128,
+                            prune_steps={"vtrans": 40, "fast": 40, "faster": 60}, finetune_steps=100, seeds=1,
+                            trained_seeds=1, finetune_seeds=1, calibration_fraction=None, calibration_count=32,
+                            prune_batch=4, shared_posterior=False, kwon_samples=16, kwon_batch=8, finetune_batch=4,
+                            finetune_lr=1e-3, finetune_method="lora", lora_rank=8, lora_alpha=16, eval_batch=8,
+                            hidden_weight=0.0, kl_normalisation="unit", second_text="lee_news",
+                            lm_eval_tasks=["lambada_local"], lm_eval_limit=100,
+                            latency=LatencyProfile(batch_sizes=[1, 8], seq_len=128, repeats=3, warmup=1)),
+        executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=1,
     ),
     # the recipe ablations of the VIB methods (issue 16): MiniLM at two budgets, every budget trained on its own, no
     # fine-tune, one seed; a row is this profile with the recipe's overrides (pipelines/BENCHMARKS.md,

@@ -63,14 +63,23 @@ def _best(stats: dict[tuple, Stat], keys: list[tuple], higher: bool) -> set[tupl
     return {k for k, v in vals.items() if v == best}
 
 
+def lm_eval_keys(task: Mapping[str, Any]) -> list[str]:
+    """The lm-eval scores the task's rows carry (``lm_eval_<task>_<metric>``; not the example counts)."""
+    return sorted({k for r in task["rows"] for k in r if k.startswith("lm_eval_") and not k.endswith("_samples")
+                   and not k.endswith("_stderr")})
+
+
 def quality_tables(task: Mapping[str, Any], value: str = "quality") -> list[str]:
     """Quality per method x budget, without and with the fine-tune (mean ± std over seeds; the best of each column
-    in bold); ``value="quality_second"``: on the task's second text (rows without it: no tables)."""
+    in bold); ``value="quality_second"``: on the task's second text, ``value="lm_eval_<task>_<metric>"``: an lm-eval
+    score (rows without it: no tables)."""
     rows, metric = [r for r in task["rows"] if value in r], task["metric"]
     if not rows:
         return []
     stats = aggregate(rows, value)
     higher = HIGHER_IS_BETTER[metric]
+    if value.startswith("lm_eval_"):  # accuracies up, perplexities down
+        metric, higher = value, not value.endswith("perplexity")
     budgets, methods = _budgets(rows), _methods(rows)
     label = task["label"]
     out: list[str] = []
@@ -78,7 +87,8 @@ def quality_tables(task: Mapping[str, Any], value: str = "quality") -> list[str]
         title = "after the fine-tune" if ft else "without fine-tune"
         if value == "quality_second":
             title += f", on {task.get('second_name') or 'the second text'} (never seen in pruning or fine-tuning)"
-        out += [f"{metric} {title} (dense teacher: {task['dense'][value]:.4f}; "
+        dense = task["dense"].get(value)
+        out += [f"{metric} {title} (dense teacher: {'-' if dense is None else f'{dense:.4f}'}; "
                 f"{'higher' if higher else 'lower'} is better; bold: best of the column):", ""]
         table = []
         for m in methods:
@@ -345,6 +355,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += [f"## {label}: {task['model_name']} on {task['data_name']} ({task['metric']})", ""]
         lines += quality_tables(task)
         lines += quality_tables(task, "quality_second")
+        for key in lm_eval_keys(task):
+            lines += quality_tables(task, key)
         lines += [f"Pareto plot: `pareto-{label}.png`.", "", "### Achieved size vs target", ""]
         lines += size_table(task)
         lines += ["### Latency and throughput", ""] + latency_table(task) + ops_table(task)

@@ -107,6 +107,13 @@ def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: st
                                           t.eval_batch)
         _log(f"{t.label}: second text {t.second_text}: dense {metric} {dense['quality_second']:.4f} on "
              f"{int(second.metrics['test_samples'])} chunks")
+    if t.lm_eval_tasks:
+        from pipelines.bench.cells import lm_eval_scores
+        from vtrans.checkpoint import load_tokenizer
+
+        dense.update(lm_eval_scores(t, model, load_tokenizer(teacher_dir)))
+        _log(f"{t.label}: dense lm-eval " + ", ".join(f"{k} {v:.4f}" for k, v in dense.items()
+                                                      if k.startswith("lm_eval_")))
     calibrated = results["calibrate"]
     sizes = {s: int(calibrated.metrics[f"{s}_samples"]) for s in ("train", "test", "calibration")}
     _log(f"{t.label}: data {calibrated.status}, teacher {results['teacher'].status}; dense {metric} {quality:.4f}, "

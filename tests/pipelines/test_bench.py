@@ -12,7 +12,7 @@ import pytest
 
 import vtrans
 from pipelines import bench
-from pipelines.bench import report
+from pipelines.bench import mlflow_runs, report, stats
 from pipelines.bench.stats import (
     Stat,
     aggregate,
@@ -374,6 +374,47 @@ def test_second_text_tables_only_where_the_rows_have_it():
         bench.load_profile("quick", ["decoder.second_text=rotten_tomatoes"])
 
 
+def test_lm_eval_scores_get_their_own_tables_and_metrics_and_bad_tasks_name_the_key(monkeypatch):
+    rows = [{"task": "lm", "method": m, "budget": 0.8, "seed": 0, "finetuned": ft, "quality": 20.0,
+             "lm_eval_lambada_local_acc": acc + 0.1 * ft, "lm_eval_lambada_local_perplexity": 30.0 - ft,
+             "lm_eval_lambada_local_samples": 100.0} for m, acc in (("kwon", 0.2), ("faster", 0.3)) for ft in (0, 1)]
+    task = {"label": "lm", "metric": "perplexity", "rows": rows,
+            "dense": {"quality": 18.0, "lm_eval_lambada_local_acc": 0.35, "lm_eval_lambada_local_perplexity": 25.0}}
+    assert report.lm_eval_keys(task) == ["lm_eval_lambada_local_acc", "lm_eval_lambada_local_perplexity"]
+    acc = "\n".join(report.quality_tables(task, "lm_eval_lambada_local_acc"))
+    assert "lm_eval_lambada_local_acc without fine-tune (dense teacher: 0.3500; higher is better" in acc
+    assert "| faster | **0.3000 (n=1)** |" in acc  # the best accuracy in bold: higher is better
+    ppl = "\n".join(report.quality_tables(task, "lm_eval_lambada_local_perplexity"))
+    assert "lower is better" in ppl and "dense teacher: 25.0000" in ppl
+
+    class Tracker:
+        logged: dict = {}
+
+        def start_run(self, *a, **k):
+            return "r"
+
+        def log_metrics(self, run_id, m):
+            Tracker.logged = m
+
+        def end_run(self, run_id):
+            pass
+
+    row = {**rows[1], "budget_met": True, **{k: 1 for k in stats.SIZE_KEYS}}
+    mlflow_runs.log_row(Tracker(), "p", row, "perplexity", {k: 2 for k in stats.SIZE_KEYS})
+    assert Tracker.logged["lm_eval_lambada_local_acc"] == pytest.approx(0.3)
+    assert Tracker.logged["lm_eval_lambada_local_samples"] == 100.0
+
+    d = bench.load_profile("decoder")
+    assert d.encoder is None and d.decoder.lm_eval_tasks == ["lambada_local"] and d.decoder.budgets == [0.9, 0.8, 0.7]
+    assert d.decoder.finetune_method == "lora"
+    with pytest.raises(ConfigError, match=r"lm_eval_tasks\[0\]='lambada_locl' is not one of .*did you mean"):
+        bench.load_profile("decoder", ["decoder.lm_eval_tasks=[lambada_locl]"])
+    with pytest.raises(ConfigError, match=r"encoder.lm_eval_tasks=\['lambada_local'\]: lm-eval tasks score decoders"):
+        bench.load_profile("quick", ["encoder.lm_eval_tasks=[lambada_local]"])
+    with pytest.raises(ConfigError, match=r"lm_eval_limit=5 needs lm_eval_tasks"):
+        bench.load_profile("quick", ["decoder.lm_eval_limit=5"])
+
+
 def test_readme_section_is_replaced_between_its_markers(tmp_path):
     readme = tmp_path / "README.md"
     start, end = report.readme_markers("unit")
@@ -531,6 +572,12 @@ def test_smoke_profile_end_to_end(tmp_path):
             assert 1.0 < task["dense"]["quality_second"] < math.inf and task["second_name"] == "Lee news stories"
         else:
             assert not any("quality_second" in r for r in task["rows"])
+        if t.lm_eval_tasks:  # the decoder's lm-eval task, on every row and the dense model, the first 2 passages
+            for scores in (*task["rows"], task["dense"]):
+                assert scores["lm_eval_lambada_local_samples"] == 2, scores
+                assert 0 <= scores["lm_eval_lambada_local_acc"] <= 1 and scores["lm_eval_lambada_local_perplexity"] > 1
+        else:
+            assert not any(k.startswith("lm_eval_") for r in task["rows"] for k in r)
         assert {"data", "teacher", "evaluate", "finetune", "latency"} <= set(task["stages"])
         assert time_ratios(task)["faster_over_vtrans"] > 0
 
@@ -543,6 +590,7 @@ def test_smoke_profile_end_to_end(tmp_path):
     md = (out / "results.md").read_text()
     assert "## minilm" in md and "## smollm2" in md and "## Ray overhead" in md and "### The expected shape" in md
     assert md.count("on Lee news stories (never seen in pruning or fine-tuning)") == 2
+    assert md.count("lm_eval_lambada_local_acc without fine-tune (dense teacher: ") == 1
     for label in ("minilm", "smollm2"):
         assert (out / f"pareto-{label}.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "results.json").read_text())["mlflow"]["run_id"] == res["mlflow"]["run_id"]

@@ -55,6 +55,10 @@ def test_grid_points_models_and_objectives(tmp_path: Path) -> None:
                                                                                       "model.nam"]),
     ({"space": {"prune.budget.params": [0.5]}, "objectives": ["perplexity:min", "params_blocks:min"]},
      ["perplexity", "not produced", "seq-cls"]),
+    ({"space": {"prune.budget.params": [0.5]}, "objectives": ["accuracy:max", "params_block:min"]},
+     ["sweep.objectives[1]='params_block:min'", "not a size the trials", "did you mean 'params_blocks'?"]),
+    ({"space": {"prune.budget.params": [0.5]}, "objectives": ["accuracy:max", "latency_ms_b64_s128:min"]},
+     ["'latency_ms_b64_s128' is not a size", "did you mean 'latency_ms_b1_s128'?"]),  # b64 is not a timed point
     ({"space": {"prune.budget.params": [0.5]}, "serach": "grid"}, ["sweep.serach", "did you mean 'sweep.search'"]),
     ({"space": {"prune.budget.params": [0.5]}, "num_samples": 0}, ["sweep.num_samples", "0"]),
 ])
