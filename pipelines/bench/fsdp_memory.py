@@ -1,8 +1,9 @@
 """Memory per worker of a prune job under ``ray.strategy: ddp`` and ``fsdp``: SmolLM2-135M, 2 workers, a few steps.
 
-``python -m pipelines.fsdp_memory [--steps 2] [--workers 2] [--out DIR]`` prints, per strategy and rank, the peak and
-current resident memory and the training state held (weights, gradients, AdamW state: a shard of them under fsdp), as
-the job's ``resources.json`` records them at the end of training. Needs ``--workers`` free CPUs on a local Ray.
+``python -m pipelines.bench.fsdp_memory [--steps 2] [--workers 2] [--out DIR]`` prints, per strategy and rank, the
+peak and current resident memory and the training state held (weights, gradients, AdamW state: a shard of them under
+fsdp), as the job's ``resources.json`` records them at the end of training. Needs ``--workers`` free CPUs on a local
+Ray, and about 7 GB of free memory for SmolLM2 under ddp.
 """
 
 from __future__ import annotations
