@@ -141,6 +141,18 @@ def flat_metrics(scores: dict[str, dict[str, float]], prefix: str = "") -> dict[
             for metric, value in by_metric.items() if not math.isnan(value)}
 
 
+def prefix_token_id(model: Any, tokenizer: Any) -> int:
+    """The token lm-eval puts before a context it scores: the tokenizer's bos (else eos) token, else the model config's
+    (a tokenizer borrowed from another family may name neither); a :class:`ConfigError` when none is known."""
+    config = getattr(model, "config", None)
+    for token in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                  getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(token, int):
+            return token
+    raise ConfigError("evaluate.lm_eval_tasks: neither the tokenizer nor the model config names a bos or eos token, "
+                      "which lm-eval puts before every context; set the model config's bos_token_id")
+
+
 def evaluate(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None, batch_size: int = 8,
              max_length: int | None = None) -> dict[str, dict[str, float]]:
     """Run lm-eval ``tasks`` on ``model`` (a causal LM already on its device, in eval mode) with ``tokenizer``:
@@ -153,7 +165,8 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = N
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length,
+              prefix_token_id=prefix_token_id(model, tokenizer))
     out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=_manager(tasks), log_samples=False,
                           bootstrap_iters=0, verbosity="WARNING")
     results: dict[str, dict[str, float]] = {}

@@ -44,6 +44,19 @@ def test_metric_names_are_flat_and_prefixed() -> None:
                                               "dense_lm_eval_lambada_local_samples": 8.0}
 
 
+def test_the_prefix_token_comes_from_the_tokenizer_else_the_model_config() -> None:
+    from types import SimpleNamespace as NS
+
+    from vtrans.lm_eval import prefix_token_id
+
+    config = NS(config=NS(bos_token_id=101, eos_token_id=102))
+    assert prefix_token_id(config, NS(bos_token_id=1, eos_token_id=2)) == 1
+    assert prefix_token_id(config, NS(bos_token_id=None, eos_token_id=2)) == 2
+    assert prefix_token_id(config, NS(bos_token_id=None, eos_token_id=None)) == 101  # a BERT tokenizer on a decoder
+    with pytest.raises(ConfigError, match="names a bos or eos token"):
+        prefix_token_id(NS(config=NS(bos_token_id=None, eos_token_id=None)), NS(bos_token_id=None, eos_token_id=None))
+
+
 def test_the_task_ships_with_the_package() -> None:
     assert sorted(p.name for p in TASK_DIR.glob("*.yaml")) == [f"{t}.yaml" for t in sorted(LOCAL_TASKS)]
 
