@@ -384,7 +384,6 @@ PROFILES: dict[str, Profile] = {
                             finetune_steps=2, seeds=1, trained_seeds=1, finetune_seeds=1, calibration_fraction=None,
                             calibration_count=8, prune_batch=2, kwon_samples=8, kwon_batch=4, finetune_batch=2,
                             eval_batch=8, hidden_weight=0.0, second_text="lee_news",
-                            lm_eval_tasks=["lambada_local"], lm_eval_limit=2,
                             kl_normalisation="unit",
                             latency=LatencyProfile(batch_sizes=[1, 2], seq_len=32, repeats=2, warmup=1)),
         overhead=OverheadProfile(train_samples=64, test_samples=32, max_length=32, teacher_steps=2, prune_steps=2,

@@ -404,7 +404,16 @@ def test_lm_eval_scores_get_their_own_tables_and_metrics_and_bad_tasks_name_the_
     assert Tracker.logged["lm_eval_lambada_local_acc"] == pytest.approx(0.3)
     assert Tracker.logged["lm_eval_lambada_local_samples"] == 100.0
 
+    import vtrans.lm_eval
+    from pipelines.bench.cells import lm_eval_scores
+
+    calls = []
+    monkeypatch.setattr(vtrans.lm_eval, "evaluate", lambda model, tok, tasks, limit, batch_size:
+                        calls.append((model, tok, tasks, limit, batch_size)) or {"lambada_local": {"acc": 0.5}})
     d = bench.load_profile("decoder")
+    assert lm_eval_scores(d.decoder, "m", "t") == {"lm_eval_lambada_local_acc": 0.5}
+    assert calls == [("m", "t", ["lambada_local"], 100, d.decoder.eval_batch)]
+    assert lm_eval_scores(bench.load_profile("quick").decoder, "m", "t") == {} and len(calls) == 1
     assert d.encoder is None and d.decoder.lm_eval_tasks == ["lambada_local"] and d.decoder.budgets == [0.9, 0.8, 0.7]
     assert d.decoder.finetune_method == "lora"
     with pytest.raises(ConfigError, match=r"lm_eval_tasks\[0\]='lambada_locl' is not one of .*did you mean"):
@@ -572,12 +581,9 @@ def test_smoke_profile_end_to_end(tmp_path):
             assert 1.0 < task["dense"]["quality_second"] < math.inf and task["second_name"] == "Lee news stories"
         else:
             assert not any("quality_second" in r for r in task["rows"])
-        if t.lm_eval_tasks:  # the decoder's lm-eval task, on every row and the dense model, the first 2 passages
-            for scores in (*task["rows"], task["dense"]):
-                assert scores["lm_eval_lambada_local_samples"] == 2, scores
-                assert 0 <= scores["lm_eval_lambada_local_acc"] <= 1 and scores["lm_eval_lambada_local_perplexity"] > 1
-        else:
-            assert not any(k.startswith("lm_eval_") for r in task["rows"] for k in r)
+        # lm-eval scores only where a profile asks (the decoder profile; unit-tested: an lm-eval run in every cell's
+        # process costs minutes of CI, and test_pipeline / test_lm_eval run lm-eval for real)
+        assert not any(k.startswith("lm_eval_") for r in task["rows"] for k in r)
         assert {"data", "teacher", "evaluate", "finetune", "latency"} <= set(task["stages"])
         assert time_ratios(task)["faster_over_vtrans"] > 0
 
@@ -590,7 +596,6 @@ def test_smoke_profile_end_to_end(tmp_path):
     md = (out / "results.md").read_text()
     assert "## minilm" in md and "## smollm2" in md and "## Ray overhead" in md and "### The expected shape" in md
     assert md.count("on Lee news stories (never seen in pruning or fine-tuning)") == 2
-    assert md.count("lm_eval_lambada_local_acc without fine-tune (dense teacher: ") == 1
     for label in ("minilm", "smollm2"):
         assert (out / f"pareto-{label}.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "results.json").read_text())["mlflow"]["run_id"] == res["mlflow"]["run_id"]
