@@ -35,8 +35,9 @@ def overhead_config(ov: OverheadProfile, root: Path, tracking_uri: str, device: 
         "output": str(root)})
 
 
-def run_local_pipeline(cfg: PipelineConfig, device: str) -> dict:
-    """The pipeline's stages in this process, in order, everything recomputed; wall time and peak RSS per stage."""
+def run_local_pipeline(cfg: PipelineConfig) -> dict:
+    """The pipeline's stages in this process, in order, everything recomputed (on ``cfg.ray.use_gpu``'s device); wall
+    time and peak RSS per stage."""
     from pipelines.dag import run_in_process
     from pipelines.stages import NAMES
     from pipelines.stages.base import StageContext
@@ -76,7 +77,7 @@ def ray_overhead(ov: OverheadProfile, out: Path, tracker, parent_run_id: str, de
     if ray.is_initialized():  # the DAG gets a fresh Ray, as `vtrans run` does: no warm workers of the cells
         ray.shutdown()
     _log("ray overhead: the pipeline in one plain process")
-    local = run_local_pipeline(overhead_config(ov, root / "local", tracker.uri, device), device)
+    local = run_local_pipeline(overhead_config(ov, root / "local", tracker.uri, device))
     t0 = time.perf_counter()
     init_ray()
     ray_init_s = time.perf_counter() - t0
