@@ -84,6 +84,22 @@ def _mlflow_tracking_uri_put_back():
         os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_behind(request: pytest.FixtureRequest):
+    """A test file leaves this worker process without a Ray it started: a Ray left initialized makes every later
+    ``init_ray`` in the process a no-op (CI once failed test_ray_runtime that way). A leak is shut down and named
+    in the warnings summary, so the file that leaked is found and the files after it run as written."""
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        import warnings
+
+        warnings.warn(f"{request.node.nodeid} left Ray initialized in this process (shut down now)", stacklevel=1)
+
+
 @pytest.fixture
 def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh vtrans cache root for one test (``VTRANS_CACHE`` points at it)."""

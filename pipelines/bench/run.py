@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,7 @@ def run_bench(profile: Profile, out: Path, device: str = "cpu", tracking_uri: st
     parent = tracker.start_run(f"bench-{profile.name}", params=flatten(profile), tags=tags)
     _log(f"MLflow parent run {parent} in {tracker.uri} (experiment {experiment!r}); output {out}")
     status = "FAILED"
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     try:
         executor = Executor(profile.executor, device, profile.cpus_per_cell)
         results: dict[str, Any] = {
@@ -267,6 +269,8 @@ def run_bench(profile: Profile, out: Path, device: str = "cpu", tracking_uri: st
         load.__exit__(None, None, None)
         with contextlib.suppress(Exception):
             tracker.end_run(parent, status)
+        if not ray_was_up and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # the local Ray this run started (a caller's own Ray stays up)
 
 
 def write_outputs(results: dict, out: Path) -> None:

@@ -44,6 +44,15 @@ tracking: {{experiment: pipeline-test}}
 """
 
 
+
+def one_worker_no_teacher(config: str) -> str:
+    """CONFIG for the fault tests (a killed driver, a dead store): one Train worker and the dense model as teacher;
+    what they check is the driver's and the store's side, and each Train job of two workers costs CI a minute."""
+    out = config.replace("ray: {num_workers: 2}", "ray: {num_workers: 1}").replace(
+        "teacher: {steps: " + str(STEPS), "teacher: {steps: 0")
+    assert out.count("num_workers: 1") == 1 and "teacher: {steps: 0," in out
+    return out
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A working directory holding the tiny model, the csv and the config; the embedded MLflow store lands here."""
@@ -338,7 +347,7 @@ def test_latency_budget_pipeline(workdir) -> None:
     (structure only: timing is not asserted)."""
     from pipelines.dag import run_pipeline
 
-    cfg = load_config("tiny.yaml", ["prune.budget.latency=0.6", "ray.num_workers=1",
+    cfg = load_config("tiny.yaml", ["prune.budget.latency=0.6", "ray.num_workers=1", "finetune.steps=0",
                                     "evaluate.latency_batch_sizes=[2]"])
     assert (cfg.prune.budget.batch_size, cfg.prune.budget.seq_len) == (2, 32)
     run = run_pipeline(cfg)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.pipelines.test_pipeline import CONFIG
+from tests.pipelines.test_pipeline import CONFIG, one_worker_no_teacher
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_a_killed_pipeline_resumes_from_its_finished_stages(tmp_path) -> None:
         w = csv.writer(f)
         w.writerow(["review", "verdict"])
         w.writerows([(r["text"], "fresh" if r["label"] else "rotten") for r in picked])
-    (d / "tiny.yaml").write_text(CONFIG.replace("pipeline-test", "kill-test"))
+    (d / "tiny.yaml").write_text(one_worker_no_teacher(CONFIG).replace("pipeline-test", "kill-test"))
 
     first = _run(d, "killed")
     deadline = time.time() + 600

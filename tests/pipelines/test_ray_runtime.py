@@ -26,6 +26,14 @@ def no_ray_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_in_this_process() -> None:
+    """init_ray is idempotent: with a Ray already up in this process it joins nothing. These tests need none."""
+    import ray
+
+    assert not ray.is_initialized(), "a test before this file left Ray initialized in the process"
+
+
 @pytest.fixture(scope="module")
 def fake_gcs():
     """``host:port`` of a gRPC server answering Ray's GetClusterId only with ``authorization: Bearer TOKEN``."""

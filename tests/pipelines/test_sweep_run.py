@@ -30,7 +30,7 @@ SWEEP = {
               "batch_size": 8},
     "finetune": {"steps": 0, "batch_size": 8},
     "evaluate": {"latency_batch_sizes": [2], "latency_seq_lens": [32], "latency_repeats": 2, "warmup": 1},
-    "ray": {"num_workers": 2},
+    "ray": {"num_workers": 1},  # trials of two-worker jobs, across two nodes: tests/clusters/test_local_cluster.py
     "tracking": {"experiment": "sweep-test"},
     "sweep": {"models": {"a": {}, "b": {"model.name": "tiny-b"}},
               "space": {"prune.budget.params": [0.6, 0.4]},  # a posterior per KL weight etc.: test_sweep.py

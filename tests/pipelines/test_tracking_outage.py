@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.ray_runtime import free_port
-from tests.pipelines.test_pipeline import CONFIG, STEPS
+from tests.pipelines.test_pipeline import CONFIG, STEPS, one_worker_no_teacher
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def outage(tmp_path_factory):
         w = csv.writer(f)
         w.writerow(["review", "verdict"])
         w.writerows([(r["text"], "fresh" if r["label"] else "rotten") for r in picked])
-    (d / "tiny.yaml").write_text(CONFIG.replace("pipeline-test", "outage-test"))
+    (d / "tiny.yaml").write_text(one_worker_no_teacher(CONFIG).replace("pipeline-test", "outage-test"))
     port = free_port()
     uri = f"http://vtrans:{SECRET}@127.0.0.1:{port}"
     server = _serve(d, port)
@@ -99,8 +99,9 @@ def test_the_pipeline_finishes_without_its_store_and_keeps_everything(outage) ->
     assert f"MLflow at http://vtrans:***@127.0.0.1:{port} does not answer" in log
     summary = json.loads((d / "runs" / "tiny" / "summary.json").read_text())
     assert summary["logged"] is False and summary["metrics"]["accuracy"] > 0
-    # calibrate was logging as the server died (its record was written first); the later stages found it down
-    assert {"teacher", "prune", "finetune", "evaluate"} <= {n for n, s in summary["stages"].items() if not s["logged"]}
+    # calibrate was logging as the server died (its record was written first), the teacher (the dense model: no job)
+    # may have been logged before it went; the later stages found it down
+    assert {"prune", "finetune", "evaluate"} <= {n for n, s in summary["stages"].items() if not s["logged"]}
     for stage in ("prune", "finetune"):
         record = json.loads((Path(summary["stages"][stage]["dir"]) / "stage.json").read_text())
         assert record["logged"] is False and record["logging"]["artifacts"]
