@@ -185,7 +185,9 @@ def save_record(result: StageResult) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created) while the block runs: concurrent trials of a sweep wait here
+    for one another."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -207,7 +209,7 @@ def execute(stage: Stage, ctx: StageContext, inputs: Mapping[str, StageResult]) 
     """Run one stage (or find it finished), with its MLflow child run. Called inside the stage's Ray task."""
     name, key = stage.NAME, ctx.keys[stage.NAME]
     work = ctx.stage_dir(name)
-    with _locked(work.with_name(f"{key}.lock")):
+    with locked(work.with_name(f"{key}.lock")):
         record = read_record(work)
         if record is not None and name not in ctx.rerun:
             result = StageResult(status="cached", **record)

@@ -24,7 +24,7 @@ import resource
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, config_hash, to_dict
-from pipelines.stages.base import STAGES_DIR, StageContext, StageOutput, StageResult, _write_json
+from pipelines.stages.base import STAGES_DIR, StageContext, StageOutput, StageResult, _write_json, locked
 from pipelines.stages.products import Data, Evaluation, Trained
 
 NAME = "evaluate"
@@ -282,13 +282,15 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     comp = measure_one(compressed, cfg.task, test, cfg, pad, "compressed", tokenizer)
     comp["latency_record"] = _latency_record(compressed)
     dense_file = _dense_file(ctx, comp)
-    if dense_file.is_file() and NAME not in ctx.rerun:
-        dense = json.loads(dense_file.read_text())
-        print(f"[{NAME}] dense: measured before on the same {comp['device_name']} ({dense_file})", flush=True)
-    else:
-        dense = measure_one(dense_dir, cfg.task, test, cfg, pad, "dense", tokenizer)
-        dense_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(dense_file, dense)  # atomic: concurrent trials leave the last complete measurement, never a part
+    # concurrent trials of one model wait for the first one's measurement (one dense measurement per sweep, and
+    # none taken side by side with another)
+    with locked(dense_file.with_name("dense.lock")):
+        if dense_file.is_file() and NAME not in ctx.rerun:
+            dense = json.loads(dense_file.read_text())
+            print(f"[{NAME}] dense: measured before on the same {comp['device_name']} ({dense_file})", flush=True)
+        else:
+            dense = measure_one(dense_dir, cfg.task, test, cfg, pad, "dense", tokenizer)
+            _write_json(dense_file, dense)  # atomic: a reader never sees a part
     metrics = compare(cfg, dense, comp)
     report = {"metrics": metrics, "compressed": comp, "dense": dense, "device": comp["device"],
               "threads": comp["threads"], "grid": grid(cfg)}

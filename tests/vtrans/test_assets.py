@@ -195,17 +195,15 @@ def test_minilm_resolves_and_embeds_in_384_dims() -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
-    """One GGUF conversion shared by this module's tests: (checkpoint dir, cache root, seconds taken)."""
+def smollm2_converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One GGUF conversion shared by this module's tests: (checkpoint dir, cache root)."""
     cache = tmp_path_factory.mktemp("vtrans-cache")
-    start = time.perf_counter()
-    path = resolve_model("smollm2", cache_dir=cache)
-    return path, cache, time.perf_counter() - start
+    return resolve_model("smollm2", cache_dir=cache), cache
 
 
 @pytest.mark.integration
-def test_smollm2_is_converted_once_into_the_cache(smollm2_converted: tuple[Path, Path, float]) -> None:
-    path, cache, _ = smollm2_converted
+def test_smollm2_is_converted_once_into_the_cache(smollm2_converted: tuple[Path, Path]) -> None:
+    path, cache = smollm2_converted
     assert path == cache / "models" / "smollm2-135m-instruct"
     for name in ("config.json", "model.safetensors", "tokenizer.json", assets._MARKER):
         assert (path / name).is_file(), name
@@ -214,23 +212,19 @@ def test_smollm2_is_converted_once_into_the_cache(smollm2_converted: tuple[Path,
     assert config["architectures"] == ["LlamaForCausalLM"]
     weights_mtime = (path / "model.safetensors").stat().st_mtime_ns
 
-    start = time.perf_counter()
     assert resolve_model("smollm2", cache_dir=cache) == path
-    assert time.perf_counter() - start < 0.5  # no second conversion
-    assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime
+    assert (path / "model.safetensors").stat().st_mtime_ns == weights_mtime  # no second conversion
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.integration
-def test_smollm2_reloads_fast_and_matches_the_gguf_model(smollm2_converted: tuple[Path, Path, float]) -> None:
+def test_smollm2_reloads_from_safetensors_and_matches_the_gguf_model(smollm2_converted: tuple[Path, Path]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, _, _ = smollm2_converted
-    start = time.perf_counter()
+    path, _ = smollm2_converted
+    assert not list(path.glob("*.gguf"))  # a plain checkpoint: no GGUF to dequantize on every load
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    reload_s = time.perf_counter() - start
-    assert reload_s < 5.0, f"reload took {reload_s:.1f} s"
     assert model.dtype == torch.float32
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
@@ -252,9 +246,7 @@ def test_smollm2_reloads_fast_and_matches_the_gguf_model(smollm2_converted: tupl
 
 @pytest.mark.integration
 def test_rotten_tomatoes_counts() -> None:
-    start = time.perf_counter()
     rows = load_rotten_tomatoes()
-    assert time.perf_counter() - start < 2.0
     assert len(rows) == 12_752
     assert sum(r["label"] for r in rows) == 7_368
     assert sum(1 - r["label"] for r in rows) == 5_384
@@ -264,9 +256,7 @@ def test_rotten_tomatoes_counts() -> None:
 
 @pytest.mark.integration
 def test_wikipedia_has_real_article_text() -> None:
-    start = time.perf_counter()
     articles = load_wikipedia_text()
-    assert time.perf_counter() - start < 2.0
     assert len(articles) >= 100
     assert articles[0].startswith("Anarchism is a political philosophy")
     assert sum(map(len, articles)) > 1_000_000
