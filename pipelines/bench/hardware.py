@@ -7,10 +7,10 @@ then prunes the teacher with Kwon et al.'s retraining-free selection (training-f
 cheap) to every ``--budgets`` fraction, once as a parameter budget and once as a latency budget, at every ``--aligns``
 alignment (1 = unaligned). Each row: quality (accuracy / perplexity on the test split, no fine-tune), block parameters
 and FLOPs kept, the latency table's prediction, the measured median latency at ``--batch-size`` x ``--seq-len`` on
-``--threads`` threads, the speedup over the dense model and speedup ÷ FLOPs reduction. The latency rows add measured
-latency against their target (the budget times the dense model's measured latency); the comparison at equal measured
-latency interpolates the quality of the parameter-budget rows of the same alignment at each latency row's measured
-latency. Writes ``results.json`` and ``results.md`` to ``--out`` and prints the tables.
+``--threads`` threads, the speedup over the dense model timed right before it and speedup ÷ FLOPs reduction. The
+latency rows add measured latency against their target (the budget times that dense timing); the comparison at equal
+measured speedup interpolates the quality of the parameter-budget rows of the same alignment at each latency row's
+speedup. Writes ``results.json`` and ``results.md`` to ``--out`` and prints the tables.
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ def _int_list(text: str, key: str) -> list[int]:
 
 def prune_rows(fresh: Callable[[], Any], batches: list[dict], quality: Callable[[Any], float], table,
                budgets: Sequence[float], aligns: Sequence[int], timing: Callable[[Any], float], *,
-               batch_size: int, seq_len: int, tolerance: float, dense_ms: float,
+               batch_size: int, seq_len: int, tolerance: float, dense_ms: Callable[[], float],
                metrics: Iterable[str] = ("params", "latency"), log: Callable[[str], None] = print) -> list[dict]:
     """One row per (metric, budget, alignment): Kwon's selection of ``fresh()`` (a new dense model each time) on
-    ``batches``, compressed, scored by ``quality``, predicted by ``table`` and timed by ``timing`` (median ms).
-    A budget no aligned selection meets is a row with its one-line ``error`` instead of numbers."""
+    ``batches``, compressed, scored by ``quality``, predicted by ``table`` and timed by ``timing`` (median ms) right
+    after ``dense_ms()`` times the dense model: the row's speedup and latency target are against that adjacent dense
+    timing, so a machine whose speed drifts during the run (a shared host) compares like with like. A budget no
+    aligned selection meets is a row with its one-line ``error`` instead of numbers."""
     import vtrans
     from vtrans.errors import BudgetError, ConfigError
     from vtrans.fisher import kwon_prune
@@ -89,12 +91,12 @@ def prune_rows(fresh: Callable[[], Any], batches: list[dict], quality: Callable[
                 keep = sel.keep()
                 row.update(params_blocks=counts.params_blocks, params_fraction=counts.params_blocks / dense_params,
                            flops_reduction=dense_flops / counts.flops_total, quality=quality(small),
-                           predicted_ms=table.predict(keep), measured_ms=timing(small),
+                           predicted_ms=table.predict(keep), dense_ms=dense_ms(), measured_ms=timing(small),
                            heads=sum(keep.groups), neurons=sum(keep.neurons), hidden=keep.hidden)
-                row["speedup"] = dense_ms / row["measured_ms"]
+                row["speedup"] = row["dense_ms"] / row["measured_ms"]
                 row["speedup_per_flops"] = row["speedup"] / row["flops_reduction"]
                 if metric == "latency":
-                    row["target_ms"] = b * dense_ms
+                    row["target_ms"] = b * row["dense_ms"]
                     row["measured_of_target"] = row["measured_ms"] / row["target_ms"]
                 log(f"{metric}={b:g} align {a}: quality {row['quality']:.4f}, params {row['params_fraction']:.3f}, "
                     f"predicted {row['predicted_ms']:.2f} ms, measured {row['measured_ms']:.2f} ms, speedup "
@@ -117,16 +119,17 @@ def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None
 
 def at_equal_latency(rows: Sequence[dict]) -> list[dict]:
     """For every latency-budget row: the quality the parameter-budget rows of the same alignment reach at its measured
-    latency (interpolated between their measured latencies; None outside them)."""
+    speedup (each row's measured latency over the dense timing right before it: a drift of the machine's speed between
+    rows cancels), interpolated between their speedups; None outside them."""
     out = []
     for r in rows:
         if r["metric"] != "latency" or "error" in r:
             continue
-        params = [(p["measured_ms"], p["quality"]) for p in rows
+        params = [(p["speedup"], p["quality"]) for p in rows
                   if p["metric"] == "params" and p["align"] == r["align"] and "error" not in p]
-        out.append({"budget": r["budget"], "align": r["align"], "measured_ms": r["measured_ms"],
+        out.append({"budget": r["budget"], "align": r["align"], "speedup": r["speedup"],
                     "quality_latency_budget": r["quality"],
-                    "quality_params_budget": interpolate(params, r["measured_ms"])})
+                    "quality_params_budget": interpolate(params, r["speedup"])})
     return out
 
 
@@ -140,32 +143,34 @@ def render(results: dict) -> str:
              f"`{results['command']}` — {results['machine']}, {results['date']}; latency at batch "
              f"{results['batch_size']} x seq {results['seq_len']}, {results['threads']} thread(s), median of "
              f"{results['repeats']}; dense {q} {results['dense_quality']:.4f}, dense {results['dense_ms']:.2f} ms "
-             f"measured ({results['dense_end_ms']:.2f} ms at the end), {results['dense_predicted_ms']:.2f} ms "
-             f"predicted by the table.", ""]
+             f"measured at the start ({results['dense_end_ms']:.2f} ms at the end; each row's speedup is against the "
+             f"dense timing taken right before it), {results['dense_predicted_ms']:.2f} ms predicted by the table.",
+             ""]
     for metric, title in (("params", "Parameter budgets"), ("latency", "Latency budgets")):
         rows = [r for r in results["rows"] if r["metric"] == metric]
         if not rows:
             continue
         extra = " measured ÷ target |" if metric == "latency" else ""
         lines += [f"#### {title}", "", f"| budget | align | {q} | params kept | FLOPs reduction | predicted ms | "
-                  f"measured ms |{extra} speedup | speedup ÷ FLOPs |",
-                  "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|"]
+                  f"measured ms | dense ms (adjacent) |{extra} speedup | speedup ÷ FLOPs |",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|"]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {r['budget']:g} | {r['align']} | {r['error']} |")
                 continue
             ratio = f" {r['measured_of_target']:.3f} |" if metric == "latency" else ""
             lines.append(f"| {r['budget']:g} | {r['align']} | {r['quality']:.4f} | {r['params_fraction']:.3f} | "
-                         f"{r['flops_reduction']:.2f}x | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} |{ratio} "
+                         f"{r['flops_reduction']:.2f}x | {r['predicted_ms']:.2f} | {r['measured_ms']:.2f} | "
+                         f"{r['dense_ms']:.2f} |{ratio} "
                          f"{r['speedup']:.2f}x | {r['speedup_per_flops']:.2f} |")
         lines.append("")
     eq = results["equal_latency"]
     if eq:
-        lines += ["#### Latency budget against parameter budget at equal measured latency", "",
-                  f"| latency budget | align | measured ms | {q}, latency budget | {q}, parameter budgets "
+        lines += ["#### Latency budget against parameter budget at equal measured speedup", "",
+                  f"| latency budget | align | measured speedup | {q}, latency budget | {q}, parameter budgets "
                   f"(interpolated) |", "|---|---|---|---|---|"]
         for e in eq:
-            lines.append(f"| {e['budget']:g} | {e['align']} | {e['measured_ms']:.2f} | "
+            lines.append(f"| {e['budget']:g} | {e['align']} | {e['speedup']:.2f}x | "
                          f"{e['quality_latency_budget']:.4f} | {_fmt(e['quality_params_budget'], '.4f')} |")
         lines.append("")
     return "\n".join(lines)
@@ -227,9 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"{args.task}: dense {dense_ms:.2f} ms measured, {table.dense_ms:.2f} ms predicted")
         del dense
     with torch_threads(args.threads):
+        dense = fresh().eval()
         rows = prune_rows(fresh, batches, quality, table, budgets, aligns, timing, batch_size=args.batch_size,
-                          seq_len=args.seq_len, tolerance=t.tolerance, dense_ms=dense_ms, log=_log)
-        dense_end = timing(fresh().eval())
+                          seq_len=args.seq_len, tolerance=t.tolerance, dense_ms=lambda: timing(dense), log=_log)
+        dense_end = timing(dense)
     command = "python -m pipelines.bench.hardware " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {"task": args.task, "model_name": setup.model_name, "metric": setup.metric,
                "dense_quality": setup.dense["quality"], "dense_ms": dense_ms, "dense_end_ms": dense_end,
