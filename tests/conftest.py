@@ -36,6 +36,8 @@ SLOWEST_FIRST = (
     "tests/pipelines/test_train_real.py",
     "tests/pipelines/test_pipeline_kill.py",
     "tests/clusters/test_local_cluster.py",
+    "tests/vtrans/test_fisher.py",  # Kwon on the real MiniLM
+    "tests/vtrans/test_lm_eval.py",  # lm-eval on the real SmolLM2
     "tests/vtrans/test_real_models.py",
 )
 
