@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vtrans.errors import ConfigError, VtransError
+
 TASKS = {"minilm": "encoder", "smollm2": "decoder"}
 
 
 def _fraction_list(text: str, key: str) -> list[float]:
-    from vtrans.errors import ConfigError
-
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -40,8 +40,6 @@ def _fraction_list(text: str, key: str) -> list[float]:
 
 
 def _int_list(text: str, key: str) -> list[int]:
-    from vtrans.errors import ConfigError
-
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -49,6 +47,17 @@ def _int_list(text: str, key: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise ConfigError(f"{key}={text!r} must be comma-separated integers >= 1, e.g. 1,8,32,64")
     return sorted(set(values))
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[float], list[int]]:
+    """The budgets and alignments of the command line, every flag checked before any work (one-line errors)."""
+    from vtrans.checks import check_int
+
+    for key, minimum in (("batch_size", 1), ("seq_len", 1), ("threads", 1), ("repeats", 1), ("warmup", 0)):
+        check_int(f"--{key.replace('_', '-')}", getattr(args, key), minimum)
+    if args.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be one of ['cpu', 'cuda'], got {args.device!r}")
+    return _fraction_list(args.budgets, "--budgets"), _int_list(args.aligns, "--aligns")
 
 
 def prune_rows(fresh: Callable[[], Any], batches: list[dict], quality: Callable[[Any], float], table,
@@ -190,8 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    budgets = _fraction_list(args.budgets, "--budgets")
-    aligns = _int_list(args.aligns, "--aligns")
+    try:
+        budgets, aligns = _check_args(args)
+    except VtransError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = Path(args.out or f"runs/hardware-{args.task}").resolve()
     out.mkdir(parents=True, exist_ok=True)
 

@@ -94,3 +94,16 @@ def test_quality_at_equal_speedup_interpolates_the_parameter_rows_of_the_same_al
 def test_bad_lists_name_the_flag(fn, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}={text!r} must be comma-separated"):
         fn(text, key)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--threads", "0"], "--threads must be an int >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be an int >= 0, got -1"),
+    (["--device", "tpu"], "--device must be one of ['cpu', 'cuda'], got 'tpu'"),
+    (["--budgets", "0.5,2"], "--budgets='0.5,2' must be comma-separated fractions in (0, 1)")])
+def test_bad_flags_are_one_line_before_any_work(argv: list[str], message: str, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        hardware.main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith(f"error: {message}") and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing prepared
