@@ -150,6 +150,10 @@ def relog(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict:
             done["created"].append(f"{name} (cached) {run_id}")
         if name == "evaluate" and result.model_uri:
             model_uri = result.model_uri
+    for child in children.values():  # a stage's run logged in full, but the store died before the run was ended
+        if child.info.status == "RUNNING":
+            tracker.end_run(child.info.run_id)
+            done["completed"].append(f"{child.data.tags.get(TAG_STAGE)} {child.info.run_id} (ended)")
     tracker.log_metrics(parent, dict(summary.get("metrics") or {}, wall_s=summary.get("wall_s", 0.0)))
     tags = {f"vtrans.status.{n}": e["status"] for n, e in summary["stages"].items()}
     if model_uri:
