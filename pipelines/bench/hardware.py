@@ -70,7 +70,7 @@ def prune_rows(fresh: Callable[[], Any], batches: list[dict], quality: Callable[
     timing, so a machine whose speed drifts during the run (a shared host) compares like with like. A budget no
     aligned selection meets is a row with its one-line ``error`` instead of numbers."""
     import vtrans
-    from vtrans.errors import BudgetError, ConfigError
+    from vtrans.errors import BudgetError
     from vtrans.fisher import kwon_prune
 
     dense_flops = None
@@ -98,9 +98,10 @@ def prune_rows(fresh: Callable[[], Any], batches: list[dict], quality: Callable[
                 row["select_s"] = time.perf_counter() - t0
                 counts = vtrans.count(small, seq_len=seq_len)
                 keep = sel.keep()
+                predicted = table.predict(keep)
                 row.update(params_blocks=counts.params_blocks, params_fraction=counts.params_blocks / dense_params,
                            flops_reduction=dense_flops / counts.flops_total, quality=quality(small),
-                           predicted_ms=table.predict(keep), predicted_speedup=table.dense_ms / table.predict(keep),
+                           predicted_ms=predicted, predicted_speedup=table.dense_ms / predicted,
                            dense_ms=dense_ms(), measured_ms=timing(small),
                            heads=sum(keep.groups), neurons=sum(keep.neurons), hidden=keep.hidden)
                 row["speedup"] = row["dense_ms"] / row["measured_ms"]
@@ -207,8 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or f"runs/hardware-{args.task}").resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    import torch
-
     from pipelines.bench.cells import _kwon_batches, load_split_ds
     from pipelines.bench.in_process import load_model
     from pipelines.bench.measure import _log, torch_threads
@@ -238,15 +237,12 @@ def main(argv: list[str] | None = None) -> None:
         return measure(setup.metric, model, test, setup.pad_token_id, t.eval_batch)
 
     # one thread count for the table, the selections and the timings (a table is only valid at its own)
-    with torch_threads(args.threads), torch.no_grad():
+    with torch_threads(args.threads):
         dense = fresh().eval()
         # measured now, not read from the cache: a table from another hour of a shared host predicts another speed
         table = latency_table.table_for(dense, args.batch_size, args.seq_len, cache=False)
         dense_ms = timing(dense)
         _log(f"{args.task}: dense {dense_ms:.2f} ms measured, {table.dense_ms:.2f} ms predicted")
-        del dense
-    with torch_threads(args.threads):
-        dense = fresh().eval()
         rows = prune_rows(fresh, batches, quality, table, budgets, aligns, timing, batch_size=args.batch_size,
                           seq_len=args.seq_len, tolerance=t.tolerance, dense_ms=lambda: timing(dense), log=_log)
         dense_end = timing(dense)

@@ -224,8 +224,7 @@ def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path
     vib = vtrans.attach(model, vtrans.VIBConfig(mu_init_std=0.0, logvar_init_std=0.0))
     vib.apply_budget(vtrans.Budget(params=0.5, tolerance=0.05), scores=score(model, "magnitude"), method="magnitude")
     comp = str(tmp_path / "compressed")
-    vtrans.compress(vib, tokenizer=load_tokenizer(tiny_dir)).save_pretrained(comp)
-    load_tokenizer(tiny_dir).save_pretrained(comp)
+    vtrans.compress(vib, tokenizer=load_tokenizer(tiny_dir)).save_pretrained(comp)  # the tokenizer with it
     held_out = _dataset()[:20]
     ft = run_finetune_job(JobSpec(comp, "seq-cls", _dataset()[20:], pad_token_id=0, teacher_dir=tiny_dir,
                                   eval_dataset=held_out),
