@@ -188,17 +188,19 @@ def render(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=sorted(TASKS), default="minilm")
-    p.add_argument("--budgets", default="0.7,0.5,0.3")
-    p.add_argument("--aligns", default="1,8,32,64")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="example: python -m pipelines.bench.hardware --task smollm2 "
+                                       "--budgets 0.8,0.7,0.5 --out runs/hardware-smollm2")
+    p.add_argument("--task", choices=sorted(TASKS), default="minilm", help="the quick profile's task (default minilm)")
+    p.add_argument("--budgets", default="0.7,0.5,0.3", help="fractions in (0, 1): each a params and a latency budget")
+    p.add_argument("--aligns", default="1,8,32,64", help="width alignments (1 = unaligned)")
+    p.add_argument("--batch-size", type=int, default=1, help="latency batch size (default 1)")
+    p.add_argument("--seq-len", type=int, default=128, help="latency sequence length (default 128)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the table and the timings (default 1)")
+    p.add_argument("--repeats", type=int, default=10, help="timed forward passes per model (median; default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes before them (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", default=None, help="output folder (default runs/hardware-TASK)")
     args = p.parse_args(argv)
     try:
         budgets, aligns = _check_args(args)
