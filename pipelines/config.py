@@ -11,9 +11,9 @@ config_hash(cfg.prune)      # 16 hex digits of the section's canonical JSON: a s
 Rules (torchtune / litgpt style):
 
 - Sections are dataclasses whose fields carry docstrings; ``prune`` and ``finetune`` are the library's
-  :class:`vtrans.train.PruneConfig` and :class:`~vtrans.train.FinetuneConfig`, ``ray`` is :class:`RayConfig`. A nested
-  mapping is built from the nested class's own defaults. Values are checked with :mod:`vtrans.checks`, on direct
-  construction too, not only when loading YAML.
+  :class:`vtrans.train.PruneConfig` and :class:`vtrans.finetune.FinetuneConfig`, ``ray`` is :class:`RayConfig`.
+  A nested mapping is built from the nested class's own defaults. Values are checked with :mod:`vtrans.checks`, on
+  direct construction too, not only when loading YAML.
 - Loading is strict (:mod:`pipelines.typed_config`, re-exported here): an unknown key is an error that names the full
   dotted key and suggests the closest valid one; types are checked against the annotations; YAML is read with YAML 1.2
   scalars (``1e-4`` is a float, only ``true`` / ``false`` are booleans); a key repeated in one mapping is an error.
@@ -56,9 +56,11 @@ from vtrans.assets import DATASETS, MODELS
 from vtrans.checkpoint import TOKENIZER_FILES, has_tokenizer
 from vtrans.checks import check_choice, check_int, check_int_list, check_number, check_text
 from vtrans.config import Budget
+from vtrans.distill import MAX_STEPS, TASKS
 from vtrans.errors import KIND_WORDS, ConfigError, path_kind, quote
+from vtrans.finetune import FinetuneConfig
 from vtrans.metrics import TASK_METRICS
-from vtrans.train import MAX_STEPS, TASKS, FinetuneConfig, PruneConfig
+from vtrans.train import PruneConfig
 
 __all__ = [
     "EXCLUSIVE",
@@ -267,7 +269,7 @@ class TeacherConfig:
     """Fine-tuning of the dense model into the distillation teacher (only when ``model.teacher`` is not given)."""
 
     steps: int = 0
-    """Fine-tuning steps (at most ``vtrans.train.MAX_STEPS`` = 1,000,000); 0: the dense model is the teacher as it is
+    """Fine-tuning steps (at most ``vtrans.distill.MAX_STEPS`` = 1,000,000); 0: the dense model is the teacher as it is
     (e.g. a pretrained LM)."""
     lr: float = 1e-4
     """Learning rate."""

@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 from pipelines.config import DATASET_COLUMNS, FILE_FORMATS, MAX_NUM_LABELS, DataConfig, PipelineConfig, is_uri
 from vtrans import assets
 from vtrans.data import stratified_subset, train_test_split
+from vtrans.distill import TASKS
 from vtrans.errors import ConfigError, quote
-from vtrans.train import TASKS
 
 __all__ = [
     "LABEL_NAMES_KEY",

@@ -2,7 +2,7 @@
 
 Each job is a ``TorchTrainer`` with N workers, each taking its contiguous share of every global batch. How a worker
 holds the model is ``ray.strategy`` (:class:`_Placement`): ``ddp`` - the whole model, its masks and the lambdas (one
-:class:`vtrans.train.Pruner` / :class:`~vtrans.train.Finetuner` wrapped by ``prepare_model``, so DDP all-reduces the
+:class:`vtrans.train.Pruner` / :class:`~vtrans.finetune.Finetuner` wrapped by ``prepare_model``, so DDP all-reduces the
 gradients of weights and mask parameters alike); ``fsdp`` - 1/N of every transformer block (and of the teacher) with
 the masks and lambdas whole, their gradients averaged after each backward (:mod:`vtrans.sharding`); checkpoints then
 gather the full state on rank 0, in the same format. Rank 0 writes
@@ -397,8 +397,9 @@ def _train_loop(loop_config: dict, worker: _RayWorker | _InProcess | None = None
     calling process (:class:`_InProcess`)."""
     from vtrans import compress
     from vtrans.checkpoint import load_tokenizer, save_state, write_atomically
+    from vtrans.finetune import Finetuner
     from vtrans.posterior import save_masks, save_posterior
-    from vtrans.train import Finetuner, Pruner, fit
+    from vtrans.train import Pruner, fit
 
     kind, spec, cfg = loop_config["kind"], loop_config["spec"], loop_config["config"]
     worker = worker or _RayWorker()
@@ -617,10 +618,10 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
     the workers train LoRA adapters and rank 0 saves the model with them merged (``output/model/``: the input
     checkpoint's class and keys); its checkpoints hold the adapters and their optimizer state only. ``in_process``:
     the one worker's loop in this process, without Ray."""
-    from vtrans.train import FinetuneConfig
+    from vtrans.finetune import FinetuneConfig
 
     if not isinstance(config, FinetuneConfig):
-        raise ConfigError(f"finetune config must be a vtrans.train.FinetuneConfig, got {type(config).__name__}")
+        raise ConfigError(f"finetune config must be a vtrans.finetune.FinetuneConfig, got {type(config).__name__}")
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
     if config.method == "lora" and ray_cfg.strategy == "fsdp" and not in_process:

@@ -1,4 +1,6 @@
-"""VIB pruning and fine-tuning: the objective, the schedule and one training step (framework-agnostic).
+"""VIB pruning: the objective, the schedule, one training step, and the training loop of every phase
+(framework-agnostic). What pruning shares with fine-tuning (distillation, optimizer state) is :mod:`vtrans.distill`;
+the fine-tune of a compressed model is :mod:`vtrans.finetune`.
 
 The :class:`Pruner` is an ``nn.Module`` holding the model, its VIB masks and the Lagrange multipliers, so a
 data-parallel wrapper (DDP, Ray Train's ``prepare_model``) all-reduces the gradients of weights, masks and lambdas
@@ -17,21 +19,27 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
 from vtrans.budget import size
-from vtrans.checks import check_choice, check_int, check_number
+from vtrans.checks import check_positive
 from vtrans.config import Budget, VIBConfig
+from vtrans.distill import (
+    MAX_STEPS,
+    TASKS,
+    DistillConfig,
+    Distiller,
+    laid_out_as,
+    load_optimizers,
+    save_optimizers,
+)
 from vtrans.errors import BudgetError, ConfigError, quote
-from vtrans.lora import ADAPTER_KEY, LoraAdapters, LoraConfig, add_adapters
+from vtrans.finetune import Finetuner
 from vtrans.masks import EPS
-from vtrans.sharding import local_like
 from vtrans.vib import VIB, attach
 
 METHODS = ("vtrans", "fast", "faster")
@@ -39,43 +47,6 @@ MASK_LR_DECAYS = ("none", "linear")
 INITS = ("constant", "fisher")
 WARMUP_FROM = ("dense", "start")
 CONSTRAINTS = ("lagrangian", "upper", "projection")
-#: Most training steps of any phase (``prune.steps``, ``prune.finetune_steps``, ``finetune.steps``, ``teacher.steps``):
-#: far beyond a real run (the shipped configs take 250-2000), it stops a typo such as ``1e12`` that would never end.
-MAX_STEPS = 1_000_000
-TASKS = ("seq-cls", "causal-lm")
-#: How a fine-tune trains: every weight, or low-rank adapters merged into the weights at the end (:mod:`vtrans.lora`).
-FINETUNE_METHODS = ("full", "lora")
-
-
-def _positive(key: str, value: object, integer: bool = False, zero_ok: bool = False,
-              maximum: int | None = None) -> None:
-    what = f"{'an integer' if integer else 'a number'} {'>= 0' if zero_ok else '> 0'}"
-    if integer:
-        check_int(key, value, 0 if zero_ok else 1, maximum, what=what)
-    else:
-        check_number(key, value, 0, maximum, low_open=not zero_ok, what=what)
-
-
-@dataclass
-class DistillConfig:
-    """Distillation from the dense teacher (CoFi style: logits plus layer hidden states)."""
-
-    task_weight: float = 1.0
-    """Weight of the task loss (cross-entropy / next-token loss)."""
-    logit_weight: float = 1.0
-    """Weight of the logit KD term ``T^2 * KL(teacher_T || student_T)``."""
-    temperature: float = 2.0
-    """KD temperature T."""
-    hidden_weight: float = 0.0
-    """Weight of the layer distillation: MSE between student and teacher hidden states over the kept hidden
-    dimensions, relative to the teacher's mean square, averaged over layers."""
-    cache_teacher: bool = True
-    """Cache the teacher's outputs per sample id (useful for small calibration sets; costs memory for LMs)."""
-
-    def __post_init__(self) -> None:
-        for key in ("task_weight", "logit_weight", "hidden_weight"):
-            _positive(f"distill.{key}", getattr(self, key), zero_ok=True)
-        _positive("distill.temperature", self.temperature)
 
 
 @dataclass
@@ -164,12 +135,13 @@ class PruneConfig:
         if not isinstance(self.budget.value, float):
             raise ConfigError(f"prune.budget must be a fraction for training, got {self.budget.value!r}")
         for key in ("steps", "rounds", "batch_size"):
-            _positive(f"prune.{key}", getattr(self, key), integer=True, maximum=MAX_STEPS if key == "steps" else None)
-        _positive("prune.finetune_steps", self.finetune_steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
+            check_positive(f"prune.{key}", getattr(self, key), integer=True,
+                           maximum=MAX_STEPS if key == "steps" else None)
+        check_positive("prune.finetune_steps", self.finetune_steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
         for key in ("lr_weights", "lr_masks", "lr_lambdas", "finetune_lr"):
-            _positive(f"prune.{key}", getattr(self, key))
+            check_positive(f"prune.{key}", getattr(self, key))
         if self.lr_mu is not None:
-            _positive("prune.lr_mu", self.lr_mu)
+            check_positive("prune.lr_mu", self.lr_mu)
         if self.mask_lr_decay not in MASK_LR_DECAYS:
             raise ConfigError(f"prune.mask_lr_decay must be one of {list(MASK_LR_DECAYS)}, got {self.mask_lr_decay!r}")
         if self.warmup_from not in WARMUP_FROM:
@@ -183,9 +155,9 @@ class PruneConfig:
             raise ConfigError(f"prune.init_keep must be in (0.5, 1), got {self.init_keep!r}")
         if not isinstance(self.reconstruct, bool):
             raise ConfigError(f"prune.reconstruct must be true or false, got {self.reconstruct!r}")
-        _positive("prune.calibration_samples", self.calibration_samples, integer=True)
+        check_positive("prune.calibration_samples", self.calibration_samples, integer=True)
         for key in ("weight_decay", "max_grad_norm"):
-            _positive(f"prune.{key}", getattr(self, key), zero_ok=True)
+            check_positive(f"prune.{key}", getattr(self, key), zero_ok=True)
         if not 0.0 <= self.warmup <= 1.0:
             raise ConfigError(f"prune.warmup must be in [0, 1], got {self.warmup!r}")
         if not 0.0 < self.calibration_fraction <= 1.0:
@@ -273,83 +245,7 @@ class Lagrangian(nn.Module):
             self.lambda1.clamp_(min=0.0)
 
 
-class _Distiller(nn.Module):
-    """Teacher outputs (cached per sample id when asked), the logit KD loss, and what a sharded data-parallel worker
-    (:mod:`vtrans.sharding`) sets: ``grad_hook`` and ``collective_teacher``."""
-
-    config: PruneConfig | FinetuneConfig
-    model: PreTrainedModel
-    optimizers: dict[str, torch.optim.Optimizer]
-    _teacher: list[PreTrainedModel]
-    _teacher_cache: dict[int, dict[str, torch.Tensor]]
-    grad_hook: Callable[[], None] | None = None
-    """Called after every backward, before the optimizers step: a sharded worker averages the gradients of the
-    replicated parameters (:meth:`replicated_parameters`) there, as DDP does during the backward."""
-    collective_teacher: bool = False
-    """Whether the teacher's forward is a collective (a sharded teacher, or the sharded student standing in for it):
-    then every worker runs it whenever any worker's batch misses the teacher cache, so all take part."""
-
-    def replicated_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters outside the model (masks, lambdas): what sharding leaves whole on every worker."""
-        return []
-
-    def reset_optimizers(self) -> None:
-        """Build the optimizers again over the current parameters (after sharding replaced the model's)."""
-        raise NotImplementedError
-
-    def rebind(self, model: PreTrainedModel) -> None:
-        """Go on with ``model``, an unsharded copy of :attr:`model` holding the same weights (what one process saves
-        and compresses after sharded training); masks and their state move over to it."""
-        self.model = model
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-        if self.grad_hook is not None:
-            self.grad_hook()
-
-    @torch.no_grad()
-    def _teacher_outputs(self, inputs: dict, sample_ids: torch.Tensor | None, hidden: bool) -> dict:
-        """Teacher logits (and hidden states) of a batch; per-sample cache entries are stored unpadded and re-padded
-        to the batch's length (padded positions are masked out of every distillation loss)."""
-        d = self.config.distill
-        ids = inputs["input_ids"]
-        seq = ids.shape[1]
-        mask = inputs.get("attention_mask")
-        lengths = (mask.sum(1) if mask is not None else torch.full((ids.shape[0],), seq)).tolist()
-        keys = ["logits", "hidden"] if hidden else ["logits"]
-        if d.cache_teacher and sample_ids is not None:
-            entries = [self._teacher_cache.get(int(i)) for i in sample_ids.tolist()]
-            hit = all(e is not None and all(k in e for k in keys) for e in entries)
-            if self.collective_teacher:
-                hit = _on_every_worker(hit, ids.device)
-            if hit:
-                return {k: torch.stack([_pad_seq(e[k], seq, k) for e in entries]).to(ids.device) for k in keys}
-        if self._teacher:
-            out = self._teacher[0](**inputs, output_hidden_states=hidden)
-        else:  # Faster-VTrans: frozen weights, so the student without its masks (and dropout) is the dense teacher
-            was_training = self.model.training
-            self.model.eval()
-            with self.vib.disabled():
-                out = self.model(**inputs, output_hidden_states=hidden)
-            self.model.train(was_training)
-        res = {"logits": out.logits.detach()}  # (batch, labels) or (batch, seq, vocab)
-        if hidden:
-            res["hidden"] = torch.stack(out.hidden_states).transpose(0, 1).detach()  # (batch, layers+1, seq, d)
-        if d.cache_teacher and sample_ids is not None:
-            for j, i in enumerate(sample_ids.tolist()):
-                self._teacher_cache[int(i)] = {k: _trim_seq(v[j], lengths[j], k).cpu() for k, v in res.items()}
-        return res
-
-    def _kd(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        t = self.config.distill.temperature
-        kl = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                      reduction="none").sum(-1)  # (batch,) or (batch, seq)
-        if mask is not None and kl.dim() == 2:
-            return (kl * mask).sum() / mask.sum().clamp_min(1) * t * t
-        return kl.mean() * t * t
-
-
-class Pruner(_Distiller):
+class Pruner(Distiller):
     """Model + masks + lambdas + teacher, with the optimizers of every phase."""
 
     def __init__(self, model: PreTrainedModel, config: PruneConfig, teacher: PreTrainedModel | None = None) -> None:
@@ -630,7 +526,7 @@ class Pruner(_Distiller):
             tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
         tensors.update({f"vib.{k}": v for k, v in self.vib.state_dict().items()})
         tensors.update({f"lagrangian.{k}": v for k, v in self.lagrangian.state_dict().items()})
-        meta["optimizers"] = _save_optimizers(self.optimizers, tensors)
+        meta["optimizers"] = save_optimizers(self.optimizers, tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         meta["phase"] = list(self._phase) if self._phase else None
         meta["start_fraction"] = self.start_fraction
@@ -639,11 +535,11 @@ class Pruner(_Distiller):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         if model_sd:
-            self.model.load_state_dict(_laid_out_as(self.model, model_sd), strict=False)
+            self.model.load_state_dict(laid_out_as(self.model, model_sd), strict=False)
         self.vib.load_state_dict({k[len("vib."):]: v for k, v in tensors.items() if k.startswith("vib.")})
         self.lagrangian.load_state_dict({k[len("lagrangian."):]: v for k, v in tensors.items()
                                          if k.startswith("lagrangian.")})
-        _load_optimizers(self.optimizers, tensors, meta)
+        load_optimizers(self.optimizers, tensors, meta)
         torch.set_rng_state(tensors["rng.torch"])
         self.start_fraction = float(meta.get("start_fraction", 1.0))
         self._phase = tuple(meta["phase"]) if meta.get("phase") else None
@@ -652,219 +548,6 @@ class Pruner(_Distiller):
             self._phase = None
             self.begin_step(r * self.config.steps_per_round + (self.config.steps if phase == "finetune" else 0))
             # begin_step re-fixed the round budget from the masks; the restored buffers hold the same selection
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning of a compressed model (its structure fixed), with logit distillation from the dense teacher."""
-
-    steps: int = 200
-    """Fine-tuning steps (0: none; at most :data:`MAX_STEPS` = 1,000,000)."""
-    lr: float = 3e-5
-    """AdamW learning rate of the weights."""
-    batch_size: int = 16
-    """Per-step batch size over all workers."""
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    """Gradient clipping (0 disables)."""
-    task: str = "seq-cls"
-    """``seq-cls`` or ``causal-lm``."""
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(hidden_weight=0.0))
-    """Logit distillation from the teacher (hidden-state distillation is not possible across widths)."""
-    seed: int = 0
-    """Seed of the data order and of the per-step RNG."""
-    eval_every: int = 0
-    """Measure the task's quality (accuracy / perplexity) on held-out training samples every this many steps and at
-    the end (0: never). What a sweep's ASHA early stopping compares; also logged as the ``val_*`` curve."""
-    eval_samples: int = 256
-    """Training samples held out of fine-tuning for ``eval_every`` (drawn with ``seed``)."""
-    method: str = "full"
-    """``full`` (every weight trains) or ``lora`` (the weights stay frozen; low-rank adapters on the blocks' Linear
-    layers train, and are merged into the weights before saving: the same kind of checkpoint, a fraction of the
-    optimizer state and gradients)."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """The adapters of ``method: lora`` (rank, alpha, dropout, target_modules); unused by ``full``."""
-
-    def __post_init__(self) -> None:
-        check_choice("finetune.method", self.method, FINETUNE_METHODS)
-        if not isinstance(self.lora, LoraConfig):
-            raise ConfigError(f"finetune.lora must be a vtrans.lora.LoraConfig, got {quote(self.lora)}")
-        _positive("finetune.steps", self.steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
-        _positive("finetune.eval_every", self.eval_every, integer=True, zero_ok=True)
-        _positive("finetune.eval_samples", self.eval_samples, integer=True)
-        _positive("finetune.batch_size", self.batch_size, integer=True)
-        _positive("finetune.lr", self.lr)
-        for key in ("weight_decay", "max_grad_norm"):
-            _positive(f"finetune.{key}", getattr(self, key), zero_ok=True)
-        if self.task not in TASKS:
-            raise ConfigError(f"finetune.task must be one of {list(TASKS)}, got {self.task!r}")
-        if self.distill.hidden_weight > 0:
-            raise ConfigError("finetune.distill.hidden_weight must be 0: a compressed model's hidden size differs "
-                              f"from the teacher's, got {self.distill.hidden_weight!r}")
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps
-
-
-class Finetuner(_Distiller):
-    """A compressed model trained on the task with logit distillation from the dense teacher.
-
-    With ``config.method == "lora"`` the model gets LoRA adapters in place (:func:`vtrans.lora.add_adapters`, seeded
-    by ``config.seed``): its weights freeze and the optimizer holds the adapters only. :meth:`finish` merges them
-    into the weights and returns the model to save (the same class and state-dict keys as the input model)."""
-
-    def __init__(self, model: PreTrainedModel, config: FinetuneConfig, teacher: PreTrainedModel | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.model = model
-        self.adapters: LoraAdapters | None = add_adapters(model, config.lora, seed=config.seed) \
-            if config.method == "lora" else None
-        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
-        self._teacher_cache: dict[int, dict[str, torch.Tensor]] = {}
-        self.reset_optimizers()
-
-    def reset_optimizers(self) -> None:
-        params = self.adapters.parameters() if self.adapters is not None else \
-            [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizers = {"finetune": torch.optim.AdamW(params, lr=self.config.lr,
-                                                         weight_decay=self.config.weight_decay)}
-
-    def rebind(self, model: PreTrainedModel) -> None:
-        if self.adapters is not None:
-            raise ConfigError("finetune.method='lora' cannot move its adapters to another copy of the model (a sharded "
-                              "fine-tune, ray.strategy='fsdp'); use finetune.method='full' or ray.strategy='ddp'")
-        self.model = model
-
-    def finish(self) -> PreTrainedModel:
-        """The fine-tuned model to save, in eval mode: with ``lora`` the adapters merged into the weights and removed
-        (in place: training is over; calling it again returns the same model)."""
-        model = self.adapters.merge() if self.adapters is not None else self.model
-        return model.eval()
-
-    def begin_step(self, step: int) -> tuple[int, str, int]:
-        self.model.train()
-        return 0, "finetune", step
-
-    def forward(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        c, d = self.config, self.config.distill
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        out = self.model(**inputs, labels=batch["labels"])
-        loss = d.task_weight * out.loss
-        metrics = {"task_loss": float(out.loss.detach())}
-        if self._teacher and d.logit_weight > 0:
-            teacher = self._teacher_outputs(inputs, batch.get("sample_id"), hidden=False)
-            lm_mask = inputs.get("attention_mask") if c.task == "causal-lm" else None
-            kd = self._kd(out.logits, teacher["logits"], lm_mask)
-            loss = loss + d.logit_weight * kd
-            metrics["kd_loss"] = float(kd.detach())
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
-
-    def optimize(self, loss: torch.Tensor, step: int) -> None:
-        opt = self.optimizers["finetune"]
-        opt.zero_grad(set_to_none=True)
-        self._backward(loss)
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                           self.config.max_grad_norm)
-        opt.step()
-
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The training state; with ``lora`` the adapters only (the frozen weights are the input model's)."""
-        if self.adapters is not None and self.adapters.merged:
-            raise RuntimeError("the LoRA adapters were merged (Finetuner.finish): there is no training state left")
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()
-                   if self.adapters is None or ADAPTER_KEY in k}
-        meta = {"optimizers": _save_optimizers(self.optimizers, tensors), "method": self.config.method}
-        tensors["rng.torch"] = torch.get_rng_state()
-        return tensors, meta
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        saved = meta.get("method", "full")
-        if saved != self.config.method:
-            raise ConfigError(f"finetune.method={self.config.method!r} cannot resume a checkpoint of "
-                              f"finetune.method={saved!r}; start the fine-tune over (a new run name or storage path)")
-        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        if self.adapters is not None:
-            missing = {k for k in self.model.state_dict() if ADAPTER_KEY in k} - set(model_sd)
-            if missing:
-                raise ConfigError(f"the checkpoint lacks {len(missing)} LoRA adapter tensor(s) of this "
-                                  f"finetune.lora (e.g. {sorted(missing)[0]!r}): was it saved with other "
-                                  f"rank / target_modules?")
-        self.model.load_state_dict(_laid_out_as(self.model, model_sd), strict=False)
-        _load_optimizers(self.optimizers, tensors, meta)
-        torch.set_rng_state(tensors["rng.torch"])
-
-
-def _save_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor]) -> dict:
-    """Put every optimizer's tensor state into ``tensors`` (``opt.<name>.<param>.<key>``); return the JSON part."""
-    meta = {}
-    for name, opt in optimizers.items():
-        sd = opt.state_dict()
-        scalars: dict = {}
-        for idx, st in sd["state"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"opt.{name}.{idx}.{k}"] = v
-                else:
-                    scalars[f"{idx}.{k}"] = v
-        meta[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
-    return meta
-
-
-def _load_optimizers(optimizers: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
-                     meta: dict) -> None:
-    """The inverse of :func:`_save_optimizers`; the state of a sharded parameter is cut to its shard."""
-    for name, opt in optimizers.items():
-        params = [p for group in opt.param_groups for p in group["params"]]  # the state's indices
-        m = meta["optimizers"][name]
-        state: dict[int, dict] = {}
-        prefix = f"opt.{name}."
-        for k, v in tensors.items():
-            if k.startswith(prefix):
-                idx, key = k[len(prefix):].split(".", 1)
-                state.setdefault(int(idx), {})[key] = local_like(params[int(idx)], v) if int(idx) < len(params) else v
-        for k, v in m["scalars"].items():
-            idx, key = k.split(".", 1)
-            state.setdefault(int(idx), {})[key] = v
-        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
-
-
-def _laid_out_as(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A full state dict of ``model`` with each tensor cut to the shard ``model`` holds (unchanged when unsharded)."""
-    current = model.state_dict()
-    return {k: local_like(current[k], v) if k in current else v for k, v in state.items()}
-
-
-def _on_every_worker(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on every worker of the default process group (itself outside one)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _trim_seq(t: torch.Tensor, length: int, key: str) -> torch.Tensor:
-    """One sample's teacher output without its padding: sequence axis 0 of LM logits, 1 of hidden states."""
-    if key == "hidden":
-        return t[:, :length]  # (layers+1, length, d)
-    return t[:length] if t.dim() == 2 else t  # LM logits (length, vocab); classifier logits (labels,)
-
-
-def _pad_seq(t: torch.Tensor, seq: int, key: str) -> torch.Tensor:
-    axis = 1 if key == "hidden" else 0
-    if key != "hidden" and t.dim() == 1:
-        return t
-    pad = seq - t.shape[axis]
-    if pad <= 0:
-        return t
-    shape = list(t.shape)
-    shape[axis] = pad
-    return torch.cat([t, t.new_zeros(shape)], dim=axis)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:

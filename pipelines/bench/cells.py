@@ -91,7 +91,8 @@ def _kwon_batches(train, t: TaskProfile, seed: int, pad: int) -> list[dict[str, 
 def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple[float, Any, dict]]:
     """``(budget, compressed model, info)`` for every budget of the cell's method, each timed and RSS-sampled."""
     import vtrans
-    from vtrans.train import DistillConfig, PruneConfig, Pruner
+    from vtrans.distill import DistillConfig
+    from vtrans.train import PruneConfig, Pruner
 
     s, t, m = spec.setup, spec.profile, spec.method
     budgets = sorted(t.budgets, reverse=True)
@@ -201,7 +202,8 @@ def run_cell(spec: CellSpec) -> list[dict]:
     Writes them to ``spec.cache_file`` (what a re-run reads instead of computing)."""
     import vtrans
     from vtrans.checkpoint import load_tokenizer
-    from vtrans.train import DistillConfig, FinetuneConfig, Finetuner
+    from vtrans.distill import DistillConfig
+    from vtrans.finetune import FinetuneConfig, Finetuner
 
     s, t = spec.setup, spec.profile
     started = time.perf_counter()

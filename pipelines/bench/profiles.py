@@ -140,7 +140,7 @@ class TaskProfile:
     finetune_batch: int = 16
     finetune_lr: float = 5e-5
     finetune_method: str | None = None
-    """``full`` or ``lora`` (``vtrans.train.FinetuneConfig.method``: LoRA adapters, merged before the fine-tuned
+    """``full`` or ``lora`` (``vtrans.finetune.FinetuneConfig.method``: LoRA adapters, merged before the fine-tuned
     row is measured); None: full. LoRA usually wants a higher ``finetune_lr`` (1e-4 - 1e-3)."""
     lora_rank: int | None = None
     """``finetune_method: lora``: the adapters' rank (``vtrans.lora.LoraConfig.rank``); None: the library's default."""

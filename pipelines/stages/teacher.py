@@ -15,7 +15,8 @@ from pipelines.stages.base import StageContext, StageOutput, StageResult, job_tr
 from pipelines.stages.fingerprint import model_identity
 from pipelines.stages.products import Data, Trained
 from pipelines.train_jobs import JobSpec, run_finetune_job
-from vtrans.train import DistillConfig, FinetuneConfig
+from vtrans.distill import DistillConfig
+from vtrans.finetune import FinetuneConfig
 
 NAME = "teacher"
 NEEDS = ("calibrate",)

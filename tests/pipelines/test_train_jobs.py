@@ -15,7 +15,8 @@ from pipelines.config import RayConfig
 from pipelines.train_jobs import JobSpec, run_finetune_job, run_prune_job, worker_batch
 from tests.pipelines.faults import FailOnce
 from tests.tiny import tiny
-from vtrans.train import FinetuneConfig, PruneConfig
+from vtrans.finetune import FinetuneConfig
+from vtrans.train import PruneConfig
 
 N = 64
 
@@ -310,7 +311,7 @@ def test_fsdp_finetune_equals_one_worker(ray_local, tiny_dir: str, tmp_path: Pat
     """A sharded fine-tune (2 workers, teacher sharded too, held-out evaluation on every rank) ends with the weights
     one worker reaches on the whole batch."""
     from pipelines.bench.in_process import load_model, train_in_process
-    from vtrans.train import Finetuner
+    from vtrans.finetune import Finetuner
 
     cfg = FinetuneConfig(steps=8, batch_size=8, lr=1e-3, eval_every=4)
     held_out = _dataset()[:16]

@@ -278,7 +278,8 @@ def test_soft_prediction_is_differentiable_and_exact_at_integer_counts(clock: Fa
 
 
 def test_vib_training_to_a_latency_budget(clock: FakeClock, tmp_cache, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vtrans.train import DistillConfig, PruneConfig, Pruner, fit
+    from vtrans.distill import DistillConfig
+    from vtrans.train import PruneConfig, Pruner, fit
 
     monkeypatch.setattr(lt, "default_clock", clock)
     model = tiny("bert", BertForSequenceClassification)

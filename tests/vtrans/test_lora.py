@@ -18,8 +18,9 @@ import vtrans
 from tests.tiny import tiny
 from vtrans.checkpoint import load_pretrained, load_state, save_state
 from vtrans.errors import ConfigError
+from vtrans.finetune import FinetuneConfig, Finetuner
 from vtrans.lora import LoraConfig, add_adapters, block_linears, check_targets_at
-from vtrans.train import FinetuneConfig, Finetuner, fit
+from vtrans.train import fit
 
 N, SEQ = 64, 10
 REPO = Path(__file__).resolve().parents[2]
@@ -197,7 +198,7 @@ def test_bad_input_is_one_typed_line_naming_key_and_value(make, message: str) ->
 
 @pytest.mark.slow  # a fresh interpreter imports torch and transformers: a few seconds
 def test_vtrans_imports_without_peft() -> None:
-    code = ("import sys; sys.modules['peft'] = None; import vtrans, vtrans.train, vtrans.lora; "
-            "vtrans.train.FinetuneConfig(method='lora')")
+    code = ("import sys; sys.modules['peft'] = None; import vtrans, vtrans.finetune, vtrans.lora; "
+            "vtrans.finetune.FinetuneConfig(method='lora')")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -12,7 +12,9 @@ from transformers import BertForSequenceClassification, LlamaForCausalLM
 import vtrans
 from tests.tiny import tiny
 from vtrans.checkpoint import CheckpointError, load_state, save_state
-from vtrans.train import DistillConfig, FinetuneConfig, Finetuner, PruneConfig, Pruner, fit
+from vtrans.distill import DistillConfig
+from vtrans.finetune import FinetuneConfig, Finetuner
+from vtrans.train import PruneConfig, Pruner, fit
 
 N = 96
 
