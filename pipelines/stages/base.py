@@ -333,11 +333,12 @@ def _compute(stage, ctx: StageContext, inputs: Mapping[str, StageResult], work: 
                     tracker.set_tags(run_id, {TAG_MODEL_URI: result.model_uri})
                     if ctx.parent_run_id != run_id:
                         tracker.link_model(ctx.parent_run_id, result.model_uri)
-            result.logged = tracker.online and run_id is not None
-            _write_json(work / RECORD, result.record())
-            if not result.logged:
-                _log(name, "not (fully) logged to MLflow: its outputs and record are in this folder; "
-                           "`vtrans relog` uploads them once the store answers")
+    if tracker is not None:  # after the run's end: a store lost before end_run leaves the record 'not logged'
+        result.logged = tracker.online and run_id is not None
+        _write_json(work / RECORD, result.record())
+        if not result.logged:
+            _log(name, "not (fully) logged to MLflow: its outputs and record are in this folder; "
+                       "`vtrans relog` uploads them once the store answers")
     return result
 
 

@@ -106,3 +106,35 @@ def test_products_read_what_the_stages_record() -> None:
     ev = Evaluation(report_md="/e/report.md", report="/e/report.json", logged_model_dir="/m")
     assert Evaluation.of(StageOutput(outputs=ev.outputs())) == ev
     assert Evaluation(report_md="/e/r.md").outputs() == {"report_md": "/e/r.md"}
+
+
+class _StoreDiesAtEnd:
+    """A tracker whose store answers every write of a stage's run, then dies on the run's ``end_run``: the run stays
+    RUNNING in the store (what a store lost between a stage's logging and its end leaves)."""
+
+    def __init__(self) -> None:
+        self.offline, self.ended, self.runs = False, [], 0
+
+    @property
+    def online(self) -> bool:
+        return not self.offline
+
+    def start_run(self, name, parent_run_id=None, params=None, tags=None) -> str:
+        self.runs += 1
+        return f"run-{self.runs}"
+
+    def end_run(self, run_id, status="FINISHED") -> None:
+        self.offline = True  # the call that would end the run fails: the tracker goes offline
+
+    def __getattr__(self, name):  # log_metrics, set_tags, log_history, log_artifacts, log_datasets: answered
+        return lambda *args, **kwargs: None
+
+
+def test_a_stage_whose_run_could_not_be_ended_is_recorded_not_logged(ctx: StageContext, calls: list) -> None:
+    import dataclasses
+
+    ctx = dataclasses.replace(ctx, tracker=_StoreDiesAtEnd(), parent_run_id="parent")
+    result = run_in_process(ctx, ("calibrate",))["calibrate"]
+    record = json.loads((Path(result.dir) / RECORD).read_text())
+    assert result.status == "ran" and result.run_id == "run-1"
+    assert result.logged is False and record["logged"] is False  # so `vtrans relog` ends the run and re-logs it
