@@ -147,11 +147,13 @@ class StageContext:
         return Path(self.root) / STAGES_DIR / stage / self.keys[stage]
 
 
-def _without_nulls(value: Any) -> Any:
+def without_nulls(value: Any) -> Any:
+    """``value`` with every null mapping entry left out, at any depth: what cache keys hash, so a new optional
+    setting (null by default) keeps existing outputs valid."""
     if isinstance(value, Mapping):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
+        return [without_nulls(v) for v in value]
     return value
 
 
@@ -159,7 +161,7 @@ def stage_key(stage, cfg: PipelineConfig, input_keys: Mapping[str, str]) -> str:
     """The cache key of a stage module for a config, given its inputs' keys. Null settings are left out, so a new
     optional setting (null by default) keeps existing outputs valid."""
     return config_hash({"stage": stage.NAME, "version": stage.VERSION,
-                        "material": _without_nulls(stage.material(cfg)), "inputs": dict(sorted(input_keys.items()))})
+                        "material": without_nulls(stage.material(cfg)), "inputs": dict(sorted(input_keys.items()))})
 
 
 def read_record(work: Path) -> dict | None:

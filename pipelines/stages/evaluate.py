@@ -24,7 +24,15 @@ import resource
 from pathlib import Path
 
 from pipelines.config import PipelineConfig, config_hash, to_dict
-from pipelines.stages.base import STAGES_DIR, StageContext, StageOutput, StageResult, _write_json, locked
+from pipelines.stages.base import (
+    STAGES_DIR,
+    StageContext,
+    StageOutput,
+    StageResult,
+    _write_json,
+    locked,
+    without_nulls,
+)
 from pipelines.stages.products import Data, Evaluation, Trained
 
 NAME = "evaluate"
@@ -34,9 +42,7 @@ OPTIONS = {"num_cpus": 0}  # the measuring tasks reserve their own CPUs / GPU
 
 
 def material(cfg: PipelineConfig) -> dict:
-    # the lm-eval settings left out while unset: the dense measurements kept before they existed stay valid
-    evaluate = {k: v for k, v in to_dict(cfg.evaluate).items() if not (k.startswith("lm_eval_") and v is None)}
-    m = {"evaluate": evaluate, "flops_seq_len": cfg.prune.budget.seq_len,
+    m = {"evaluate": to_dict(cfg.evaluate), "flops_seq_len": cfg.prune.budget.seq_len,
          "device": "cuda" if cfg.ray.use_gpu else "cpu"}
     if cfg.prune.budget.metric == "latency":  # its point is timed too (other budgets keep their keys)
         m["latency_point"] = latency_point(cfg)
@@ -264,9 +270,10 @@ def _latency_record(model_dir: str) -> dict | None:
 
 
 def _dense_file(ctx: StageContext, comp: dict) -> Path:
-    """Where the dense measurement for this teacher, test split, evaluate material and hardware is kept."""
+    """Where the dense measurement for this teacher, test split, evaluate material and hardware is kept (null settings
+    left out, as in every stage key: a new optional evaluate setting keeps the measurement)."""
     key = config_hash({"version": VERSION, "teacher": ctx.keys["teacher"], "calibrate": ctx.keys["calibrate"],
-                       "material": material(ctx.config), "device_name": comp["device_name"],
+                       "material": without_nulls(material(ctx.config)), "device_name": comp["device_name"],
                        "threads": comp["threads"]})
     return Path(ctx.root) / STAGES_DIR / NAME / "dense" / key / "dense.json"
 

@@ -108,3 +108,22 @@ def test_a_stalled_prune_job_is_tagged_and_said_once(capsys) -> None:
                                              "end of the warm-up (step 50)")
     assert capsys.readouterr().out.count("[prune] warning: expected size 0.9999") == 1
     assert stall_tags(history[:1] + history[2:]) == {}
+
+
+def test_the_dense_measurement_is_kept_across_a_new_optional_evaluate_setting(tmp_path, monkeypatch) -> None:
+    """A setting added to the evaluate stage, null by default, changes no stage key and keeps the dense measurement
+    (measured once per teacher, test split and hardware)."""
+    from pipelines.config import PipelineConfig, from_dict
+    from pipelines.stages import evaluate
+    from pipelines.stages.base import StageContext
+
+    cfg = from_dict(PipelineConfig, {"name": "t", "model": {"name": "minilm", "task": "seq-cls"},
+                                     "data": {"name": "rotten_tomatoes"}, "output": str(tmp_path)})
+    ctx = StageContext(config=cfg, root=str(tmp_path), keys={"teacher": "t1", "calibrate": "c1"})
+    comp = {"device_name": "cpu", "threads": 1}
+    before = evaluate._dense_file(ctx, comp)
+    real = evaluate.material
+    monkeypatch.setattr(evaluate, "material", lambda c: {**real(c), "evaluate": {**real(c)["evaluate"], "new": None}})
+    assert evaluate._dense_file(ctx, comp) == before
+    monkeypatch.setattr(evaluate, "material", lambda c: {**real(c), "evaluate": {**real(c)["evaluate"], "new": 1}})
+    assert evaluate._dense_file(ctx, comp) != before  # a set value is a different measurement
