@@ -419,8 +419,9 @@ PROFILES: dict[str, Profile] = {
         executor="ray", threads=1, cpus_per_cell=1.0, teacher_workers=2,
     ),
     # the decoder rows of issue 19: SmolLM2 at 90 / 80 / 70% of block parameters, every method, recovered by LoRA
-    # (the full fine-tune: `decoder.finetune_method=full decoder.finetune_lr=5e-5`), perplexity on Wikipedia and on
-    # the Lee news stories, lambada_local accuracy and perplexity (the first 100 passages) - hours on 2 CPU cores
+    # (the full fine-tune: `decoder.finetune_method=full decoder.finetune_lr=5e-5 decoder.lora_rank=null
+    # decoder.lora_alpha=null`), perplexity on Wikipedia and on the Lee news stories, lambada_local accuracy and
+    # perplexity (the first 100 passages) - hours on 2 CPU cores
     "decoder": Profile(
         name="decoder", description="SmolLM2 at 90 / 80 / 70% of block parameters, every method, LoRA recovery, "
                                     "perplexity on two texts and lambada_local",

@@ -416,6 +416,9 @@ def test_lm_eval_scores_get_their_own_tables_and_metrics_and_bad_tasks_name_the_
     assert lm_eval_scores(bench.load_profile("quick").decoder, "m", "t") == {} and len(calls) == 1
     assert d.encoder is None and d.decoder.lm_eval_tasks == ["lambada_local"] and d.decoder.budgets == [0.9, 0.8, 0.7]
     assert d.decoder.finetune_method == "lora"
+    full = bench.load_profile("decoder", ["decoder.finetune_method=full", "decoder.finetune_lr=5e-5",
+                                          "decoder.lora_rank=null", "decoder.lora_alpha=null"])  # as documented
+    assert full.decoder.finetune_method == "full" and full.decoder.lora_rank is None
     with pytest.raises(ConfigError, match=r"lm_eval_tasks\[0\]='lambada_locl' is not one of .*did you mean"):
         bench.load_profile("decoder", ["decoder.lm_eval_tasks=[lambada_locl]"])
     with pytest.raises(ConfigError, match=r"encoder.lm_eval_tasks=\['lambada_local'\]: lm-eval tasks score decoders"):
