@@ -60,6 +60,8 @@ class Distiller(nn.Module):
     model: PreTrainedModel
     optimizers: dict[str, torch.optim.Optimizer]
     _teacher: list[PreTrainedModel]
+    """The dense teacher, or none: then (Faster-VTrans, weights frozen) the student with its masks disabled stands in
+    for it, through the pruner's ``vib``."""
     _teacher_cache: dict[int, dict[str, torch.Tensor]]
     grad_hook: Callable[[], None] | None = None
     """Called after every backward, before the optimizers step: a sharded worker averages the gradients of the
