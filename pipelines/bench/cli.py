@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(after a change to the report; the numbers and the command are the run's)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     ap.add_argument("overrides", nargs="*", help="profile overrides key=value, e.g. encoder.prune_steps.vtrans=300")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options before, between or after the overrides
     try:
         if args.render_only:
             render_only(Path(args.out), args.readme)

@@ -295,6 +295,9 @@ def test_cli_bad_input_is_one_line_exit_2(capsys):
     assert bench.main(["--profile", "smoke", "encoder.seeds=0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "encoder: seeds must be an int >= 1, got 0" in err and "Traceback" not in err
+    # options before, between and after the overrides (the override after --out still reaches the profile)
+    assert bench.main(["encoder.seeds=1", "--profile", "smoke", "--out", "x", "encoder.seeds=0"]) == 2
+    assert "encoder: seeds must be an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_cell_key_depends_on_what_changes_the_rows():
