@@ -25,6 +25,7 @@ from pipelines.bench.overhead import ray_overhead
 from pipelines.bench.profiles import DETERMINISTIC, VIB_METHODS, Profile, TaskProfile
 from pipelines.bench.tasks import TaskSetup, prepare_task
 from pipelines.config import flatten, to_dict
+from vtrans.config import VIBConfig
 from vtrans.errors import ConfigError
 
 
@@ -74,7 +75,7 @@ def what_ran(profile: Profile, setups: dict[str, TaskSetup], device: str = "cpu"
             + f"). Pruning seeds: {seeds}"
             + (" (magnitude is deterministic: one pruning)" if "magnitude" in t.methods else "") + ". "
             f"VIB training (batch {t.prune_batch}, lr masks {t.lr_masks:g}, lr weights {t.lr_weights:g}, KL weight "
-            f"{t.kl_weight:g}, KL normalised per {t.kl_normalisation or 'group'}"
+            f"{t.kl_weight:g}, KL normalised per {t.kl_normalisation or VIBConfig().kl_normalisation}"
             + (f", KL multipliers {t.kl_multipliers}" if t.kl_multipliers else "")
             + (f", initial mask log-variance {t.logvar_init:g}" if t.logvar_init is not None else "")
             + (f", keep sharpness {t.keep_sharpness:g}" if t.keep_sharpness is not None else "")

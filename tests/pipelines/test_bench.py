@@ -648,3 +648,20 @@ def test_smoke_profile_end_to_end(tmp_path):
         assert task["setup"]["data"]["status"] == task["setup"]["teacher"]["status"] == "cached"
         assert all(r["cached"] for r in task["rows"])
         assert [r["quality"] for r in task["rows"]] == [r["quality"] for r in res["tasks"][label]["rows"]]
+
+
+def test_what_ran_states_the_recipe_the_cells_train_with():
+    """The report's recipe line says the KL normalisation the library applies when the profile leaves it unset (it
+    said 'group' while the default was 'unit')."""
+    from pipelines.bench.run import what_ran
+    from vtrans.config import VIBConfig
+
+    p = bench.load_profile("ablation")
+    setup = bench.TaskSetup(kind="encoder", label="minilm", task="seq-cls", metric="accuracy", splits={},
+                            sizes={"train": 4000, "test": 1000, "calibration": 120}, pad_token_id=0, num_labels=2,
+                            teacher_dir="t", keys={}, dense={}, model_name="m", data_name="d")
+    assert p.encoder.kl_normalisation is None
+    line = next(x for x in what_ran(p, {"minilm": setup}) if x.startswith("**minilm**"))
+    assert f"KL normalised per {VIBConfig().kl_normalisation}," in line
+    explicit = bench.load_profile("ablation", ["encoder.kl_normalisation=group"])
+    assert "KL normalised per group," in next(x for x in what_ran(explicit, {"minilm": setup}) if "**minilm**" in x)
