@@ -63,13 +63,14 @@ def check_number(key: str, value: object, low: float | None = None, high: float 
 
 
 def check_positive(key: str, value: object, *, integer: bool = False, zero_ok: bool = False,
-                   maximum: int | None = None) -> float:
+                   maximum: int | None = None) -> int | float:
     """``value`` is a number (``integer``: an int) ``> 0`` (``zero_ok``: ``>= 0``), at most ``maximum``; the
     training configs' wording: ``prune.steps must be an integer > 0, got 0``."""
     what = f"{'an integer' if integer else 'a number'} {'>= 0' if zero_ok else '> 0'}"
     if integer:
         return check_int(key, value, 0 if zero_ok else 1, maximum, what=what)
     return check_number(key, value, 0, maximum, low_open=not zero_ok, what=what)
+
 
 def check_text(key: str, value: object) -> str:
     """``value`` is a string with something other than whitespace."""
