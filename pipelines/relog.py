@@ -150,7 +150,9 @@ def relog(run_dir: str | os.PathLike, tracking_uri: str | None = None) -> dict:
             done["created"].append(f"{name} (cached) {run_id}")
         if name == "evaluate" and result.model_uri:
             model_uri = result.model_uri
-    for child in children.values():  # a stage's run logged in full, but the store died before the run was ended
+    # a stage's run logged in full, but the store died before the run was ended: records written before the record
+    # waited for the run's end (stages.base._compute) say 'logged' for it
+    for child in children.values():
         if child.info.status == "RUNNING":
             tracker.end_run(child.info.run_id)
             done["completed"].append(f"{child.data.tags.get(TAG_STAGE)} {child.info.run_id} (ended)")

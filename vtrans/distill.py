@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from vtrans.checks import check_positive
+from vtrans.metrics import TASK_METRICS
 from vtrans.sharding import local_like
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 #: Most training steps of any phase (``prune.steps``, ``prune.finetune_steps``, ``finetune.steps``, ``teacher.steps``):
 #: far beyond a real run (the shipped configs take 250-2000), it stops a typo such as ``1e12`` that would never end.
 MAX_STEPS = 1_000_000
-TASKS = ("seq-cls", "causal-lm")
+#: The training tasks: those of the task -> metric registry (:data:`vtrans.metrics.TASK_METRICS`).
+TASKS = tuple(TASK_METRICS)
 
 
 @dataclass

@@ -113,7 +113,7 @@ class _StoreDiesAtEnd:
     RUNNING in the store (what a store lost between a stage's logging and its end leaves)."""
 
     def __init__(self) -> None:
-        self.offline, self.ended, self.runs = False, [], 0
+        self.offline, self.runs = False, 0
 
     @property
     def online(self) -> bool:
