@@ -97,6 +97,7 @@ def test_smollm2_config_values() -> None:
     assert cfg.prune.task == cfg.finetune.task == "causal-lm"  # derived: the YAML leaves them out
     assert (cfg.prune.method, cfg.prune.budget) == ("faster", Budget(params=0.7, seq_len=128))
     assert cfg.prune.reconstruct is True and load_config(MINILM).prune.reconstruct is False  # D1 / R19
+    assert (cfg.prune.steps, cfg.prune.init) == (1, "fisher")  # on SmolLM2 the VIB steps cost perplexity: D1 / D5
     assert cfg.calibration == CalibrationConfig(fraction=None, count=256, stratified=False, seed=0)
     assert cfg.evaluate.metrics == ["perplexity"]
     assert cfg.prune.distill.cache_teacher is False
