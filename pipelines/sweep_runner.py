@@ -82,14 +82,15 @@ def _trial_run(tracker: Tracker, parent: str, trial_id: str, name: str, params: 
 
 def _early_stopped(tracker: Tracker, parent: str, last: dict) -> None:
     """End the MLflow run of a trial ASHA stopped (its process was ended mid fine-tune) as KILLED, tagged with where
-    it stopped (``last``: the trial's last report)."""
+    it stopped (``last``: the trial's last report). The driver's word is final: a trial whose Train job raised while
+    Tune ended it may already have ended its run as FAILED."""
     runs = tracker.client.search_runs([tracker.experiment_id],
                                       filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
                                                     f"tags.`{TAG_TRIAL}` = '{last.get('trial_id')}'")
     for run in runs:
         step = last.get(FINETUNE_STEP)
         tracker.set_tags(run.info.run_id, {TAG_EARLY_STOPPED: f"fine-tune step {step}" if step is not None else "yes"})
-        if run.info.status == "RUNNING":
+        if run.info.status != "FINISHED":
             tracker.end_run(run.info.run_id, "KILLED")
 
 

@@ -1,4 +1,5 @@
-"""ASHA per budget (no Ray cluster): trials compete only within their budget, never at their last fine-tune step."""
+"""ASHA per budget (no Ray cluster): trials compete only within their budget, never at their last fine-tune step; a
+stopped trial's MLflow run ends KILLED."""
 
 from __future__ import annotations
 
@@ -83,3 +84,26 @@ def test_bad_settings() -> None:
     assert s.set_search_properties(None, None) and s.set_search_properties("val_accuracy", "max")
     assert not s.set_search_properties("loss", "min")  # Tune must not re-aim it at another metric
     assert s.metric is None  # else Tune requires the metric in every result (the prune job's, the evaluation's)
+
+
+@pytest.mark.parametrize("ended_as", ["RUNNING", "FAILED"])
+def test_a_stopped_trials_run_ends_killed_whatever_its_job_did_first(tmp_path, ended_as: str) -> None:
+    """Tune ends a stopped trial's process mid fine-tune: killed outright its run is still RUNNING; if its Train job
+    raised first, the trial already ended it FAILED. Either way the driver ends it KILLED and tags the step; a finished
+    trial of the same sweep is left alone."""
+    from pipelines.sweep_runner import TAG_EARLY_STOPPED, TAG_TRIAL, _early_stopped
+    from pipelines.tracking import Tracker
+    from pipelines.train_jobs import FINETUNE_STEP
+
+    t = Tracker.connect(f"sqlite:///{tmp_path}/mlflow.db", "sweep")
+    parent = t.start_run("sweep")
+    stopped = t.start_run("a", parent, tags={TAG_TRIAL: "t1"})
+    done = t.start_run("b", parent, tags={TAG_TRIAL: "t2"})
+    t.end_run(done)
+    if ended_as != "RUNNING":
+        t.end_run(stopped, ended_as)
+    _early_stopped(t, parent, {"trial_id": "t1", FINETUNE_STEP: 4})
+    run = t.client.get_run(stopped)
+    assert (run.info.status, run.data.tags[TAG_EARLY_STOPPED]) == ("KILLED", "fine-tune step 4")
+    finished = t.client.get_run(done)
+    assert finished.info.status == "FINISHED" and TAG_EARLY_STOPPED not in finished.data.tags
