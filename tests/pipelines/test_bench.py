@@ -240,7 +240,7 @@ def test_quick_profile_keeps_the_issue_grid():
 
 def test_overrides():
     p = bench.load_profile("quick", ["encoder.prune_steps.vtrans=300", "decoder=null"])
-    assert p.encoder.prune_steps == {"vtrans": 300, "fast": 200, "faster": 200}
+    assert p.encoder.prune_steps == {"vtrans": 300, "fast": 200, "faster": 20}
     assert p.decoder is None
     assert bench.PROFILES["quick"].encoder.prune_steps["vtrans"] != 300  # the built-in is not modified
 
