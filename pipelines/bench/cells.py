@@ -253,7 +253,8 @@ def run_cell(spec: CellSpec) -> list[dict]:
     cache = Path(spec.cache_file)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"rows": rows, "wall_s": time.perf_counter() - started}, indent=1))
+    tmp.write_text(json.dumps({"rows": rows, "wall_s": time.perf_counter() - started,
+                               "teacher_digest": s.teacher_digest}, indent=1))
     os.replace(tmp, cache)
     return rows
 
@@ -266,13 +267,21 @@ def load_split_ds(setup: TaskSetup, split: str):
 
 
 def cached_rows(spec: CellSpec) -> list[dict] | None:
-    """The rows of a finished cell with the same key (and its saved models), or None."""
+    """The rows of a finished cell with the same key (and its saved models), or None. A cell computed against another
+    teacher (its recorded weights digest differs: trained again, or by another executor) is not reused; cells cached
+    before the digest was recorded are."""
     f = Path(spec.cache_file)
     if not f.is_file():
         return None
     try:
-        rows = json.loads(f.read_text())["rows"]
+        cell = json.loads(f.read_text())
+        rows = cell["rows"]
     except (OSError, ValueError, KeyError):
+        return None
+    recorded, now = cell.get("teacher_digest"), spec.setup.teacher_digest
+    if recorded and now and recorded != now:
+        _log(f"{spec.setup.label} {spec.method} s{spec.seed}: {f} was computed against another teacher "
+             f"({recorded[:12]}…, now {now[:12]}…): computed again")
         return None
     if spec.save_models and not all(Path(r.get("model_dir", "")).is_dir() for r in rows if not r["finetuned"]):
         return None
