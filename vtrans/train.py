@@ -212,6 +212,17 @@ class PruneConfig:
         return start + (end - start) * min(1.0, (k + 1) / warm)
 
 
+def final_prune_metrics(history: list[dict]) -> dict[str, float]:
+    """``final_expected_size`` and ``final_kl`` of a pruning run's history: the expected size after its last mask
+    update (and projection) - what the exact-budget selection starts from - not the size its last step's loss saw
+    (one update earlier: a one-step run would report its start). ``{}`` without a pruning step."""
+    last = [h for h in history if "expected_size" in h]
+    if not last:
+        return {}
+    h = last[-1]
+    return {"final_expected_size": h.get("expected_size_after_step", h["expected_size"]), "final_kl": h["kl"]}
+
+
 def stall_message(metrics: dict) -> str:
     """The one-line warning of a pruning run whose expected size had not moved by the end of the warm-up (the step's
     metrics, flagged ``stalled``). Under ``constraint: projection`` the expected size follows the target by
@@ -578,6 +589,9 @@ def fit(module: Pruner | Finetuner, batches, start_step: int = 0, end_step: int 
         module.begin_step(step)
         loss, metrics = forward(batches(step), step)
         module.optimize(loss, step)
+        if isinstance(module, Pruner) and "expected_size" in metrics:  # the step's own: before its update
+            with torch.no_grad():
+                metrics["expected_size_after_step"] = float(module.expected_fraction())
         metrics.update({f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in module.optimizers.items()})
         metrics["step"] = step
         history.append(metrics)

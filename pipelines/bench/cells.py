@@ -28,6 +28,7 @@ from pipelines.bench.profiles import (
 from pipelines.bench.tasks import TaskSetup
 from pipelines.config import config_hash, to_dict
 from vtrans.metrics import measure
+from vtrans.train import final_prune_metrics
 
 CELL_VERSION = 1
 OPTIONAL_SETTINGS = ("kl_multipliers", "kl_normalisation", "logvar_init", "keep_sharpness", "threshold", "lr_mu",
@@ -139,10 +140,6 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
         history = train_in_process(pruner, data, s.pad_token_id, spec.device, f"{s.label} {m} s{spec.seed} -> {b:g}")
         return pruner, history
 
-    def expected(history: list[dict]) -> dict[str, float]:
-        last = [h for h in history if "expected_size" in h]
-        return {"final_expected_size": last[-1]["expected_size"], "final_kl": last[-1]["kl"]} if last else {}
-
     if t.shared_posterior:
         with PeakRSS() as rss:
             t0 = time.perf_counter()
@@ -160,7 +157,7 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
                 dt = time.perf_counter() - t0
             yield b, small, {"compress_s": train_s + dt, "train_s": train_s, "threshold_s": dt,
                              "compress_group": f"posterior@{min(budgets):g}", "prune_steps": steps,
-                             "prune_samples": len(data), **expected(history),
+                             "prune_samples": len(data), **final_prune_metrics(history),
                              "rss": {"compress": {"peak_rss_mb": max(rss.peak_mb, rss_b.peak_mb),
                                                   "delta_mb": max(rss.delta_mb, rss_b.peak_mb - rss.start_mb)}}}
         return
@@ -173,8 +170,8 @@ def _compressions(spec: CellSpec, teacher, train, calibration) -> Iterator[tuple
                 pruner.reconstruct(recon_batches)
             small = vtrans.compress(pruner.vib).eval()
             dt = time.perf_counter() - t0
-        yield b, small, {"compress_s": dt, "prune_steps": steps, "prune_samples": len(data), **expected(history),
-                         "rss": {"compress": rss.as_dict()}}
+        yield b, small, {"compress_s": dt, "prune_steps": steps, "prune_samples": len(data),
+                         **final_prune_metrics(history), "rss": {"compress": rss.as_dict()}}
         del pruner
 
 
@@ -256,7 +253,8 @@ def run_cell(spec: CellSpec) -> list[dict]:
     cache = Path(spec.cache_file)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"rows": rows, "wall_s": time.perf_counter() - started}, indent=1))
+    tmp.write_text(json.dumps({"rows": rows, "wall_s": time.perf_counter() - started,
+                               "teacher_digest": s.teacher_digest}, indent=1))
     os.replace(tmp, cache)
     return rows
 
@@ -269,13 +267,21 @@ def load_split_ds(setup: TaskSetup, split: str):
 
 
 def cached_rows(spec: CellSpec) -> list[dict] | None:
-    """The rows of a finished cell with the same key (and its saved models), or None."""
+    """The rows of a finished cell with the same key (and its saved models), or None. A cell computed against another
+    teacher (its recorded weights digest differs: trained again, or by another executor) is not reused; cells cached
+    before the digest was recorded are."""
     f = Path(spec.cache_file)
     if not f.is_file():
         return None
     try:
-        rows = json.loads(f.read_text())["rows"]
+        cell = json.loads(f.read_text())
+        rows = cell["rows"]
     except (OSError, ValueError, KeyError):
+        return None
+    recorded, now = cell.get("teacher_digest"), spec.setup.teacher_digest
+    if recorded and now and recorded != now:
+        _log(f"{spec.setup.label} {spec.method} s{spec.seed}: {f} was computed against another teacher "
+             f"({recorded[:12]}…, now {now[:12]}…): computed again")
         return None
     if spec.save_models and not all(Path(r.get("model_dir", "")).is_dir() for r in rows if not r["finetuned"]):
         return None

@@ -67,6 +67,23 @@ class TaskSetup:
     data_name: str = ""
     second_name: str = ""
     """The heading of the second text (``TaskProfile.second_text``; its test split is ``splits["second"]``)."""
+    teacher_digest: str = ""
+    """sha256 of the teacher's weights (:func:`weights_digest`). The teacher stage's key does not see how it was
+    trained (one process or Ray Train workers: equal to a tolerance, not to the bit), so a cell records the digest it
+    was computed against and is not reused against another teacher."""
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 over the contents of a model directory's weight files (``*.safetensors``, ``*.bin``), in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(directory).iterdir() if p.suffix in (".safetensors", ".bin")):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: str = "local",
@@ -121,6 +138,7 @@ def prepare_task(kind: str, t: TaskProfile, out: Path, device: str, executor: st
     return TaskSetup(kind=kind, label=t.label, task=task, metric=metric, splits=splits, sizes=sizes,
                      pad_token_id=data.pad_token_id, num_labels=data.num_labels,
                      teacher_dir=teacher_dir, keys=keys, dense=dense, stages=stages,
+                     teacher_digest=weights_digest(teacher_dir),
                      model_name=t.model if t.model not in ("minilm", "smollm2") else
                      {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}[t.model],
                      data_name=DATA_NAMES[data_name],

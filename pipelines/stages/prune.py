@@ -35,6 +35,7 @@ from pipelines.stages.products import Data, Pruned, Trained
 from pipelines.train_jobs import JobSpec, run_prune_job
 from vtrans.checkpoint import geometry_of
 from vtrans.errors import ConfigError
+from vtrans.train import final_prune_metrics
 
 NAME = "prune"
 NEEDS = ("calibrate", "teacher")
@@ -73,13 +74,7 @@ def run(ctx: StageContext, work: Path, inputs: dict[str, StageResult], run_id: s
     job = run_prune_job(spec, cfg.prune, cfg.ray, "train", work, checkpoint_every=max(1, total // 4),
                         tracking=job_tracking(ctx, run_id, NAME), in_process=ctx.in_process)
     out = Path(job.output)
-    metrics = {}
-    if job.history:
-        last = [h for h in job.history if "expected_size" in h]
-        if last:
-            metrics["final_expected_size"] = last[-1]["expected_size"]
-            metrics["final_kl"] = last[-1]["kl"]
-    metrics["job_wall_s"] = job.wall_time_s
+    metrics = {**final_prune_metrics(job.history or []), "job_wall_s": job.wall_time_s}
     output = _summarise(cfg, work, out, inputs, metrics, {"split": split, "samples": len(dataset),
                                                                    "node_ids": job.node_ids})
     output.tags.update(stall_tags(job.history))

@@ -186,6 +186,38 @@ def test_cached_rows_are_disclosed():
     assert notes[0] in report.render_markdown(res)
 
 
+def test_a_cell_computed_against_another_teacher_is_not_reused(tmp_path: Path, capsys):
+    """The teacher stage's key is the same for a teacher trained in one process and by two Ray Train workers (equal
+    to a tolerance): the cell records its teacher's weights digest and is computed again against another teacher."""
+    from pipelines.bench.tasks import weights_digest
+
+    t1, t2 = tmp_path / "t1", tmp_path / "t2"
+    for d, byte in ((t1, b"\x00"), (t2, b"\x01")):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(byte * 1000)
+        (d / "config.json").write_text("{}")  # not weights: not in the digest
+    assert weights_digest(t1) != weights_digest(t2)
+    (t2 / "config.json").write_text('{"x": 1}')
+    assert weights_digest(t2) == weights_digest(t2)
+    p = bench.load_profile("quick")
+    rows = [{"method": "kwon", "budget": 0.5, "finetuned": False, "quality": 0.8}]
+
+    def spec(digest: str) -> bench.CellSpec:
+        setup = bench.TaskSetup(kind="encoder", label="minilm", task="seq-cls", metric="accuracy", splits={},
+                                sizes={}, pad_token_id=0, num_labels=2, teacher_dir=str(t1), keys={}, dense={},
+                                teacher_digest=digest)
+        return bench.CellSpec(setup=setup, profile=p.encoder, method="kwon", seed=1, finetune=False, device="cpu",
+                              threads=1, models_dir=str(tmp_path), cache_file=str(tmp_path / "cell.json"))
+
+    cell = tmp_path / "cell.json"
+    cell.write_text(json.dumps({"rows": rows, "wall_s": 1.0, "teacher_digest": weights_digest(t1)}))
+    assert bench.cached_rows(spec(weights_digest(t1))) == rows
+    assert bench.cached_rows(spec(weights_digest(t2))) is None
+    assert "was computed against another teacher" in capsys.readouterr().out
+    cell.write_text(json.dumps({"rows": rows, "wall_s": 1.0}))  # cached before the digest was recorded
+    assert bench.cached_rows(spec(weights_digest(t2))) == rows
+
+
 def test_claims_are_checked_against_the_numbers():
     claims = "\n".join(report.check_claims(_results()["tasks"]["t"]))
     assert "dominate the baselines (without fine-tune): **confirmed**; better at 0.5, 0.3." in claims

@@ -415,3 +415,22 @@ def test_every_trainable_parameter_gets_a_gradient_in_a_pruning_step(method: str
     missing = [n for n, p in pruner.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     assert any(p.requires_grad for p in pruner.lagrangian.parameters()) == (constraint != "projection")
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_the_final_expected_size_is_the_one_the_selection_starts_from(steps: int) -> None:
+    """A step's ``expected_size`` is what its loss saw, one update behind; the run's final expected size is the one
+    after its last update and projection (a one-step run would otherwise report its start)."""
+    from vtrans.train import final_prune_metrics
+
+    x, y = _data()
+    cfg = PruneConfig(method="faster", steps=steps, budget=vtrans.Budget(params=0.5), init="constant",
+                      distill=DistillConfig(logit_weight=0.0),
+                      vib=vtrans.VIBConfig(logvar_init=-2.0, keep_sharpness=1.0))  # expected size 0.69 at first
+    pruner = Pruner(_bert(), cfg)
+    history = fit(pruner, _batches(x, y))
+    assert history[0]["expected_size"] > 0.6  # the start, before the first update
+    final = final_prune_metrics(history)
+    assert final["final_expected_size"] == pytest.approx(0.5, abs=1e-5)
+    assert final["final_expected_size"] == pytest.approx(float(pruner.expected_fraction().detach()), abs=1e-6)
+    assert final["final_kl"] == history[-1]["kl"] and final_prune_metrics([{"step": 0, "loss": 1.0}]) == {}
