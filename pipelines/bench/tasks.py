@@ -69,8 +69,8 @@ class TaskSetup:
     """The heading of the second text (``TaskProfile.second_text``; its test split is ``splits["second"]``)."""
     teacher_digest: str = ""
     """sha256 of the teacher's weights (:func:`weights_digest`). The teacher stage's key does not see how it was
-    trained (one process or Ray Train workers: equal to a tolerance, not to the bit), so a cell records the digest it
-    was computed against and is not reused against another teacher."""
+    trained (one process or Ray Train workers, whose dropout is drawn per rank: two draws of the teacher), so a cell
+    records the digest it was computed against and is not reused against another teacher."""
 
 
 def weights_digest(directory: str | Path) -> str:
