@@ -67,7 +67,9 @@ def cell_key(setup: TaskSetup, t: TaskProfile, method: str, seed: int, finetune:
     for k in OPTIONAL_SETTINGS:  # a setting added later, left at None, keeps the cells computed before it valid
         if settings.get(k) is None:
             settings.pop(k, None)
-    if method not in VIB_METHODS:
+    if method in VIB_METHODS:  # a cell trains with its own method's steps: another method's steps leave it valid
+        settings["prune_steps"] = t.prune_steps[method]
+    else:
         settings = {k: v for k, v in settings.items()
                     if k not in ("prune_steps", "prune_batch", "lr_masks", "lr_weights", "kl_weight", "kl_multipliers",
                                  "kl_normalisation", "logvar_init", "keep_sharpness",

@@ -345,6 +345,11 @@ def test_cell_key_depends_on_what_changes_the_rows():
     assert key != bench.cell_key(setup, p.encoder, "vtrans", 1, True, "cpu")
     assert key != bench.cell_key(setup, bench.load_profile("quick", ["encoder.prune_steps.vtrans=7"]).encoder,
                                  "vtrans", 0, True, "cpu")
+    # another method's steps leave a cell valid (a shorter Faster-VTrans does not retrain VTrans)
+    assert key == bench.cell_key(setup, bench.load_profile("quick", ["encoder.prune_steps.faster=7"]).encoder,
+                                 "vtrans", 0, True, "cpu")
+    assert bench.cell_key(setup, p.encoder, "faster", 0, True, "cpu") != bench.cell_key(
+        setup, bench.load_profile("quick", ["encoder.prune_steps.faster=7"]).encoder, "faster", 0, True, "cpu")
     # a baseline does not depend on the VIB settings
     assert key != bench.cell_key(setup, bench.load_profile("quick", ["encoder.kl_normalisation=group"]).encoder,
                                  "vtrans", 0, True, "cpu")
@@ -363,6 +368,7 @@ def test_cell_key_depends_on_what_changes_the_rows():
                 if k not in ("label", "methods", "seeds", "trained_seeds", "finetune_seeds", "latency",
                              *bench.OPTIONAL_SETTINGS)}
     settings["flops_seq_len"] = legacy.latency.seq_len
+    settings["prune_steps"] = legacy.prune_steps["vtrans"]
     assert bench.cell_key(setup, legacy, "vtrans", 0, True, "cpu") == config_hash(
         {"settings": settings, "method": "vtrans", "seed": 0, "finetune": True, "data": setup.keys, "device": "cpu",
          "version": bench.CELL_VERSION})
