@@ -166,10 +166,9 @@ def _derive(ctx: StageContext, work: Path, inputs: dict[str, StageResult]) -> St
             tokenizer.save_pretrained(directory)
 
     write_atomically(out / "compressed", write, overwrite=True)
+    # not the posterior's final_expected_size / final_kl: they describe its training at posterior_budget (its own
+    # run, or the trial's "posterior." metrics), and read as a missed target under this stage's budget
     metrics = {"derive_wall_s": time.perf_counter() - t0}
-    for k in ("final_expected_size", "final_kl"):
-        if k in source.metrics:
-            metrics[k] = source.metrics[k]
     info = {"posterior": {"key": source.key, "dir": source.dir, "run_id": source.run_id,
                           "budget": source_cfg.prune.budget.describe()}}
     output = _summarise(cfg, work, out, inputs, metrics, dict(source.info, **info))

@@ -308,6 +308,8 @@ def test_posterior_budget_rethresholds_the_trained_posterior(first) -> None:
     assert prune.info["posterior"]["key"] == source.key and prune.info["posterior"]["run_id"] == source.run_id
     assert (Path(source.dir) / RECORD).read_text() == record  # the posterior was not trained again
     assert 0.665 <= prune.metrics["params_blocks_ratio"] <= 0.7
+    # the posterior's training metrics stay the posterior's: its E[size] (0.5) is no miss of this stage's 0.7
+    assert "final_expected_size" not in prune.metrics and "final_kl" not in prune.metrics
     assert derived.results["finetune"].status == "ran" and 0.665 <= derived.metrics["params_blocks_ratio"] <= 0.7
     from safetensors import safe_open
 

@@ -128,6 +128,7 @@ def test_one_mask_training_per_model(swept) -> None:
         assert large.data.tags["vtrans.posterior_run_id"] == trainer
         assert large.data.tags["vtrans.key.posterior"] == small.data.tags["vtrans.key.prune"]
         assert "prune.job_wall_s" not in large.data.metrics and large.data.metrics["prune.derive_wall_s"] < 60
+        assert "prune.final_expected_size" not in large.data.metrics  # the posterior's, at the small budget
 
 
 def test_pareto_tables_equal_a_recomputation_from_the_trial_runs(swept) -> None:
