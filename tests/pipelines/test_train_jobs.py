@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -120,7 +119,6 @@ def test_a_job_in_process_runs_the_workers_loop_without_ray(tiny_dir: str, tmp_p
 @pytest.mark.integration
 def test_bad_input_fails_before_any_worker(ray_local, tiny_dir: str, tmp_path: Path) -> None:
     spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
-    t0 = time.perf_counter()
     with pytest.raises(vtrans.ConfigError, match=r"ray.num_workers=3 x 1 CPU needs 3 CPUs, the cluster has 2"):
         run_prune_job(spec, _cfg(batch_size=9), RayConfig(num_workers=3), "bad", tmp_path)
     with pytest.raises(vtrans.ConfigError, match=r"ray.use_gpu=true needs 1 GPU"):
@@ -131,8 +129,7 @@ def test_bad_input_fails_before_any_worker(ray_local, tiny_dir: str, tmp_path: P
         RayConfig(num_workers=0)
     with pytest.raises(vtrans.BudgetError, match="params=1e-05"):
         run_prune_job(spec, _cfg(budget=vtrans.Budget(params=0.00001)), RayConfig(), "bad", tmp_path)
-    assert time.perf_counter() - t0 < 10
-    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "bad").exists()  # no Train run started: its storage folder would be there
 
 
 @pytest.mark.integration
