@@ -424,7 +424,7 @@ PROFILES: dict[str, Profile] = {
     # decoder.lora_alpha=null`), perplexity on Wikipedia and on the Lee news stories, lambada_local accuracy and
     # perplexity (the first 100 passages) - hours on 2 CPU cores
     "decoder": Profile(
-        name="decoder", description="SmolLM2 at 90 / 80 / 70% of block parameters, every method, LoRA recovery, "
+        name="decoder", description="SmolLM2 at 90 / 80 / 70% of block parameters, every method, a short fine-tune, "
                                     "perplexity on two texts and lambada_local",
         decoder=TaskProfile(label="smollm2", model="smollm2", budgets=[0.9, 0.8, 0.7], methods=_ALL,
                             train_samples=128, test_samples=16, seq_len=128,

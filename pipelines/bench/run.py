@@ -27,6 +27,7 @@ from pipelines.bench.tasks import TaskSetup, prepare_task
 from pipelines.config import flatten, to_dict
 from vtrans.config import VIBConfig
 from vtrans.errors import ConfigError
+from vtrans.lora import LoraConfig
 
 
 def machine() -> str:
@@ -84,7 +85,8 @@ def what_ran(profile: Profile, setups: dict[str, TaskSetup], device: str = "cpu"
                if t.shared_posterior else "one training per budget. ")
             + (f"Kwon: Fisher on {t.kwon_samples} training samples drawn with the seed, mask search, rearrangement "
                f"and least-squares mask tuning. " if "kwon" in t.methods else "")
-            + (f"Fine-tune: {t.finetune_steps} steps (batch {t.finetune_batch}, lr {t.finetune_lr:g}, logit "
+            + (f"Fine-tune ({_finetune_kind(t)}): {t.finetune_steps} steps (batch {t.finetune_batch}, lr "
+               f"{t.finetune_lr:g}, logit "
                f"distillation from the teacher) of seeds 0..{t.finetune_seeds - 1} of every method. "
                if t.finetune_seeds else "No fine-tune. ")
             + f"Latency: batch {t.latency.batch_sizes} x seq {t.latency.seq_len}, {t.latency.repeats} repeats after "
@@ -92,6 +94,15 @@ def what_ran(profile: Profile, setups: dict[str, TaskSetup], device: str = "cpu"
     if profile.overhead is not None:
         lines.append("Ray overhead: the small pipeline of the last section, run both ways in this command.")
     return lines
+
+
+def _finetune_kind(t: TaskProfile) -> str:
+    """How the fine-tune recovers, as the report names it: every weight, or LoRA adapters with their shape."""
+    if t.finetune_method != "lora":
+        return "full, every weight"
+    rank = t.lora_rank if t.lora_rank is not None else LoraConfig().rank
+    alpha = t.lora_alpha if t.lora_alpha is not None else LoraConfig().alpha
+    return f"LoRA rank {rank}, alpha {alpha:g}, merged before measuring"
 
 
 class Executor:

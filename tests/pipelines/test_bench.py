@@ -704,3 +704,27 @@ def test_what_ran_states_the_recipe_the_cells_train_with():
     assert f"KL normalised per {VIBConfig().kl_normalisation}," in line
     explicit = bench.load_profile("ablation", ["encoder.kl_normalisation=group"])
     assert "KL normalised per group," in next(x for x in what_ran(explicit, {"minilm": setup}) if "**minilm**" in x)
+
+
+def test_what_ran_names_the_fine_tune_that_ran():
+    """The decoder profile's report said 'LoRA recovery' when run with the full fine-tune: the recipe line now names
+    the fine-tune the cells ran, with LoRA's rank and alpha (the library's defaults where the profile leaves them)."""
+    from pipelines.bench.run import what_ran
+    from vtrans.lora import LoraConfig
+
+    setup = bench.TaskSetup(kind="decoder", label="smollm2", task="causal-lm", metric="perplexity", splits={},
+                            sizes={"train": 128, "test": 16, "calibration": 32}, pad_token_id=0, num_labels=None,
+                            teacher_dir="t", keys={}, dense={}, model_name="m", data_name="d")
+
+    def fine_tune(overrides: list[str]) -> str:
+        lines = what_ran(bench.load_profile("decoder", overrides), {"smollm2": setup})
+        line = next(x for x in lines if x.startswith("**smollm2**"))
+        return line[line.index("Fine-tune"):line.index("Latency")]
+
+    assert fine_tune([]).startswith("Fine-tune (LoRA rank 8, alpha 16, merged before measuring): 100 steps")
+    full = ["decoder.finetune_method=full", "decoder.finetune_lr=5e-5", "decoder.lora_rank=null",
+            "decoder.lora_alpha=null"]
+    assert fine_tune(full).startswith("Fine-tune (full, every weight): 100 steps (batch 4, lr 5e-05,")
+    default = fine_tune(["decoder.lora_rank=null", "decoder.lora_alpha=null"])
+    assert f"LoRA rank {LoraConfig().rank}, alpha {LoraConfig().alpha:g}," in default
+    assert "LoRA" not in what_ran(bench.load_profile("decoder", full), {"smollm2": setup})[0]
