@@ -24,6 +24,9 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3ForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -32,7 +35,7 @@ from transformers import (
 VOCAB = 60
 _DECODER_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 64}
 #: Llama-shaped decoders (pre-RMSNorm: hidden size padded on stock export, whole layers dropped)
-DECODERS = ("llama", "mistral", "qwen2", "phi3")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def _config(arch: str, **kw):
@@ -55,6 +58,10 @@ def _config(arch: str, **kw):
     elif arch == "qwen2":  # q/k/v biases, tied embeddings (as Qwen2.5-0.5B)
         c = Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=48, tie_word_embeddings=True, **_DECODER_TOKENS)
+    elif arch == "qwen3":  # an explicit head_dim (16, not 32 / 4) and per-head q/k RMSNorms
+        c = Qwen3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, intermediate_size=48, tie_word_embeddings=False,
+                        **_DECODER_TOKENS)
     elif arch == "phi3":  # fused qkv_proj and gate_up_proj
         c = Phi3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=48, **_DECODER_TOKENS)
@@ -76,6 +83,7 @@ CASES: list[tuple[str, type[PreTrainedModel]]] = [
     # the Llama-shaped families share Llama's body and head code: each with the heads that exercise what is its own
     ("mistral", MistralForCausalLM),
     ("qwen2", Qwen2ForCausalLM), ("qwen2", Qwen2ForSequenceClassification),
+    ("qwen3", Qwen3ForCausalLM), ("qwen3", Qwen3ForSequenceClassification),
     ("phi3", Phi3ForCausalLM), ("phi3", Phi3ForSequenceClassification),
 ]
 IDS = [cls.__name__ for _, cls in CASES]

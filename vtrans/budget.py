@@ -59,6 +59,9 @@ class Geometry:
     """FLOPs outside the layers per sequence per hidden dimension (e.g. a pooler reading one token)."""
     outside_flops_per_seq_const: int
     """FLOPs outside the layers per sequence, independent of the hidden size."""
+    mha_params_const: int = 0
+    """Parameters of a kept attention block independent of its width and the hidden size (Qwen3's per-head q/k
+    RMSNorms over ``head_dim``, shared by every head: ``2 * head_dim``); removed with the block."""
 
     @property
     def heads_per_layer(self) -> int:
@@ -95,7 +98,7 @@ def mha_size(g: Geometry, metric: str, d: Num, groups: Num, seq_len: int) -> Num
     if metric == "params":
         size = d * q + 2 * d * kv + q * d
         size = size + (q if g.q_bias else 0) + (2 * kv if g.kv_bias else 0) + (d if g.o_bias else 0)
-        return size + (g.norm_params * d if g.pre_norm else 0)
+        return size + (g.norm_params * d if g.pre_norm else 0) + g.mha_params_const
     s = seq_len
     return 2 * s * (d * q + 2 * d * kv + q * d) + 2 * 2 * s * s * q
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Phi3ForCausalLM
+from transformers import Phi3ForCausalLM, Qwen3ForCausalLM
 
 import vtrans
 from tests.tiny import CASES, DECODERS, input_ids, tiny
@@ -53,3 +53,30 @@ def test_phi3_fused_rows_are_sliced_per_group_and_neuron() -> None:
     assert torch.equal(got.self_attn.qkv_proj.weight, dense.self_attn.qkv_proj.weight[rows])
     assert torch.equal(got.mlp.gate_up_proj.weight, dense.mlp.gate_up_proj.weight[[3, 40, 51, 88]])
     assert torch.equal(got.self_attn.o_proj.weight, dense.self_attn.o_proj.weight[:, 16:32])
+
+
+def test_qwen3_head_norms_count_with_their_block_and_soft_masks_act_after_them() -> None:
+    """Qwen3's q/k RMSNorms (over the explicit head_dim 16, shared by the heads) are 2 x 16 parameters per kept
+    attention block whatever its width, gone with the block; a soft group mask scales the group's heads after the norms
+    (which would undo a scale on the queries): the same as scaling those heads' columns of o_proj."""
+    model = tiny("qwen3", Qwen3ForCausalLM)
+    g = vtrans.arch.for_model(model).geometry(model)
+    assert (g.head_dim, g.group_size, g.mha_params_const) == (16, 2, 32)
+
+    scaled = tiny("qwen3", Qwen3ForCausalLM)
+    with torch.no_grad():
+        scaled.model.layers[1].self_attn.o_proj.weight[:, :2 * 16] *= 0.5  # group 0 = query heads 0 and 1
+    vib = vtrans.attach(model, vtrans.VIBConfig(mu_init_std=0.0, logvar_init_std=0.0))
+    with torch.no_grad():
+        vib.heads[1].mu.copy_(torch.tensor([0.5, 1.0]))
+        ids = input_ids()
+        assert (model(input_ids=ids).logits - scaled(input_ids=ids).logits).abs().max() < 1e-5
+        assert (model(input_ids=ids).logits - tiny("qwen3", Qwen3ForCausalLM)(input_ids=ids).logits).abs().max() > 1e-3
+
+    vib.mha.fix(torch.tensor([False, True]))
+    vib.heads[1].fix(torch.tensor([False, True]))
+    small = vtrans.compress(vib)
+    names = {n: p.shape for n, p in small.named_parameters()}
+    assert not any(n.startswith("model.layers.0.self_attn.") for n in names)
+    assert names["model.layers.1.self_attn.q_norm.weight"] == names["model.layers.1.self_attn.k_norm.weight"] == (16,)
+    assert vtrans.count(small).params_blocks == sum(p.numel() for n, p in small.named_parameters() if ".layers." in n)

@@ -31,7 +31,8 @@ from vtrans.fisher import (
 HEAD_CASES = [(a, c) for a, c in CASES if "ForSequenceClassification" in c.__name__ or "LM" in c.__name__]
 HEAD_IDS = [c.__name__ for _, c in HEAD_CASES]
 FFN_KEY = {"bert": "intermediate_size", "roberta": "intermediate_size", "llama": "intermediate_size",
-           "mistral": "intermediate_size", "qwen2": "intermediate_size", "phi3": "intermediate_size", "gpt2": "n_inner"}
+           "mistral": "intermediate_size", "qwen2": "intermediate_size", "qwen3": "intermediate_size",
+           "phi3": "intermediate_size", "gpt2": "n_inner"}
 
 
 def _model(arch: str, cls: type, ffn: int | None = None, **kw) -> nn.Module:

@@ -34,6 +34,9 @@ EXPECTED = {
     "phi3": (0.5, (2, 24, 1, 37, 7728)),
     # Qwen2: Llama + q/k/v biases (32 + 2 x 16 per layer): 7808 = 15616 / 2
     "qwen2": (0.5, (1, 32, 2, 48, 7808)),
+    # Qwen3 (head_dim 16, q/k norms 2 x 16 per kept attention block): 2 x ((20 x 64 + 2 x 20 x 32 + 64 x 20 + 20 +
+    # 32) attention + (3 x 20 x 25 + 20) FFN) = 2 x (3892 + 1520) = 10824 <= 21696 / 2 = 10848 (0.2% under)
+    "qwen3": (0.5, (2, 20, 2, 25, 10824)),
 }
 
 

@@ -188,6 +188,6 @@ def test_attach_twice_and_to_compressed_models_are_errors() -> None:
 
 
 def test_registry() -> None:
-    assert vtrans.arch.registered() == ["bert", "gpt2", "llama", "mistral", "phi3", "qwen2", "roberta"]
+    assert vtrans.arch.registered() == ["bert", "gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "roberta"]
     with pytest.raises(vtrans.UnsupportedModelError, match="registered"):
         vtrans.arch.get("t5")
