@@ -107,13 +107,25 @@ def check_targets_at(path, task: str, config: LoraConfig, num_labels: int | None
     built on the meta device, no weights are read): a bad ``target_modules`` fails before any work."""
     from vtrans.checkpoint import _meta_for_task
 
+    require_peft()
     return lora_targets(_meta_for_task(path, task, num_labels), config)
+
+
+def require_peft() -> None:
+    """Raise :class:`ConfigError` in one line where peft cannot be imported (vtrans depends on it; an install with
+    ``--no-deps`` skips it), so ``finetune.method: lora`` fails before any work, not in a worker."""
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"finetune.method='lora' needs peft, which cannot be imported ({e}); install it: pip "
+                          "install peft (a dependency of vtrans that a --no-deps install skips)") from None
 
 
 class LoraAdapters:
     """LoRA adapters injected (in place) into a model; made by :func:`add_adapters`."""
 
     def __init__(self, model: PreTrainedModel, config: LoraConfig, seed: int = 0) -> None:
+        require_peft()
         from peft import LoraConfig as PeftLoraConfig
         from peft.tuners.lora import LoraModel
 

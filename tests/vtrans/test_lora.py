@@ -202,3 +202,20 @@ def test_vtrans_imports_without_peft() -> None:
             "vtrans.finetune.FinetuneConfig(method='lora')")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_lora_without_peft_is_one_line_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    """Where peft cannot be imported (a --no-deps install), the pipeline's preflight check (``check_targets_at``) and
+    the Finetuner fail in one typed line naming the key and the value, and the model is left as it was."""
+    small = _compressed("llama", LlamaForCausalLM)
+    small.save_pretrained(tmp_path / "small")
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    for attempt in (lambda: check_targets_at(tmp_path / "small", "causal-lm", LoraConfig()),
+                    lambda: Finetuner(small, _config("causal-lm"))):
+        with pytest.raises(ConfigError) as info:
+            attempt()
+        text = str(info.value)
+        assert text.startswith("finetune.method='lora' needs peft, which cannot be imported") and "\n" not in text
+    after = small.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
