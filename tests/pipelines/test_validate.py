@@ -70,6 +70,21 @@ def test_lora_target_modules_naming_nothing_fail_before_any_work(tmp_path: Path,
     assert not (tmp_path / "runs").exists()
 
 
+def test_lora_without_peft_fails_before_any_work(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where peft cannot be imported (a --no-deps install), ``finetune.method=lora`` is one line before any work."""
+    import sys
+
+    from pipelines.cli import main
+    from tests.pipelines.test_config import MINILM
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    assert main(["validate", str(MINILM), "finetune.method=lora", f"output={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vtrans: error: finetune.method='lora' needs peft, which cannot be imported") and (
+        "\n" not in err)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_unknown_lm_eval_task_fails_before_any_work(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     """``vtrans validate`` (what ``vtrans run`` checks before Ray) refuses a task lm-eval does not know, naming the list
     item, the value and the closest task (lm-eval's index of its own tasks stubbed: building it takes a minute)."""
