@@ -8,6 +8,7 @@ import torch
 from transformers import Phi3ForCausalLM, Qwen3ForCausalLM
 
 import vtrans
+from tests.stock import rel_err
 from tests.tiny import CASES, DECODERS, input_ids, tiny
 from vtrans.export import to_stock
 
@@ -80,3 +81,35 @@ def test_qwen3_head_norms_count_with_their_block_and_soft_masks_act_after_them()
     assert not any(n.startswith("model.layers.0.self_attn.") for n in names)
     assert names["model.layers.1.self_attn.q_norm.weight"] == names["model.layers.1.self_attn.k_norm.weight"] == (16,)
     assert vtrans.count(small).params_blocks == sum(p.numel() for n, p in small.named_parameters() if ".layers." in n)
+
+
+#: attention shapes beyond the tiny configs' 4 query heads in 2 groups: one key/value head (multi-query), no grouping,
+#: and an explicit head_dim unrelated to hidden / heads (Phi-3's config derives it, so it takes the first two only)
+SHAPES = {"mqa": {"num_attention_heads": 4, "num_key_value_heads": 1},
+          "mha": {"num_attention_heads": 4, "num_key_value_heads": 4},
+          "head-dim-8x8": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8}}
+SHAPE_CASES = [(a, c, s) for a, c in LM_CASES for s in SHAPES if not (a == "phi3" and "head_dim" in SHAPES[s])]
+
+
+@pytest.mark.parametrize(("arch", "cls", "shape"), SHAPE_CASES,
+                         ids=[f"{c.__name__}-{s}" for _, c, s in SHAPE_CASES])
+def test_attention_shapes_count_and_compress_exactly(arch, cls, shape) -> None:
+    """Every family at other attention shapes, embeddings tied and not: the counts are the parameters', a budget
+    selection compresses to exactly its predicted count and to the masked model's outputs (the tiny configs' own
+    shape runs through every parametrized test)."""
+    for tie, budget in ((True, 0.7), (False, 0.5)):
+        model = tiny(arch, cls, attn="sdpa", tie_word_embeddings=tie, **SHAPES[shape])
+        dense = vtrans.count(model)
+        assert dense.params_total == sum(p.numel() for p in model.parameters())
+        vib = vtrans.attach(model)
+        # a 10% tolerance: one key/value group of 4 heads x 16 is a coarse unit at this size
+        sel = vib.apply_budget(vtrans.Budget(params=budget, tolerance=0.1))
+        ids = input_ids()
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+        small = vtrans.compress(vib).eval()
+        counted = vtrans.count(small)
+        assert counted.params_total == sum(p.numel() for p in small.parameters())
+        assert counted.params_blocks == sel.achieved["size"] <= budget * dense.params_blocks
+        with torch.no_grad():
+            assert rel_err(ref, small(input_ids=ids).logits) < 1e-5
