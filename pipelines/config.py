@@ -382,8 +382,8 @@ class TrackingConfig:
 STRATEGIES = ("ddp", "fsdp")
 #: Why a sharded LoRA fine-tune is refused: the adapters are merged on one process at the end, which needs the peft
 #: model rebuilt around the gathered weights (not implemented).
-LORA_FSDP = ("finetune.method='lora' with ray.strategy='fsdp' is not supported (the adapters are merged into an "
-             "unsharded model at the end); use finetune.method='full' or ray.strategy='ddp'")
+LORA_FSDP = ("finetune.method='lora' with ray.strategy='fsdp' is not supported (the adapters are merged into "
+             "unsharded weights); use finetune.method='full' or ray.strategy='ddp'")
 
 
 @dataclass
@@ -526,9 +526,13 @@ class PipelineConfig:
         c = self.calibration
         fraction = c.fraction if c.fraction is not None else field_default(PruneConfig, "calibration_fraction")
         owner = f"calibration.fraction={c.fraction!r}" if c.fraction is not None else f"calibration.count={c.count!r}"
+        ft = self.finetune
         return [(self.prune, "prune", "task", self.model.task, f"model.task={self.model.task!r}"),
                 (self.finetune, "finetune", "task", self.model.task, f"model.task={self.model.task!r}"),
-                (self.prune, "prune", "calibration_fraction", fraction, owner)]
+                (self.prune, "prune", "calibration_fraction", fraction, owner),
+                # one fine-tune method for every fine-tune: between pruning rounds and of the compressed model
+                (self.prune, "prune", "finetune_method", ft.method, f"finetune.method={ft.method!r}"),
+                (self.prune, "prune", "lora", ft.lora, f"finetune.lora={ft.lora!r}")]
 
     def _resolve_derived(self) -> None:
         for section, skey, name, want, owner in self._derived():
@@ -569,7 +573,8 @@ class PipelineConfig:
             if used and batch % n:
                 raise ConfigError(f"{key}={quote(batch)} must be a multiple of ray.num_workers={n!r} (each worker "
                                   f"takes an equal share of every batch)")
-        if self.ray.strategy == "fsdp" and self.finetune.steps > 0 and self.finetune.method == "lora":
+        if self.ray.strategy == "fsdp" and self.finetune.method == "lora" and (
+                self.finetune.steps > 0 or self.prune.lora_between_rounds):
             raise ConfigError(LORA_FSDP)
         ft, cap = self.finetune, self.data.max_train_samples
         if ft.steps > 0 and ft.eval_every > 0 and cap is not None and cap - ft.eval_samples < ft.batch_size:
@@ -600,9 +605,16 @@ class PipelineConfig:
         """A derived key written in the file must agree with its owner even when it equals the dataclass default."""
         for section, skey, name, _, owner in self._derived():
             raw = data.get(skey)
-            if isinstance(raw, Mapping) and name in raw and raw[name] != getattr(section, name):
+            if isinstance(raw, Mapping) and name in raw and not _agrees(raw[name], getattr(section, name)):
                 raise ConfigError(f"{join_key(prefix, skey)}.{name}={raw[name]!r} contradicts {owner}; leave "
                                   f"{skey}.{name} out (it follows {owner.partition('=')[0]})")
+
+
+def _agrees(written: Any, value: Any) -> bool:
+    """Whether a value written in a file is ``value``: a section (a dataclass) key by key, as far as it is written."""
+    if dataclasses.is_dataclass(value) and isinstance(written, Mapping):
+        return all(hasattr(value, k) and _agrees(v, getattr(value, k)) for k, v in written.items())
+    return written == value
 
 
 #: Keys of one section that exclude each other: an override of one drops the others the file gave.

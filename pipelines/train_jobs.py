@@ -426,8 +426,8 @@ def _train_loop(loop_config: dict, worker: _RayWorker | _InProcess | None = None
         where = device if not placement.sharded else torch.device("cpu")
         module.to(where)
         module.warm_start(prune_calibration(spec.dataset, cfg, spec.pad_token_id, where))
-    # masks and lambdas sit idle during the fine-tunes between rounds
-    unused = kind == "prune" and "finetune" in module.optimizers
+    # masks and lambdas sit idle during the fine-tunes between rounds (and, with LoRA there, the frozen weights)
+    unused = kind == "prune" and cfg.finetunes_between_rounds
     forward = placement.wrap(module, teacher, unused)
     if state is not None:  # after placing: a sharded worker cuts its shard of the saved (whole) state
         module.load_state_tensors(*state)
@@ -605,6 +605,12 @@ def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
     check_reachable_at(spec.model_dir, spec.task, config.budget, spec.num_labels)
+    if config.lora_between_rounds:  # LoRA between rounds: refused sharded, and its targets checked before any worker
+        if ray_cfg.strategy == "fsdp" and not in_process:
+            raise ConfigError(LORA_FSDP)
+        from vtrans.lora import check_targets_at
+
+        check_targets_at(spec.model_dir, spec.task, config.lora, spec.num_labels)
     return _run("prune", spec, config, ray_cfg, name, storage_path, checkpoint_every, report_every,
                 threads_per_worker, before_step, tracking, label, in_process=in_process)
 

@@ -239,7 +239,8 @@ def preflight(cfg: PipelineConfig) -> Preflight:
             raise ConfigError(f"evaluate.threads={cfg.evaluate.threads} is more than this machine's {cpus} CPUs")
     check_output_root(cfg.output, model_path)
     check_reachable_at(teacher_path, cfg.task, cfg.prune.budget, cfg.model.num_labels)
-    if cfg.finetune.steps > 0 and cfg.finetune.method == "lora":  # the compressed model keeps the dense one's names
+    # the compressed model keeps the dense one's module names; the fine-tunes between rounds adapt the dense model
+    if cfg.finetune.method == "lora" and (cfg.finetune.steps > 0 or cfg.prune.lora_between_rounds):
         from vtrans.lora import check_targets_at
 
         check_targets_at(teacher_path, cfg.task, cfg.finetune.lora, cfg.model.num_labels)

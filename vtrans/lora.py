@@ -147,6 +147,34 @@ class LoraAdapters:
         """The adapter parameters (the only ones that train)."""
         return [p for name, p in self.model.named_parameters() if ADAPTER_KEY in name]
 
+    def split_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The model's state as two state dicts: its weights under the keys they have without the adapters (peft's
+        ``.base_layer`` dropped: they load into the model as it was before :func:`add_adapters`) and the adapters'
+        tensors under peft's keys (:meth:`load_adapters`)."""
+        base: dict[str, torch.Tensor] = {}
+        adapters: dict[str, torch.Tensor] = {}
+        for key, value in self.model.state_dict().items():
+            if ADAPTER_KEY in key:
+                adapters[key] = value
+            else:
+                base[key.replace(".base_layer.", ".")] = value
+        return base, adapters
+
+    def load_adapters(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the adapters to ``state`` (:meth:`split_state`'s second part). :class:`ConfigError` when it does not hold
+        exactly this model's adapter tensors (saved with another rank or other target_modules)."""
+        have = {k for k in self.model.state_dict() if ADAPTER_KEY in k}
+        if set(state) != have:
+            odd = sorted(have ^ set(state))
+            raise ConfigError(f"the saved LoRA adapters do not match this {PREFIX} ({len(odd)} tensor(s) differ, e.g. "
+                              f"{odd[0]!r}): were they saved with another rank or target_modules?")
+        for key, value in state.items():
+            want = self.model.get_parameter(key)
+            if want.shape != value.shape:
+                raise ConfigError(f"the saved LoRA adapter {key!r} has shape {tuple(value.shape)}, this {PREFIX} "
+                                  f"{tuple(want.shape)}: was it saved with another rank?")
+        self.model.load_state_dict(state, strict=False)
+
     def merge(self) -> PreTrainedModel:
         """Fold the adapters into the weights and remove them (in place; idempotent): the model is again its class
         with the state-dict keys and trainable flags it had before :func:`add_adapters`."""

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from vtrans.budget import size
-from vtrans.checks import check_positive
+from vtrans.checks import check_choice, check_positive
 from vtrans.config import Budget, VIBConfig
 from vtrans.distill import (
     MAX_STEPS,
@@ -38,7 +38,8 @@ from vtrans.distill import (
     save_optimizers,
 )
 from vtrans.errors import BudgetError, ConfigError, quote
-from vtrans.finetune import Finetuner
+from vtrans.finetune import FINETUNE_METHODS, Finetuner
+from vtrans.lora import LoraAdapters, LoraConfig, add_adapters, lora_targets, require_peft
 from vtrans.masks import EPS
 from vtrans.vib import VIB, attach
 
@@ -47,6 +48,8 @@ MASK_LR_DECAYS = ("none", "linear")
 INITS = ("constant", "fisher")
 WARMUP_FROM = ("dense", "start")
 CONSTRAINTS = ("lagrangian", "upper", "projection")
+#: Prefix of the LoRA adapters' tensors in a checkpoint saved inside a fine-tune between rounds.
+LORA_PREFIX = "lora."
 
 
 @dataclass
@@ -69,8 +72,15 @@ class PruneConfig:
     """Fraction of a round's pruning steps over which the size target moves to the round's target."""
     finetune_steps: int = 100
     """Fine-tuning steps between rounds (at most :data:`MAX_STEPS`; masks fixed to the round's budget; not for
-    ``faster``). The fine-tune after
-    the last round runs on the compressed model (:class:`Finetuner`)."""
+    ``faster``). The fine-tune after the last round runs on the compressed model (:class:`Finetuner`)."""
+    finetune_method: str = "full"
+    """How the fine-tunes between rounds train. ``full``: every weight (a second AdamW over all of them: its two
+    moments are 2 x the weights). ``lora``: the weights frozen, LoRA adapters (``lora``) on the blocks' Linear layers
+    train - the masks act on the adapters' path as on the weights' - and are merged into the weights at the phase's
+    end, so the next round prunes the fine-tuned weights; the optimizer holds the adapters' moments only. A pipeline
+    sets it from ``finetune.method``."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The adapters of ``finetune_method: lora``; a pipeline sets them from ``finetune.lora``."""
     batch_size: int = 16
     """Per-step batch size over all workers (each of N workers takes batch_size / N)."""
     lr_weights: float = 3e-5
@@ -138,6 +148,9 @@ class PruneConfig:
             check_positive(f"prune.{key}", getattr(self, key), integer=True,
                            maximum=MAX_STEPS if key == "steps" else None)
         check_positive("prune.finetune_steps", self.finetune_steps, integer=True, zero_ok=True, maximum=MAX_STEPS)
+        check_choice("prune.finetune_method", self.finetune_method, FINETUNE_METHODS)
+        if not isinstance(self.lora, LoraConfig):
+            raise ConfigError(f"prune.lora must be a vtrans.lora.LoraConfig, got {quote(self.lora)}")
         for key in ("lr_weights", "lr_masks", "lr_lambdas", "finetune_lr"):
             check_positive(f"prune.{key}", getattr(self, key))
         if self.lr_mu is not None:
@@ -166,6 +179,16 @@ class PruneConfig:
     @property
     def between_rounds_steps(self) -> int:
         return 0 if self.method == "faster" else self.finetune_steps
+
+    @property
+    def finetunes_between_rounds(self) -> bool:
+        """Whether the weights are fine-tuned between rounds (more than one round, not ``faster``, steps > 0)."""
+        return self.rounds > 1 and self.between_rounds_steps > 0
+
+    @property
+    def lora_between_rounds(self) -> bool:
+        """Whether those fine-tunes train LoRA adapters (``finetune_method: lora``)."""
+        return self.finetunes_between_rounds and self.finetune_method == "lora"
 
     @property
     def steps_per_round(self) -> int:
@@ -270,6 +293,9 @@ class Pruner(Distiller):
         if teacher is None and needs_teacher and config.method != "faster":
             teacher = copy.deepcopy(model)
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
+        if config.lora_between_rounds:  # no importable peft or a target that matches nothing: here, not rounds later
+            require_peft()
+            lora_targets(model, config.lora)
         self.model = model
         self.vib: VIB = attach(model, config.vib)
         self.lagrangian = Lagrangian(upper=config.constraint == "upper").to(next(model.parameters()).device)
@@ -296,6 +322,8 @@ class Pruner(Distiller):
         """``constraint: projection``: the ``log_alpha`` offset the last pruning step applied (:meth:`project`)."""
         self.stalled: str | None = None
         """Set at the end of the warm-up when the expected size has not moved towards the target (one line)."""
+        self.adapters: LoraAdapters | None = None
+        """The LoRA adapters of the fine-tune between rounds under way (``finetune_method: lora``), else None."""
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         return self.vib.mask_parameters() + [p for p in self.lagrangian.parameters() if p.requires_grad]
@@ -306,6 +334,9 @@ class Pruner(Distiller):
     def rebind(self, model: PreTrainedModel) -> None:
         """Go on with ``model``, an unsharded copy of :attr:`model` with the same weights: the masks are attached to it
         anew, with their trained state and latency table (the old model's hooks are removed)."""
+        if self.adapters is not None:
+            raise ConfigError("prune.finetune_method='lora' cannot move its adapters to another copy of the model (a "
+                              "sharded job, ray.strategy='fsdp'); use finetune.method='full' or ray.strategy='ddp'")
         state, table = self.vib.state_dict(), self.vib.latency_table
         self.vib.remove()
         self.model = model
@@ -325,9 +356,28 @@ class Pruner(Distiller):
         weights = [p for p in self.model.parameters() if p.requires_grad]
         if c.method != "faster":
             opts["weights"] = torch.optim.AdamW(weights, lr=c.lr_weights, weight_decay=c.weight_decay)
-        if c.rounds > 1 and c.between_rounds_steps > 0:
+        if c.finetunes_between_rounds and not c.lora_between_rounds:  # LoRA's: made with its adapters each round
             opts["finetune"] = torch.optim.AdamW(weights, lr=c.finetune_lr, weight_decay=c.weight_decay)
         return opts
+
+    def _add_adapters(self, r: int) -> None:
+        """Enter round ``r``'s LoRA fine-tune: adapters on the model (seeded as the phase's first step: every worker
+        starts them alike), the masks' hooks moved onto peft's wrapper modules, a fresh optimizer over the adapters."""
+        c = self.config
+        self.adapters = add_adapters(self.model, c.lora, seed=step_seed(c.seed, r * c.steps_per_round + c.steps))
+        self.vib.reinstall()
+        self.optimizers["finetune"] = torch.optim.AdamW(self.adapters.parameters(), lr=c.finetune_lr,
+                                                        weight_decay=c.weight_decay)
+
+    def _merge_adapters(self) -> None:
+        """Leave a LoRA fine-tune: the adapters merged into the weights and removed (the weights train again), the
+        masks' hooks back on the model's own modules, the adapters' optimizer dropped."""
+        if self.adapters is None:
+            return
+        self.adapters.merge()
+        self.adapters = None
+        self.vib.reinstall()
+        del self.optimizers["finetune"]
 
     # --- schedule ------------------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> tuple[int, str, int]:
@@ -338,7 +388,10 @@ class Pruner(Distiller):
             if phase == "finetune":
                 self.fix_round_budget(r)
                 self.vib.eval()
+                if self.config.lora_between_rounds and self.adapters is None:
+                    self._add_adapters(r)
             else:
+                self._merge_adapters()
                 if self.vib.budget is not None:
                     self.vib.release_budget()
                 self.vib.train()
@@ -353,7 +406,9 @@ class Pruner(Distiller):
 
     def finish(self) -> None:
         """Fix the final budget exactly (the state compression uses). With ``config.reconstruct`` call
-        :meth:`reconstruct` next (after saving the posterior: the rescaled means are no longer the trained ones)."""
+        :meth:`reconstruct` next (after saving the posterior: the rescaled means are no longer the trained ones). A
+        training stopped inside a LoRA fine-tune has its adapters merged first."""
+        self._merge_adapters()
         self.vib.apply_budget(self.config.budget, method=self.config.method)
 
     @torch.no_grad()
@@ -499,6 +554,11 @@ class Pruner(Distiller):
                 self.last_offset = self.project(c.target_at(step, start),
                                                 both_ways=k + 1 >= max(1, round(c.warmup * c.steps)))
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        super()._backward(loss)
+        if self.adapters is not None:  # made after the data-parallel wrapper: their gradients are averaged here
+            _average_over_workers(self.adapters.parameters())
+
     @torch.no_grad()
     def project(self, target: float, both_ways: bool = False) -> float:
         """``constraint: projection``: when the expected kept fraction is above ``target`` (or, with ``both_ways``,
@@ -534,31 +594,56 @@ class Pruner(Distiller):
         tensors: dict[str, torch.Tensor] = {}
         meta: dict = {}
         if self.config.method != "faster":  # faster never changes the weights
-            tensors.update({f"model.{k}": v for k, v in self.model.state_dict().items()})
+            # inside a LoRA fine-tune: the weights under their own keys, the adapters apart (a fresh model loads them)
+            weights, adapters = self.adapters.split_state() if self.adapters is not None else \
+                (self.model.state_dict(), {})
+            tensors.update({f"model.{k}": v for k, v in weights.items()})
+            tensors.update({f"{LORA_PREFIX}{k}": v for k, v in adapters.items()})
         tensors.update({f"vib.{k}": v for k, v in self.vib.state_dict().items()})
         tensors.update({f"lagrangian.{k}": v for k, v in self.lagrangian.state_dict().items()})
         meta["optimizers"] = save_optimizers(self.optimizers, tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         meta["phase"] = list(self._phase) if self._phase else None
         meta["start_fraction"] = self.start_fraction
+        meta["between_rounds"] = self.config.finetune_method if self.config.finetunes_between_rounds else None
         return tensors, meta
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        c = self.config
+        saved = meta.get("between_rounds", "full" if c.finetunes_between_rounds else None)  # older: always full
+        here = c.finetune_method if c.finetunes_between_rounds else None
+        if saved != here:
+            raise ConfigError(f"prune.finetune_method={c.finetune_method!r} (between rounds: {here!r}) cannot resume a "
+                              f"checkpoint whose fine-tunes between rounds were {saved!r}; start the pruning over (a "
+                              f"new run name or storage path)")
+        self._merge_adapters()  # the saved weights are the whole state: no adapters of this pruner's own are kept
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         if model_sd:
             self.model.load_state_dict(laid_out_as(self.model, model_sd), strict=False)
         self.vib.load_state_dict({k[len("vib."):]: v for k, v in tensors.items() if k.startswith("vib.")})
         self.lagrangian.load_state_dict({k[len("lagrangian."):]: v for k, v in tensors.items()
                                          if k.startswith("lagrangian.")})
-        load_optimizers(self.optimizers, tensors, meta)
-        torch.set_rng_state(tensors["rng.torch"])
         self.start_fraction = float(meta.get("start_fraction", 1.0))
         self._phase = tuple(meta["phase"]) if meta.get("phase") else None
         if self._phase is not None:
             r, phase = self._phase
             self._phase = None
             self.begin_step(r * self.config.steps_per_round + (self.config.steps if phase == "finetune" else 0))
-            # begin_step re-fixed the round budget from the masks; the restored buffers hold the same selection
+            # begin_step re-fixed the round budget from the masks (the restored buffers hold the same selection) and,
+            # inside a LoRA fine-tune, made its adapters and their optimizer: they take the saved values now
+        if self.adapters is not None:
+            self.adapters.load_adapters({k[len(LORA_PREFIX):]: v for k, v in tensors.items()
+                                         if k.startswith(LORA_PREFIX)})
+        load_optimizers(self.optimizers, tensors, meta)
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+def _average_over_workers(params: list[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the data-parallel workers (nothing to do in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from vtrans.sharding import average_grads
+
+        average_grads(params)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:

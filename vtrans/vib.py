@@ -398,14 +398,24 @@ class VIB(nn.Module):
         y = original(x) if bool(keep.all()) else _norm_over(module, x, keep)
         return y * self._z_hidden(tuple(x.shape[:-1]), y.dtype)
 
-    def remove(self) -> None:
-        """Detach the masks: remove every hook; the model computes its dense function again."""
+    def reinstall(self) -> None:
+        """Put the hooks again on the modules the model has now: after modules were wrapped or unwrapped in place (LoRA
+        adapters between pruning rounds, :mod:`vtrans.lora`), so the masks act on the wrapper's input and output - the
+        adapter's path with the weight's. The masks (the same parameters) and their state are unchanged."""
+        self._uninstall()
+        self._install()
+
+    def _uninstall(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         for mod in self._patched_norms:
             del mod.forward
         self._patched_norms.clear()
+
+    def remove(self) -> None:
+        """Detach the masks: remove every hook; the model computes its dense function again."""
+        self._uninstall()
         if getattr(self.model, "_vtrans_vib", None) is self:
             del self.model._vtrans_vib
 

@@ -54,6 +54,8 @@ def _budget(d: dict) -> dict:
 def material(cfg: PipelineConfig) -> dict:
     prune = to_dict(cfg.prune)
     prune["budget"] = _budget(prune["budget"])
+    if not cfg.prune.lora_between_rounds:  # no LoRA fine-tune between rounds: the keys change nothing it computes
+        del prune["finetune_method"], prune["lora"]  # (and the stages cached before they existed keep their keys)
     if cfg.posterior is None:
         return {"prune": prune}
     return {"prune": prune, "posterior_budget": _budget(to_dict(cfg.posterior_budget))}

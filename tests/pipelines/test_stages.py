@@ -127,3 +127,28 @@ def test_the_dense_measurement_is_kept_across_a_new_optional_evaluate_setting(tm
     assert evaluate._dense_file(ctx, comp) == before
     monkeypatch.setattr(evaluate, "material", lambda c: {**real(c), "evaluate": {**real(c)["evaluate"], "new": 1}})
     assert evaluate._dense_file(ctx, comp) != before  # a set value is a different measurement
+
+
+def test_prune_key_depends_on_the_fine_tune_method_only_where_rounds_fine_tune_with_lora() -> None:
+    """``finetune.method`` also decides the fine-tunes between pruning rounds: the prune stage's key changes with it
+    (and the adapters) only where those run - more than one round and weights that train - so every other pruning
+    keeps the key it had before the keys existed (its cached result is reused)."""
+    from pipelines.config import load_config
+    from pipelines.validate import plan
+    from tests.pipelines.test_config import SMOLLM2
+
+    def key(*overrides: str) -> str:
+        return plan(load_config(SMOLLM2, ["prune.method=vtrans", *overrides]))["prune"]
+
+    one, two = key(), key("prune.rounds=2")
+    assert key("finetune.method=lora") == one  # one round: no fine-tune between rounds
+    assert key("finetune.method=lora", "prune.rounds=2", "prune.method=faster") == key("prune.rounds=2",
+                                                                                      "prune.method=faster")
+    assert key("finetune.method=lora", "prune.rounds=2", "prune.finetune_steps=0") == key("prune.rounds=2",
+                                                                                         "prune.finetune_steps=0")
+    assert key("finetune.lora.rank=4", "prune.rounds=2") == two  # full: the adapters are unused
+    lora = key("finetune.method=lora", "prune.rounds=2")
+    assert lora != two and key("finetune.method=lora", "finetune.lora.rank=4", "prune.rounds=2") != lora
+    cfg = load_config(SMOLLM2, ["prune.method=vtrans", "prune.rounds=2", "finetune.method=lora",
+                                "finetune.lora.rank=4"])
+    assert cfg.prune.finetune_method == "lora" and cfg.prune.lora == cfg.finetune.lora and cfg.prune.lora.rank == 4

@@ -247,6 +247,38 @@ def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path
     assert not [p for p in Path(ft.output).iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
+@pytest.mark.integration
+def test_lora_between_rounds_two_workers_equal_one_worker_through_a_recovered_failure(ray_local, tiny_dir: str,
+                                                                                     tmp_path: Path) -> None:
+    """LoRA fine-tunes between rounds on 2 DDP workers x B/2 end with the masks and compressed weights of one worker
+    on B (computed in this process): the adapters, made after the DDP wrapper, have their gradients averaged by the
+    pruner; a worker failure inside the fine-tune (step 15) resumes from the step-14 checkpoint, which holds the
+    adapters and their optimizer state apart from the weights."""
+    from pipelines.bench.in_process import load_model, train_in_process
+    from vtrans.lora import LoraConfig
+    from vtrans.posterior import save_masks
+    from vtrans.train import Pruner
+
+    spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
+    cfg = _cfg(steps=12, rounds=2, finetune_steps=4, finetune_method="lora", finetune_lr=3e-2,
+               lora=LoraConfig(rank=2, alpha=4.0))
+    pruner = Pruner(load_model(tiny_dir, "seq-cls", None, "cpu"), cfg, load_model(tiny_dir, "seq-cls", None, "cpu"))
+    train_in_process(pruner, spec.dataset, 0, "cpu", "reference")
+    pruner.finish()
+    save_masks(pruner.vib, tmp_path / "reference-masks.safetensors")
+    ref_weights = vtrans.compress(pruner.vib).state_dict()
+
+    job = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1), "lora", tmp_path, checkpoint_every=5,
+                        before_step=FailOnce(step=15, marker=str(tmp_path / "f"), rank=1))
+    assert (tmp_path / "f").exists()
+    _assert_same(load_file(str(tmp_path / "reference-masks.safetensors")), _masks(job.output), atol=1e-5)
+    weights = load_file(str(Path(job.output) / "compressed" / "model.safetensors"))
+    assert weights.keys() <= ref_weights.keys() and not any("lora_" in k for k in weights)
+    _assert_same({k: v for k, v in ref_weights.items() if k in weights}, weights, atol=1e-5)
+    assert [m["step"] for m in job.history] == list(range(cfg.total_steps))
+    assert [m["step"] for m in job.history if "lr_finetune" in m] == [12, 13, 14, 15]  # the adapters' optimizer
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # ray.strategy: fsdp (the model sharded over the workers; masks and lambdas whole on each)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,6 +297,13 @@ def test_fsdp_bad_input_fails_in_one_line_before_any_worker(tiny_dir: str, tmp_p
     with pytest.raises(vtrans.ConfigError, match=r"^finetune.method='lora' with ray.strategy='fsdp' is not supported"):
         run_finetune_job(spec, FinetuneConfig(steps=2, batch_size=8, method="lora", lora=LoraConfig(rank=2)),
                          RayConfig(num_workers=2, strategy="fsdp"), "lora", tmp_path)
+    with pytest.raises(vtrans.ConfigError, match=r"^finetune.method='lora' with ray.strategy='fsdp' is not supported"):
+        run_prune_job(spec, _cfg(rounds=2, finetune_steps=2, finetune_method="lora"),
+                      RayConfig(num_workers=2, strategy="fsdp"), "lora", tmp_path)
+    with pytest.raises(vtrans.ConfigError, match=r"^finetune.lora.target_modules names 'q_proj', which matches no"):
+        run_prune_job(spec, _cfg(rounds=2, finetune_steps=2, finetune_method="lora",
+                                 lora=LoraConfig(target_modules=["q_proj"])),
+                      RayConfig(num_workers=2), "lora", tmp_path)
     assert not (tmp_path / "lora").exists()
 
 

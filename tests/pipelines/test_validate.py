@@ -67,6 +67,11 @@ def test_lora_target_modules_naming_nothing_fail_before_any_work(tmp_path: Path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("vtrans: error: finetune.lora.target_modules names 'q_proj', which matches no Linear "
                           "layer of BertForSequenceClassification") and "\n" not in err
+    # no fine-tune stage, but LoRA fine-tunes between two pruning rounds: the same check, on the dense model
+    assert main(["validate", str(MINILM), "finetune.method=lora", "finetune.steps=0", "prune.method=vtrans",
+                 "prune.rounds=2", "finetune.lora.target_modules=[q_proj]", f"output={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vtrans: error: finetune.lora.target_modules names 'q_proj'") and "\n" not in err
     assert not (tmp_path / "runs").exists()
 
 

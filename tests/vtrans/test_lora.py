@@ -1,6 +1,7 @@
 """LoRA recovery (``finetune.method: lora``): only the adapters train, they merge into the weights exactly, the merged
 checkpoint is the input's kind, resuming is exact, and bad input is one typed line - on heterogeneous compressed
-models (a causal-LM Llama and a BERT classifier)."""
+models (a causal-LM Llama and a BERT classifier) for the fine-tune stage, and on dense models with their masks on for
+the fine-tunes between pruning rounds."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import BertForSequenceClassification, LlamaForCausalLM
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
 
 import vtrans
 from tests.tiny import tiny
@@ -20,7 +21,7 @@ from vtrans.checkpoint import load_pretrained, load_state, save_state
 from vtrans.errors import ConfigError
 from vtrans.finetune import FinetuneConfig, Finetuner
 from vtrans.lora import LoraConfig, add_adapters, block_linears, check_targets_at
-from vtrans.train import fit
+from vtrans.train import PruneConfig, Pruner, fit
 
 N, SEQ = 64, 10
 REPO = Path(__file__).resolve().parents[2]
@@ -219,3 +220,129 @@ def test_lora_without_peft_is_one_line_before_any_work(tmp_path: Path, monkeypat
         assert text.startswith("finetune.method='lora' needs peft, which cannot be imported") and "\n" not in text
     after = small.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA between pruning rounds (PruneConfig.finetune_method: lora): the dense model, masks on, adapters merged per round
+# ---------------------------------------------------------------------------------------------------------------------
+
+ROUNDS_CASES = {"llama": ("llama", LlamaForCausalLM, "causal-lm"),
+                "gpt2-conv1d": ("gpt2", GPT2LMHeadModel, "causal-lm"),
+                "bert": ("bert", BertForSequenceClassification, "seq-cls")}
+
+
+def _rounds_config(task: str, **kw) -> PruneConfig:
+    base = dict(task=task, budget=vtrans.Budget(params=0.5, tolerance=0.05), steps=8, rounds=2, finetune_steps=4,
+                batch_size=8, init="constant", finetune_lr=3e-2, finetune_method="lora",
+                lora=LoraConfig(rank=2, alpha=4.0))
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def _dense(arch: str, cls):
+    if arch == "bert":
+        return tiny(arch, cls, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return tiny(arch, cls)
+
+
+@pytest.mark.parametrize("name", list(ROUNDS_CASES))
+def test_lora_between_rounds_trains_only_adapters_masked_like_the_weights_and_merges_exactly(name: str) -> None:
+    """Inside the fine-tune between rounds only the adapters train (the weights and masks stay as round 1 left them,
+    the optimizer holds 2 moments per adapter number, not per weight); the masks act on the adapters' path too, so the
+    adapted masked model, the merged one and its compression at the round's budget compute the same; after the merge
+    the model has its own keys and trainable flags again and the next round trains the weights."""
+    arch, cls, task = ROUNDS_CASES[name]
+    model = _dense(arch, cls)
+    keys = list(model.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    cfg = _rounds_config(task)
+    pruner = Pruner(model, cfg)
+    seen: dict = {}
+
+    def on_step(step: int, metrics: dict) -> None:
+        if step == cfg.steps - 1:  # the end of round 1's pruning
+            seen["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["masks"] = {k: v.clone() for k, v in pruner.vib.state_dict().items() if k.endswith(("mu", "logvar"))}
+        if step == cfg.steps:
+            assert pruner.adapters is not None
+            seen["opt"] = [p for g in pruner.optimizers["finetune"].param_groups for p in g["params"]]
+
+    batches = _batches(task)
+    fit(pruner, batches, end_step=cfg.steps + cfg.finetune_steps, on_step=on_step)
+    adapters = pruner.adapters.parameters()
+    assert {id(p) for p in seen["opt"]} == {id(p) for p in adapters}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()
+                                                                          if "lora_" in n}
+    moments = sum(v.numel() for st in pruner.optimizers["finetune"].state.values() for k, v in st.items()
+                  if k in ("exp_avg", "exp_avg_sq"))
+    assert moments == 2 * sum(p.numel() for p in adapters) < 0.5 * sum(p.numel() for p in seen["weights"].values())
+    base = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[n], w) for n, w in seen["weights"].items())  # the weights did not move
+    assert all(torch.equal(pruner.vib.state_dict()[k], v) for k, v in seen["masks"].items())
+    assert max(float(p.detach().abs().max()) for n, p in model.named_parameters() if "lora_B" in n) > 1e-3  # from 0
+
+    ids = batches(0)["input_ids"]
+    adapted = _logits(model, ids)  # masks fixed at round 1's budget, adapters on
+    pruner.begin_step(cfg.steps_per_round)  # round 2: the adapters merge into the weights
+    assert pruner.adapters is None and "finetune" not in pruner.optimizers and list(model.state_dict()) == keys
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    pruner.fix_round_budget(0)  # round 1's masks again (begin_step released them for round 2)
+    merged = _logits(model, ids)
+    compressed = _logits(vtrans.compress(pruner.vib), ids)
+    assert torch.allclose(merged, adapted, atol=1e-5), (merged - adapted).abs().max()
+    assert torch.allclose(compressed, adapted, atol=1e-4), (compressed - adapted).abs().max()
+    merged_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(merged_weights[n], w) for n, w in seen["weights"].items())  # the merge moved them
+
+    pruner.vib.release_budget()
+    history = fit(pruner, batches, start_step=cfg.steps_per_round)
+    assert any(not torch.equal(p, merged_weights[n]) for n, p in model.named_parameters())  # round 2 trains them
+    assert all("lr_finetune" not in h for h in history)
+    pruner.finish()
+    assert vtrans.count(vtrans.compress(pruner.vib)).params_blocks <= 0.55 * vtrans.count(model).params_blocks
+
+
+def test_lora_between_rounds_resumes_mid_phase_exactly(tmp_path: Path) -> None:
+    """Stopped inside the LoRA fine-tune between rounds (adapter dropout on: the per-step RNG matters), saved and
+    loaded into a fresh pruner, the run ends with the uninterrupted run's weights and masks; the checkpoint holds
+    the weights under the model's own keys and the adapters apart."""
+    cfg = _rounds_config("causal-lm", lora=LoraConfig(rank=2, alpha=4.0, dropout=0.1))
+    batches = _batches("causal-lm")
+    full = Pruner(tiny("llama", LlamaForCausalLM), cfg)
+    fit(full, batches)
+
+    part = Pruner(tiny("llama", LlamaForCausalLM), cfg)
+    fit(part, batches, end_step=cfg.steps + 2)  # two steps into the fine-tune between rounds
+    tensors, meta = part.state_tensors()
+    assert not any("base_layer" in k or "lora_" in k for k in tensors if k.startswith("model."))
+    assert {k for k in tensors if k.startswith("lora.")} == {f"lora.{n}" for n, _ in part.model.named_parameters()
+                                                              if "lora_" in n}
+    save_state(tmp_path, tensors, dict(meta, step=cfg.steps + 1))
+    resumed = Pruner(tiny("llama", LlamaForCausalLM), cfg)
+    tensors, meta = load_state(tmp_path)
+    resumed.load_state_tensors(tensors, meta)
+    assert resumed.adapters is not None
+    fit(resumed, batches, start_step=meta["step"] + 1)
+    for which in ("vib", "model"):
+        a, b = getattr(full, which).state_dict(), getattr(resumed, which).state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), (which, k)
+
+    with pytest.raises(ConfigError, match=r"^prune.finetune_method='full' \(between rounds: 'full'\) cannot resume a "
+                                          r"checkpoint whose fine-tunes between rounds were 'lora'"):
+        Pruner(tiny("llama", LlamaForCausalLM), _rounds_config("causal-lm", finetune_method="full")) \
+            .load_state_tensors(tensors, meta)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: PruneConfig(finetune_method="qlora"), "prune.finetune_method must be one of ['full', 'lora'], got "
+                                                   "'qlora'; did you mean 'lora'?"),
+    (lambda: PruneConfig(lora={"rank": 8}), "prune.lora must be a vtrans.lora.LoraConfig, got {'rank': 8}"),
+    (lambda: Pruner(tiny("llama", LlamaForCausalLM), _rounds_config("causal-lm", lora=LoraConfig(
+        target_modules=["qproj"]))), "finetune.lora.target_modules names 'qproj', which matches no Linear layer"),
+])
+def test_lora_between_rounds_bad_input_is_one_typed_line(make, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert message in str(info.value) and "\n" not in str(info.value)
