@@ -47,7 +47,8 @@ class FinetuneConfig:
     method: str = "full"
     """``full`` (every weight trains) or ``lora`` (the weights stay frozen; low-rank adapters on the blocks' Linear
     layers train, and are merged into the weights before saving: the same kind of checkpoint, a fraction of the
-    optimizer state and gradients)."""
+    optimizer state and gradients). A pipeline fine-tunes between pruning rounds the same way
+    (:attr:`vtrans.train.PruneConfig.finetune_method`)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The adapters of ``method: lora`` (rank, alpha, dropout, target_modules); unused by ``full``."""
 
