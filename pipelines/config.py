@@ -425,9 +425,9 @@ class PipelineConfig:
     Construction resolves and cross-checks the sections (and updates them in place): ``model.task`` from the data when
     ``auto``; ``prune.task`` / ``finetune.task`` from ``model.task``, ``prune.calibration_fraction`` from
     ``calibration``, and ``prune.finetune_method`` / ``prune.lora`` (the fine-tunes between pruning rounds) from
-    ``finetune.method`` / ``finetune.lora`` (a value left at its dataclass default is set, any other must agree); ``calibration.stratified``
-    and ``evaluate.metrics`` from the task; the data, metrics and labels must fit the task, and the batch sizes of
-    the Ray jobs must divide among ``ray.num_workers``.
+    ``finetune.method`` / ``finetune.lora`` (a value left at its dataclass default is set, any other must agree);
+    ``calibration.stratified`` and ``evaluate.metrics`` from the task; the data, metrics and labels must fit the task,
+    and the batch sizes of the Ray jobs must divide among ``ray.num_workers``.
     """
 
     model: ModelConfig
