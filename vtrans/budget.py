@@ -303,8 +303,10 @@ def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
         return sel
     if achieved < (1.0 - budget.tolerance) * target:
         raise BudgetError(
-            f"budget {budget.describe()} = {target:.0f} cannot be met within {budget.tolerance:.1%}: the closest "
-            f"selection has {achieved:.0f} ({achieved / dense:.2%} of dense); smaller structures are needed"
+            f"budget {budget.describe()} = {target:.0f} cannot be met within tolerance={budget.tolerance:g}: taking "
+            f"the units in score order (each one that still fits) reaches {achieved:.0f} ({achieved / dense:.2%} of "
+            f"dense); "
+            f"this model's units are coarse for the budget: raise its tolerance or choose another value"
         )
     return sel
 

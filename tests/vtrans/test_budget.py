@@ -120,6 +120,24 @@ def test_unreachable_budget_is_a_typed_error() -> None:
         select(g, sc, vtrans.Budget(params=0.001, scope="total"))  # the embeddings alone are larger
 
 
+def test_a_budget_the_units_are_too_coarse_for_says_what_the_selection_reached() -> None:
+    """A tolerance finer than the model's units: one typed line with the target, what filling the units in score
+    order reached, and what to change (not a claim that no selection at all comes closer)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny import tiny
+
+    vib = vtrans.attach(tiny("llama", LlamaForCausalLM))
+    with pytest.raises(vtrans.BudgetError) as info:
+        vib.apply_budget(vtrans.Budget(params=0.5, tolerance=0.0001))
+    text = str(info.value)
+    assert text.startswith("budget params=0.5 (blocks) = 7744 cannot be met within tolerance=0.0001: taking the units "
+                           "in score order (each one that still fits) reaches 7707 (49.76% of dense)") and \
+        text.endswith("raise its tolerance or choose another value") and "\n" not in text
+    vib.apply_budget(vtrans.Budget(params=0.5, tolerance=0.01))  # within 1% it is met
+    assert 0.99 * 7744 <= vib.achieved["size"] <= 7744
+
+
 def test_counts_both_scopes() -> None:
     c = counts(BERT_BASE_LIKE, BERT_BASE_LIKE.dense_keep(), seq_len=10)
     assert c.params_total - c.params_blocks == 807
