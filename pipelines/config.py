@@ -380,10 +380,6 @@ class TrackingConfig:
 
 #: How the Ray Train workers of a prune / fine-tune job hold the model (``ray.strategy``).
 STRATEGIES = ("ddp", "fsdp")
-#: Why a sharded LoRA fine-tune is refused: the adapters are merged on one process at the end, which needs the peft
-#: model rebuilt around the gathered weights (not implemented).
-LORA_FSDP = ("finetune.method='lora' with ray.strategy='fsdp' is not supported (the adapters are merged into "
-             "unsharded weights); use finetune.method='full' or ray.strategy='ddp'")
 
 
 @dataclass
@@ -574,9 +570,6 @@ class PipelineConfig:
             if used and batch % n:
                 raise ConfigError(f"{key}={quote(batch)} must be a multiple of ray.num_workers={n!r} (each worker "
                                   f"takes an equal share of every batch)")
-        if self.ray.strategy == "fsdp" and self.finetune.method == "lora" and (
-                self.finetune.steps > 0 or self.prune.lora_between_rounds):
-            raise ConfigError(LORA_FSDP)
         ft, cap = self.finetune, self.data.max_train_samples
         if ft.steps > 0 and ft.eval_every > 0 and cap is not None and cap - ft.eval_samples < ft.batch_size:
             raise ConfigError(f"finetune.eval_samples={ft.eval_samples!r} held out of data.max_train_samples={cap!r} "

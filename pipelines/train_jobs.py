@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipelines.config import LORA_FSDP, RayConfig
+from pipelines.config import RayConfig
 from pipelines.ray_runtime import init_ray
 from vtrans.checkpoint import check_reachable_at
 from vtrans.data import collate, global_order
@@ -473,6 +473,7 @@ def _train_loop(loop_config: dict, worker: _RayWorker | _InProcess | None = None
 
     nodes = worker.node_ids()
     memory = _gathered(_memory_mb(module), world)  # at the end of training, before rank 0 builds the outputs
+    module.merge_adapters()  # LoRA adapters into the weights on every rank (sharded: before the weights are gathered)
     placement.unshard(module, spec, weights_trained=kind == "finetune" or cfg.method != "faster")
     if rank == 0:
         bar.close()
@@ -605,9 +606,7 @@ def run_prune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, storage_
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune config must be a vtrans.train.PruneConfig, got {type(config).__name__}")
     check_reachable_at(spec.model_dir, spec.task, config.budget, spec.num_labels)
-    if config.lora_between_rounds:  # LoRA between rounds: refused sharded, and its targets checked before any worker
-        if ray_cfg.strategy == "fsdp" and not in_process:
-            raise ConfigError(LORA_FSDP)
+    if config.lora_between_rounds:  # LoRA between rounds: its targets checked before any worker starts
         from vtrans.lora import check_targets_at
 
         check_targets_at(spec.model_dir, spec.task, config.lora, spec.num_labels)
@@ -630,8 +629,6 @@ def run_finetune_job(spec: JobSpec, config, ray_cfg: RayConfig, name: str, stora
         raise ConfigError(f"finetune config must be a vtrans.finetune.FinetuneConfig, got {type(config).__name__}")
     if config.steps == 0:
         raise ConfigError("finetune.steps is 0: nothing to run")
-    if config.method == "lora" and ray_cfg.strategy == "fsdp" and not in_process:
-        raise ConfigError(LORA_FSDP)
     if config.method == "lora":  # a target_modules name that matches nothing fails here, before any worker starts
         from vtrans.lora import check_targets_at
 

@@ -85,6 +85,10 @@ class Distiller(nn.Module):
         and compresses after sharded training); masks and their state move over to it."""
         self.model = model
 
+    def merge_adapters(self) -> None:
+        """Merge LoRA adapters under way into the weights and remove them (none: nothing to do). After training, every
+        worker of a sharded job calls it before the weights are gathered (a collective)."""
+
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
         if self.grad_hook is not None:

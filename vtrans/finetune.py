@@ -98,16 +98,19 @@ class Finetuner(Distiller):
                                                          weight_decay=self.config.weight_decay)}
 
     def rebind(self, model: PreTrainedModel) -> None:
-        if self.adapters is not None:
-            raise ConfigError("finetune.method='lora' cannot move its adapters to another copy of the model (a sharded "
-                              "fine-tune, ray.strategy='fsdp'); use finetune.method='full' or ray.strategy='ddp'")
+        if self.adapters is not None and not self.adapters.merged:
+            raise RuntimeError("merge the LoRA adapters (merge_adapters) before moving to another copy of the model")
         self.model = model
+
+    def merge_adapters(self) -> None:
+        if self.adapters is not None:
+            self.adapters.merge()
 
     def finish(self) -> PreTrainedModel:
         """The fine-tuned model to save, in eval mode: with ``lora`` the adapters merged into the weights and removed
         (in place: training is over; calling it again returns the same model)."""
-        model = self.adapters.merge() if self.adapters is not None else self.model
-        return model.eval()
+        self.merge_adapters()
+        return self.model.eval()
 
     def begin_step(self, step: int) -> tuple[int, str, int]:
         self.model.train()

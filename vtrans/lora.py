@@ -124,14 +124,15 @@ def require_peft() -> None:
 class LoraAdapters:
     """LoRA adapters injected (in place) into a model; made by :func:`add_adapters`."""
 
-    def __init__(self, model: PreTrainedModel, config: LoraConfig, seed: int = 0) -> None:
+    def __init__(self, model: PreTrainedModel, config: LoraConfig, seed: int = 0,
+                 targets: list[str] | None = None) -> None:
         require_peft()
         from peft import LoraConfig as PeftLoraConfig
         from peft.tuners.lora import LoraModel
 
         self.model = model
         self.config = config
-        self.targets = lora_targets(model, config)
+        self.targets = list(targets) if targets is not None else lora_targets(model, config)
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._class = type(model)
         fan_in_fan_out = all(isinstance(model.get_submodule(n), Conv1D) for n in self.targets)
@@ -177,11 +178,27 @@ class LoraAdapters:
 
     def merge(self) -> PreTrainedModel:
         """Fold the adapters into the weights and remove them (in place; idempotent): the model is again its class
-        with the state-dict keys and trainable flags it had before :func:`add_adapters`."""
+        with the state-dict keys and trainable flags it had before :func:`add_adapters`. On a model sharded by
+        :func:`vtrans.sharding.shard` every worker adds its shard of ``(alpha / r) B A`` to its shard of each weight (a
+        collective where the adapters are sharded: every worker calls it)."""
         if not self.merged:
-            model = self._peft[0].merge_and_unload(safe_merge=True)
-            if model is not self.model or type(model) is not self._class:  # peft changed how it unloads
-                raise RuntimeError(f"peft's merge_and_unload returned a {type(model).__name__}, not the "
+            from vtrans.sharding import is_sharded, local_like
+
+            with torch.no_grad():
+                for name in self.targets:
+                    layer = self.model.get_submodule(name)
+                    delta = _delta(layer)
+                    if not torch.isfinite(delta).all():
+                        raise ValueError(f"the LoRA adapter of {name!r} is not finite (NaN or inf): the fine-tune "
+                                         f"diverged; lower its learning rate")
+                    weight = layer.get_base_layer().weight
+                    if is_sharded(weight):
+                        weight.to_local().add_(local_like(weight, delta).to_local())
+                    else:
+                        weight.add_(delta.to(weight.dtype))
+            model = self._peft[0].unload()
+            if model is not self.model or not isinstance(model, self._class):  # peft changed how it unloads
+                raise RuntimeError(f"peft's unload returned a {type(model).__name__}, not the "
                                    f"{self._class.__name__} it was given")
             for name, p in model.named_parameters():
                 p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
@@ -190,10 +207,22 @@ class LoraAdapters:
         return self.model
 
 
-def add_adapters(model: PreTrainedModel, config: LoraConfig, seed: int = 0) -> LoraAdapters:
-    """Inject LoRA adapters into ``model`` (in place) on the modules of :func:`lora_targets` and freeze every other
-    parameter. The adapters start as peft starts them (A random from ``seed``, B zero: the model's function is
-    unchanged until they train)."""
+def _delta(layer: nn.Module) -> torch.Tensor:
+    """What an adapted layer adds to its weight, ``(alpha / r) B A`` laid out as the weight (transposed for GPT-2's
+    ``Conv1D``); whole, also where the adapters are sharded."""
+    from vtrans.sharding import is_sharded
+
+    a, b = (t.full_tensor() if is_sharded(t) else t for t in (layer.lora_A["default"].weight,
+                                                                layer.lora_B["default"].weight))
+    delta = (b @ a) * layer.scaling["default"]  # (out, in)
+    return delta.T if layer.fan_in_fan_out else delta
+
+
+def add_adapters(model: PreTrainedModel, config: LoraConfig, seed: int = 0,
+                 targets: list[str] | None = None) -> LoraAdapters:
+    """Inject LoRA adapters into ``model`` (in place) on the modules of :func:`lora_targets` (or the full module
+    names ``targets``, found before a model was sharded) and freeze every other parameter. The adapters start as peft
+    starts them (A random from ``seed``, B zero: the model's function is unchanged until they train)."""
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{PREFIX} must be a vtrans.lora.LoraConfig, got {type(config).__name__}")
-    return LoraAdapters(model, config, seed)
+    return LoraAdapters(model, config, seed, targets)

@@ -293,9 +293,12 @@ class Pruner(Distiller):
         if teacher is None and needs_teacher and config.method != "faster":
             teacher = copy.deepcopy(model)
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
-        if config.lora_between_rounds:  # no importable peft or a target that matches nothing: here, not rounds later
+        self._lora_targets: list[str] = []
+        """The full names of the Linear layers the LoRA fine-tunes between rounds adapt (found here, before the model
+        may be sharded: no peft or a target that matches nothing fails here, not rounds later)."""
+        if config.lora_between_rounds:
             require_peft()
-            lora_targets(model, config.lora)
+            self._lora_targets = lora_targets(model, config.lora)
         self.model = model
         self.vib: VIB = attach(model, config.vib)
         self.lagrangian = Lagrangian(upper=config.constraint == "upper").to(next(model.parameters()).device)
@@ -335,8 +338,7 @@ class Pruner(Distiller):
         """Go on with ``model``, an unsharded copy of :attr:`model` with the same weights: the masks are attached to it
         anew, with their trained state and latency table (the old model's hooks are removed)."""
         if self.adapters is not None:
-            raise ConfigError("prune.finetune_method='lora' cannot move its adapters to another copy of the model (a "
-                              "sharded job, ray.strategy='fsdp'); use finetune.method='full' or ray.strategy='ddp'")
+            raise RuntimeError("merge the LoRA adapters (merge_adapters) before moving to another copy of the model")
         state, table = self.vib.state_dict(), self.vib.latency_table
         self.vib.remove()
         self.model = model
@@ -364,14 +366,16 @@ class Pruner(Distiller):
         """Enter round ``r``'s LoRA fine-tune: adapters on the model (seeded as the phase's first step: every worker
         starts them alike), the masks' hooks moved onto peft's wrapper modules, a fresh optimizer over the adapters."""
         c = self.config
-        self.adapters = add_adapters(self.model, c.lora, seed=step_seed(c.seed, r * c.steps_per_round + c.steps))
+        self.adapters = add_adapters(self.model, c.lora, seed=step_seed(c.seed, r * c.steps_per_round + c.steps),
+                                     targets=self._lora_targets)
         self.vib.reinstall()
         self.optimizers["finetune"] = torch.optim.AdamW(self.adapters.parameters(), lr=c.finetune_lr,
                                                         weight_decay=c.weight_decay)
 
-    def _merge_adapters(self) -> None:
+    def merge_adapters(self) -> None:
         """Leave a LoRA fine-tune: the adapters merged into the weights and removed (the weights train again), the
-        masks' hooks back on the model's own modules, the adapters' optimizer dropped."""
+        masks' hooks back on the model's own modules, the adapters' optimizer dropped. Sharded: every worker calls it
+        (:meth:`vtrans.lora.LoraAdapters.merge`)."""
         if self.adapters is None:
             return
         self.adapters.merge()
@@ -391,7 +395,7 @@ class Pruner(Distiller):
                 if self.config.lora_between_rounds and self.adapters is None:
                     self._add_adapters(r)
             else:
-                self._merge_adapters()
+                self.merge_adapters()
                 if self.vib.budget is not None:
                     self.vib.release_budget()
                 self.vib.train()
@@ -408,7 +412,7 @@ class Pruner(Distiller):
         """Fix the final budget exactly (the state compression uses). With ``config.reconstruct`` call
         :meth:`reconstruct` next (after saving the posterior: the rescaled means are no longer the trained ones). A
         training stopped inside a LoRA fine-tune has its adapters merged first."""
-        self._merge_adapters()
+        self.merge_adapters()
         self.vib.apply_budget(self.config.budget, method=self.config.method)
 
     @torch.no_grad()
@@ -616,7 +620,7 @@ class Pruner(Distiller):
             raise ConfigError(f"prune.finetune_method={c.finetune_method!r} (between rounds: {here!r}) cannot resume a "
                               f"checkpoint whose fine-tunes between rounds were {saved!r}; start the pruning over (a "
                               f"new run name or storage path)")
-        self._merge_adapters()  # the saved weights are the whole state: no adapters of this pruner's own are kept
+        self.merge_adapters()  # the saved weights are the whole state: no adapters of this pruner's own are kept
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         if model_sd:
             self.model.load_state_dict(laid_out_as(self.model, model_sd), strict=False)

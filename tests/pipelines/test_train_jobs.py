@@ -248,12 +248,15 @@ def test_finetune_job_on_the_compressed_model(ray_local, tiny_dir: str, tmp_path
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lora_between_rounds_two_workers_equal_one_worker_through_a_recovered_failure(ray_local, tiny_dir: str,
-                                                                                     tmp_path: Path) -> None:
-    """LoRA fine-tunes between rounds on 2 DDP workers x B/2 end with the masks and compressed weights of one worker
-    on B (computed in this process): the adapters, made after the DDP wrapper, have their gradients averaged by the
-    pruner; a worker failure inside the fine-tune (step 15) resumes from the step-14 checkpoint, which holds the
-    adapters and their optimizer state apart from the weights."""
+                                                                                     tmp_path: Path,
+                                                                                     strategy: str) -> None:
+    """LoRA fine-tunes between rounds on 2 workers x B/2 (DDP, or FSDP with the model sharded) end with the masks and
+    compressed weights of one worker on B (computed in this process): the adapters, made on the wrapped (or sharded)
+    model, are replicated and have their gradients averaged by the pruner, and are merged shard by shard; a worker
+    failure inside the fine-tune (step 15) resumes from the step-14 checkpoint, which holds the adapters and their
+    optimizer state apart from the weights."""
     from pipelines.bench.in_process import load_model, train_in_process
     from vtrans.lora import LoraConfig
     from vtrans.posterior import save_masks
@@ -268,8 +271,8 @@ def test_lora_between_rounds_two_workers_equal_one_worker_through_a_recovered_fa
     save_masks(pruner.vib, tmp_path / "reference-masks.safetensors")
     ref_weights = vtrans.compress(pruner.vib).state_dict()
 
-    job = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1), "lora", tmp_path, checkpoint_every=5,
-                        before_step=FailOnce(step=15, marker=str(tmp_path / "f"), rank=1))
+    job = run_prune_job(spec, cfg, RayConfig(num_workers=2, max_failures=1, strategy=strategy), "lora", tmp_path,
+                        checkpoint_every=5, before_step=FailOnce(step=15, marker=str(tmp_path / "f"), rank=1))
     assert (tmp_path / "f").exists()
     _assert_same(load_file(str(tmp_path / "reference-masks.safetensors")), _masks(job.output), atol=1e-5)
     weights = load_file(str(Path(job.output) / "compressed" / "model.safetensors"))
@@ -294,12 +297,6 @@ def test_fsdp_bad_input_fails_in_one_line_before_any_worker(tiny_dir: str, tmp_p
     with pytest.raises(vtrans.ConfigError, match=r"ray.strategy must be one of \['ddp', 'fsdp'\], got 'zero3'"):
         RayConfig(num_workers=2, strategy="zero3")
     spec = JobSpec(tiny_dir, "seq-cls", _dataset(), pad_token_id=0)
-    with pytest.raises(vtrans.ConfigError, match=r"^finetune.method='lora' with ray.strategy='fsdp' is not supported"):
-        run_finetune_job(spec, FinetuneConfig(steps=2, batch_size=8, method="lora", lora=LoraConfig(rank=2)),
-                         RayConfig(num_workers=2, strategy="fsdp"), "lora", tmp_path)
-    with pytest.raises(vtrans.ConfigError, match=r"^finetune.method='lora' with ray.strategy='fsdp' is not supported"):
-        run_prune_job(spec, _cfg(rounds=2, finetune_steps=2, finetune_method="lora"),
-                      RayConfig(num_workers=2, strategy="fsdp"), "lora", tmp_path)
     with pytest.raises(vtrans.ConfigError, match=r"^finetune.lora.target_modules names 'q_proj', which matches no"):
         run_prune_job(spec, _cfg(rounds=2, finetune_steps=2, finetune_method="lora",
                                  lora=LoraConfig(target_modules=["q_proj"])),
@@ -343,13 +340,17 @@ def test_fsdp_workers_equal_one_worker_through_a_recovered_failure(ray_local, ti
 
 
 @pytest.mark.integration
-def test_fsdp_finetune_equals_one_worker(ray_local, tiny_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_finetune_equals_one_worker(ray_local, tiny_dir: str, tmp_path: Path, method: str) -> None:
     """A sharded fine-tune (2 workers, teacher sharded too, held-out evaluation on every rank) ends with the weights
-    one worker reaches on the whole batch."""
+    one worker reaches on the whole batch; with LoRA the adapters are sharded with their layers and merged shard by
+    shard before the weights are gathered."""
     from pipelines.bench.in_process import load_model, train_in_process
     from vtrans.finetune import Finetuner
+    from vtrans.lora import LoraConfig
 
-    cfg = FinetuneConfig(steps=8, batch_size=8, lr=1e-3, eval_every=4)
+    cfg = FinetuneConfig(steps=8, batch_size=8, lr=1e-3 if method == "full" else 3e-2, eval_every=4, method=method,
+                         lora=LoraConfig(rank=2, alpha=4.0))
     held_out = _dataset()[:16]
     spec = JobSpec(tiny_dir, "seq-cls", _dataset()[16:], pad_token_id=0, teacher_dir=tiny_dir, eval_dataset=held_out)
     ft = Finetuner(load_model(tiny_dir, "seq-cls", None, "cpu"), cfg, load_model(tiny_dir, "seq-cls", None, "cpu"))
@@ -359,3 +360,6 @@ def test_fsdp_finetune_equals_one_worker(ray_local, tiny_dir: str, tmp_path: Pat
     got = load_file(str(Path(job.output) / "model" / "model.safetensors"))
     _assert_same({k: v for k, v in ref.items() if k in got}, got, atol=1e-5)
     assert [h["finetune_step"] for h in job.history if "val_accuracy" in h] == [4, 8]
+    assert not any("lora_" in k or "base_layer" in k for k in got)
+    start = load_model(tiny_dir, "seq-cls", None, "cpu").state_dict()
+    assert any((got[k] - start[k]).abs().max() > 1e-4 for k in got if "layer.1" in k)  # the blocks were fine-tuned
