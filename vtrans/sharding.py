@@ -6,6 +6,10 @@ The VIB masks and the Lagrange multipliers live outside the model (:mod:`vtrans.
 stay replicated, and :func:`average_grads` averages their gradients over the workers after every backward - what
 DDP does for them - so N sharded workers x B/N samples take the step one worker takes on B.
 
+LoRA adapters (:mod:`vtrans.lora`) put on a model before it is sharded are sharded with their blocks; ones put on a
+sharded model (between pruning rounds) stay whole on every worker, their gradients averaged as the masks' are. Either
+way :meth:`vtrans.lora.LoraAdapters.merge` adds each worker's shard of the update to its shard of the weight.
+
 Checkpoints keep the unsharded layout: :func:`gather` turns a sharded state (DTensors) into full tensors, and
 :func:`local_like` cuts a full tensor back into this worker's shard, so a checkpoint written by N sharded workers
 loads in one process or on M workers, sharded or not. Torch only (no Ray): any launcher that has started a
