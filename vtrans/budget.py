@@ -305,8 +305,7 @@ def select(g: Geometry, scores: Scores, budget: Budget) -> Selection:
         raise BudgetError(
             f"budget {budget.describe()} = {target:.0f} cannot be met within tolerance={budget.tolerance:g}: taking "
             f"the units in score order (each one that still fits) reaches {achieved:.0f} ({achieved / dense:.2%} of "
-            f"dense); "
-            f"this model's units are coarse for the budget: raise its tolerance or choose another value"
+            f"dense); this model's units are coarse for the budget: raise its tolerance or choose another value"
         )
     return sel
 

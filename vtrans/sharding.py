@@ -62,9 +62,12 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
 
 def average_grads(params: list[nn.Parameter]) -> None:
     """Average the gradients of replicated parameters (masks, lambdas) over the workers, in one all-reduce. Every
-    worker must call it with the same parameters: ones without a gradient here count as zeros, as DDP counts them."""
+    worker must call it with the same parameters: ones without a gradient here count as zeros, as DDP counts them.
+    Nothing to do in one process (no process group)."""
+    if not params or not dist.is_available() or not dist.is_initialized():
+        return
     world = dist.get_world_size()
-    if world == 1 or not params:
+    if world == 1:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])  # (n,)
     dist.all_reduce(flat)

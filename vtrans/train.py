@@ -561,7 +561,9 @@ class Pruner(Distiller):
     def _backward(self, loss: torch.Tensor) -> None:
         super()._backward(loss)
         if self.adapters is not None:  # made after the data-parallel wrapper: their gradients are averaged here
-            _average_over_workers(self.adapters.parameters())
+            from vtrans.sharding import average_grads
+
+            average_grads(self.adapters.parameters())
 
     @torch.no_grad()
     def project(self, target: float, both_ways: bool = False) -> float:
@@ -640,14 +642,6 @@ class Pruner(Distiller):
                                          if k.startswith(LORA_PREFIX)})
         load_optimizers(self.optimizers, tensors, meta)
         torch.set_rng_state(tensors["rng.torch"])
-
-
-def _average_over_workers(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the data-parallel workers (nothing to do in one process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from vtrans.sharding import average_grads
-
-        average_grads(params)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:

@@ -27,7 +27,6 @@ from pipelines.bench.tasks import TaskSetup, prepare_task
 from pipelines.config import flatten, to_dict
 from vtrans.config import VIBConfig
 from vtrans.errors import ConfigError
-from vtrans.lora import LoraConfig
 
 
 def machine() -> str:
@@ -100,9 +99,8 @@ def _finetune_kind(t: TaskProfile) -> str:
     """How the fine-tune recovers, as the report names it: every weight, or LoRA adapters with their shape."""
     if t.finetune_method != "lora":
         return "full, every weight"
-    rank = t.lora_rank if t.lora_rank is not None else LoraConfig().rank
-    alpha = t.lora_alpha if t.lora_alpha is not None else LoraConfig().alpha
-    return f"LoRA rank {rank}, alpha {alpha:g}, merged before measuring"
+    lora = t.lora()  # the library's defaults where the profile leaves them out
+    return f"LoRA rank {lora.rank}, alpha {lora.alpha:g}, merged before measuring"
 
 
 class Executor:
